@@ -1,0 +1,16 @@
+"""mait: masked-attention vision transformers (MaiT, arXiv 2207.03006) for PyTorch and timm.
+
+``import mait`` registers the MaiT models in timm; the public API is re-exported here.
+"""
+
+from .attention import MaskedAttention, masked_attention
+from .masks import local_mask, neighbour_counts, patch_neighbours, random_mask
+from .models import MaiT, MaiTDistilled, MaskedCait
+from .schemes import BUILTIN_SCHEMES, HeadKind, MaskingScheme, resolve_scheme
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BUILTIN_SCHEMES", "HeadKind", "MaiT", "MaiTDistilled", "MaskedAttention", "MaskedCait", "MaskingScheme",
+    "local_mask", "masked_attention", "neighbour_counts", "patch_neighbours", "random_mask", "resolve_scheme",
+]

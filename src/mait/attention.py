@@ -1,0 +1,242 @@
+"""Masked attention: the functional op :func:`masked_attention` and the module :class:`MaskedAttention`.
+
+Semantics (DESIGN §1, paper Eq. 2): ``A = softmax(Mα ⊙ (q kᵀ / √d))``, ``out = A v`` where
+``Mα`` is 1 on prefix rows/columns and on spatial neighbours within the ``R x R`` window and
+the head's α elsewhere.  α = 0 is the paper's hard mask (non-neighbour logits become 0, *not*
+-inf), 0 < α < 1 a soft mask, α = 1 plain attention.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .backends import AttentionCall, reference, select_backend
+from .masks import GridSize, check_mask_size, check_num_prefix_tokens, local_mask, random_mask, to_grid
+from .schemes import HeadKind
+
+MODES = ("zero", "neg_inf")
+AlphaLike = Union[float, int, torch.Tensor, Sequence[float]]
+
+
+@lru_cache(maxsize=128)
+def _local_mask_on(grid: tuple[int, int], mask_size: int, num_prefix_tokens: int, device: str) -> torch.Tensor:
+    return local_mask(grid, mask_size, num_prefix_tokens, device=device)
+
+
+def _alpha_tensor(alpha: AlphaLike, heads: int, like: torch.Tensor) -> torch.Tensor:
+    """Validate α and return it as a ``(heads,)`` tensor on ``like``'s device and dtype."""
+    if not isinstance(alpha, torch.Tensor):
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float, list, tuple)):
+            raise TypeError(f"alpha must be a float, a sequence of floats or a tensor, got {type(alpha).__name__}")
+        alpha = torch.tensor(alpha, dtype=like.dtype)
+    if alpha.dim() == 0:
+        alpha = alpha.expand(heads)
+    if alpha.dim() != 1 or alpha.shape[0] != heads:
+        raise ValueError(f"alpha must be a scalar or have one value per head ({heads},), got shape {tuple(alpha.shape)}")
+    if not torch.is_floating_point(alpha):
+        alpha = alpha.to(like.dtype)
+    bad = (alpha.detach() < 0) | (alpha.detach() > 1) | torch.isnan(alpha.detach())
+    if bool(bad.any()):
+        raise ValueError(f"alpha must lie in [0, 1] (0 hard mask, 1 unmasked), got {alpha.detach().tolist()}")
+    return alpha.to(device=like.device)
+
+
+def _check_mode(mode: str, alpha: torch.Tensor) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "neg_inf":
+        soft = (alpha.detach() > 0) & (alpha.detach() < 1)
+        if bool(soft.any()):
+            raise ValueError(f"mode='neg_inf' supports only hard (α = 0) and unmasked (α = 1) heads; "
+                             f"got soft α {alpha.detach().tolist()}")
+
+
+def _run(call: AttentionCall, backend: str) -> torch.Tensor:
+    return select_backend(call, backend).fn(call.q, call.k, call.v, **call.kwargs())
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid_size: GridSize,
+                     mask_size: int = 3, num_prefix_tokens: int = 1, alpha: AlphaLike = 0.0,
+                     mode: str = "zero", mask: Optional[torch.Tensor] = None, scale: Optional[float] = None,
+                     dropout_p: float = 0.0, backend: str = "auto") -> torch.Tensor:
+    """Masked multi-head attention with the paper's semantics.
+
+    Args:
+        q, k, v: ``(B, heads, T, d)`` with ``T = num_prefix_tokens + H * W``.
+        grid_size: ``(H, W)`` patch grid (or one int for a square grid).
+        mask_size: odd window size ``R >= 1``.
+        num_prefix_tokens: class/distillation tokens in front of the grid (never masked).
+        alpha: float or ``(heads,)`` tensor in [0, 1]: 0 hard mask, 1 unmasked, between soft.
+            Differentiable.
+        mode: ``"zero"`` (paper: non-neighbour logits times α) or ``"neg_inf"`` (hard heads get
+            -inf outside the window: strict neighbourhood attention; soft α is an error).
+        mask: optional boolean ``(T, T)`` or ``(heads, T, T)`` mask replacing the local window
+            (``True`` = full-strength logit), e.g. :func:`mait.random_mask`.
+        scale: logit scale, default ``d ** -0.5``.
+        dropout_p: dropout on the attention probabilities (training only).
+        backend: ``"auto"`` or the name of a registered backend (see :mod:`mait.backends`).
+
+    Returns:
+        ``(B, heads, T, d)`` output.
+    """
+    if q.dim() != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"q, k, v must be (B, heads, T, d) with matching B, heads, T; got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    heads, tokens = q.shape[1], q.shape[2]
+    grid = to_grid(grid_size)
+    check_mask_size(mask_size)
+    check_num_prefix_tokens(num_prefix_tokens)
+    if tokens != num_prefix_tokens + grid[0] * grid[1]:
+        raise ValueError(f"T = {tokens} tokens does not match grid_size {grid} with {num_prefix_tokens} prefix "
+                         f"tokens (expected {num_prefix_tokens + grid[0] * grid[1]})")
+    alpha_t = _alpha_tensor(alpha, heads, q)
+    _check_mode(mode, alpha_t)
+    if mask is None:
+        keep = _local_mask_on(grid, mask_size, num_prefix_tokens, str(q.device))
+    else:
+        if mask.dtype != torch.bool or mask.shape[-2:] != (tokens, tokens) or mask.dim() not in (2, 3) or (
+                mask.dim() == 3 and mask.shape[0] != heads):
+            raise ValueError(f"mask must be a bool tensor of shape (T, T) or (heads, T, T) = ({heads}, {tokens}, "
+                             f"{tokens}); got {mask.dtype} {tuple(mask.shape)}")
+        keep = mask.to(q.device)
+    call = AttentionCall(q, k, v, keep=keep, alpha=alpha_t, mode=mode, grid_size=grid, mask_size=mask_size,
+                         num_prefix_tokens=num_prefix_tokens, custom_mask=mask is not None,
+                         scale=q.shape[-1] ** -0.5 if scale is None else float(scale), dropout_p=float(dropout_p))
+    return _run(call, backend)
+
+
+class MaskedAttention(nn.Module):
+    """Drop-in replacement for timm's ``Attention`` with one α per head.
+
+    Parameter names (``qkv``, ``q_norm``, ``k_norm``, ``proj``) match timm's, so DeiT/ViT
+    checkpoints load.  Each head is hard-masked (α = 0), soft-masked (learnable α =
+    sigmoid(``alpha_logit``) in (0, 1)), a random-mask control, or unmasked (α = 1), given by
+    ``head_kinds`` (default: every head hard).  The boolean mask is a non-persistent buffer.
+
+    Set ``capture_attention = True`` to keep the last attention probabilities in
+    ``last_attention`` (``(B, heads, T, T)``, detached) for analysis; off by default so the
+    normal path never materialises them when a backend does not need to.
+    """
+
+    _reused_modules = ("qkv", "q_norm", "k_norm", "attn_drop", "proj", "proj_drop")
+
+    def __init__(self, dim: int, num_heads: int = 8, *, grid_size: GridSize, mask_size: int = 3,
+                 num_prefix_tokens: int = 1, head_kinds: Optional[Sequence[Union[HeadKind, str]]] = None,
+                 soft_alpha_init: float = 0.5, mask_seed: int = 0, mode: str = "zero", backend: str = "auto",
+                 qkv_bias: bool = False, qk_norm: bool = False, proj_bias: bool = True,
+                 attn_drop: float = 0.0, proj_drop: float = 0.0, norm_layer: Optional[type[nn.Module]] = None,
+                 **_: object) -> None:
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"dim {dim} must be divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.q_norm = norm_layer(self.head_dim) if qk_norm and norm_layer else nn.Identity()
+        self.k_norm = norm_layer(self.head_dim) if qk_norm and norm_layer else nn.Identity()
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self._setup_masking(grid_size, mask_size, num_prefix_tokens, head_kinds, soft_alpha_init, mask_seed,
+                            mode, backend)
+
+    @classmethod
+    def from_attention(cls, attn: nn.Module, **masking: object) -> "MaskedAttention":
+        """Wrap an existing timm attention layer, reusing its (already initialised) sub-modules."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.num_heads = attn.num_heads
+        self.head_dim = getattr(attn, "head_dim", attn.qkv.in_features // attn.num_heads)
+        self.scale = attn.scale
+        for name in cls._reused_modules:
+            setattr(self, name, getattr(attn, name))
+        if getattr(attn, "gate", None) is not None or not isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity):
+            raise ValueError("MaskedAttention does not support gated or scale-normed timm attention")
+        self._setup_masking(**masking)  # type: ignore[arg-type]
+        return self
+
+    def _setup_masking(self, grid_size: GridSize, mask_size: int = 3, num_prefix_tokens: int = 1,
+                       head_kinds: Optional[Sequence[Union[HeadKind, str]]] = None, soft_alpha_init: float = 0.5,
+                       mask_seed: int = 0, mode: str = "zero", backend: str = "auto") -> None:
+        heads = self.num_heads
+        kinds = tuple(HeadKind(k) for k in (head_kinds if head_kinds is not None else "h" * heads))
+        if len(kinds) != heads:
+            raise ValueError(f"head_kinds names {len(kinds)} heads but the layer has {heads}")
+        if not 0.0 < soft_alpha_init < 1.0:
+            raise ValueError(f"soft_alpha_init must lie in (0, 1), got {soft_alpha_init}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode == "neg_inf" and HeadKind.SOFT in kinds:
+            raise ValueError("mode='neg_inf' cannot be combined with soft-masked heads")
+        self.grid_size = to_grid(grid_size)
+        self.mask_size = check_mask_size(mask_size)
+        self.num_prefix_tokens = check_num_prefix_tokens(num_prefix_tokens)
+        self.num_tokens = self.num_prefix_tokens + self.grid_size[0] * self.grid_size[1]
+        self.head_kinds = kinds
+        self.mode = mode
+        self.backend = backend
+        self.capture_attention = False
+        self.last_attention: Optional[torch.Tensor] = None
+
+        keep = local_mask(self.grid_size, mask_size, num_prefix_tokens)
+        self.custom_mask = HeadKind.RANDOM in kinds
+        if self.custom_mask:
+            keep = keep.expand(heads, -1, -1).clone()
+            for h, kind in enumerate(kinds):
+                if kind is HeadKind.RANDOM:
+                    keep[h] = random_mask(self.grid_size, mask_size, num_prefix_tokens, seed=mask_seed * 1009 + h)
+        self.register_buffer("mask", keep, persistent=False)
+        fixed = torch.tensor([1.0 if k is HeadKind.NONE else 0.0 for k in kinds])
+        self.register_buffer("alpha_fixed", fixed, persistent=False)
+        soft = [h for h, k in enumerate(kinds) if k is HeadKind.SOFT]
+        self.register_buffer("soft_index", torch.tensor(soft, dtype=torch.long), persistent=False)
+        init_logit = torch.logit(torch.tensor(soft_alpha_init))
+        self.alpha_logit = nn.Parameter(init_logit.repeat(len(soft))) if soft else None
+        self.unmasked = all(k is HeadKind.NONE for k in kinds)
+
+    @property
+    def alpha(self) -> torch.Tensor:
+        """α per head, ``(heads,)``: 0 hard/random, 1 unmasked, sigmoid(logit) soft."""
+        if self.alpha_logit is None:
+            return self.alpha_fixed
+        return self.alpha_fixed.index_put((self.soft_index,), torch.sigmoid(self.alpha_logit))
+
+    def extra_repr(self) -> str:
+        kinds = "".join(k.value for k in self.head_kinds)
+        return (f"heads={self.num_heads}, grid={self.grid_size}, mask_size={self.mask_size}, "
+                f"prefix={self.num_prefix_tokens}, kinds={kinds!r}, mode={self.mode!r}")
+
+    def _check_tokens(self, tokens: int) -> None:
+        if tokens != self.num_tokens:
+            raise ValueError(f"{type(self).__name__} got {tokens} tokens but was built for {self.num_tokens} "
+                             f"({self.num_prefix_tokens} prefix + {self.grid_size[0]}x{self.grid_size[1]} grid); "
+                             f"build the model with the image size you feed it")
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, **_: object) -> torch.Tensor:
+        if attn_mask is not None:
+            raise ValueError("MaskedAttention builds its own mask; an extra attn_mask is not supported")
+        batch, tokens, channels = x.shape
+        self._check_tokens(tokens)
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        dropout_p = self.attn_drop.p if self.training else 0.0
+        alpha = self.alpha
+        if self.unmasked:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+        else:
+            call = AttentionCall(q, k, v, keep=self.mask, alpha=alpha, mode=self.mode, grid_size=self.grid_size,
+                                 mask_size=self.mask_size, num_prefix_tokens=self.num_prefix_tokens,
+                                 custom_mask=self.custom_mask, scale=self.scale, dropout_p=dropout_p)
+            out = _run(call, self.backend)
+        if self.capture_attention:
+            self.last_attention = reference.attention_probs(
+                q.detach(), k.detach(), keep=self.mask, alpha=alpha.detach(), mode=self.mode, scale=self.scale)
+        x = out.transpose(1, 2).reshape(batch, tokens, channels)
+        return self.proj_drop(self.proj(x))

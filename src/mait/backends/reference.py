@@ -1,0 +1,46 @@
+"""The reference backend: the dense definition of DESIGN §1, the one function that is the truth.
+
+Every other backend is tested against this one.  It materialises the ``(B, heads, T, T)``
+score matrix, so it is O(T²) in time and memory, works for every α, mode, custom mask
+and dtype (float64 included), and is the only backend that can return the attention
+probabilities themselves.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def masked_scores(scores: torch.Tensor, keep: torch.Tensor, alpha: torch.Tensor, mode: str) -> torch.Tensor:
+    """Apply ``Mα`` to pre-softmax scores ``(B, heads, T, T)``.
+
+    ``keep`` is the boolean ``(T, T)`` or ``(heads, T, T)`` mask, ``alpha`` the ``(heads,)`` α.
+    ``mode="zero"``: ``Mα ⊙ S`` (non-neighbour logits times α; 0 for hard masks).
+    ``mode="neg_inf"``: hard heads (α = 0) get -inf outside ``keep``; α = 1 heads untouched.
+    """
+    heads = scores.shape[1]
+    if mode == "zero":
+        m_alpha = torch.where(keep, torch.ones((), dtype=scores.dtype, device=scores.device),
+                              alpha.to(scores.dtype).view(heads, 1, 1))
+        return scores * m_alpha
+    hard = (alpha == 0).view(heads, 1, 1)
+    return scores.masked_fill(hard & ~keep, float("-inf"))
+
+
+def attention_probs(q: torch.Tensor, k: torch.Tensor, *, keep: torch.Tensor, alpha: torch.Tensor,
+                    mode: str = "zero", scale: float | None = None) -> torch.Tensor:
+    """Attention probabilities ``softmax(Mα ⊙ S)`` of shape ``(B, heads, T, T)``."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = (q * scale) @ k.transpose(-2, -1)
+    return masked_scores(scores, keep, alpha, mode).softmax(dim=-1)
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, keep: torch.Tensor,
+                     alpha: torch.Tensor, mode: str = "zero", scale: float | None = None,
+                     dropout_p: float = 0.0, **_: object) -> torch.Tensor:
+    """Dense masked attention ``softmax(Mα ⊙ S) @ v``; dropout (if any) is applied to the probabilities."""
+    probs = attention_probs(q, k, keep=keep, alpha=alpha, mode=mode, scale=scale)
+    if dropout_p > 0.0:
+        probs = F.dropout(probs, p=dropout_p, training=True)
+    return probs @ v

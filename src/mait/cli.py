@@ -1,0 +1,57 @@
+"""The ``mait`` command line: a thin dispatcher over :mod:`mait.commands`.
+
+Each sub-command lives in its own module ``mait.commands.<name>`` exposing
+``add_arguments(parser)`` and ``run(args) -> int``; modules are imported lazily so
+``mait --help`` stays fast.  Errors a user can fix (bad paths, bad values) are printed as
+one line; set ``MAIT_DEBUG=1`` to see the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from typing import Optional, Sequence
+
+# name -> one-line help; the module mait.commands.<name with - replaced by _> implements it.
+COMMANDS: dict[str, str] = {
+    "demo": "build a MaiT model, run a sample batch and print its per-layer masking",
+}
+
+
+class UserError(Exception):
+    """An error caused by the user's input; printed as one line without a traceback."""
+
+
+def _module(name: str):
+    return importlib.import_module(f"mait.commands.{name.replace('-', '_')}")
+
+
+def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mait", description="Masked-attention vision transformers (MaiT).")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    # Only the chosen sub-command's module is imported (the others just list their help).
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    for name, help_text in COMMANDS.items():
+        command_parser = sub.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:
+            _module(name).add_arguments(command_parser)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return int(_module(args.command).run(args) or 0)
+    except (UserError, ValueError, TypeError, FileNotFoundError, NotADirectoryError, KeyError) as error:
+        if os.environ.get("MAIT_DEBUG"):
+            raise
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"mait {args.command}: error: {message}", file=sys.stderr)
+        return 2

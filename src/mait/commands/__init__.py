@@ -1,0 +1,1 @@
+"""Sub-commands of the ``mait`` command line, one module each (see :mod:`mait.cli`)."""

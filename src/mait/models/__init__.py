@@ -1,0 +1,6 @@
+"""The MaiT model family, registered in timm on import (``timm.create_model("mait_t24_224")``)."""
+
+from .cait import MaskedCait, MaskedTalkingHeadAttn
+from .mait import MaiT, MaiTDistilled
+
+__all__ = ["MaiT", "MaiTDistilled", "MaskedCait", "MaskedTalkingHeadAttn"]

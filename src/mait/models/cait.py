@@ -1,0 +1,104 @@
+""" Masked CaiT (paper Table 7)
+
+CaiT ("Going deeper with Image Transformers", Touvron et al. 2021) with local attention
+masks in its self-attention layers.  Those layers see only the patch tokens (CaiT adds the
+class token in its class-attention layers), so the masks have no prefix tokens; the
+class-attention layers stay unmasked.  CaiT uses talking-heads attention: the mask is
+applied to each head's logits *after* the pre-softmax head mixing (``proj_l``), i.e. to the
+logits that actually enter the softmax, as in Eq. 2 of the MaiT paper.
+Parameter names are timm's, so ``cait_*`` checkpoints load.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Set, Union
+
+import torch
+import torch.nn as nn
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.cait import Cait, checkpoint_filter_fn
+
+from ..attention import MaskedAttention
+from ..backends.reference import masked_scores
+from ..schemes import MaskingScheme
+from ._masking import alpha_no_weight_decay, apply_masking, check_image_size, check_input_size
+from .mait import _cfg
+
+__all__ = ["MaskedCait", "MaskedTalkingHeadAttn"]
+
+
+class MaskedTalkingHeadAttn(MaskedAttention):
+    """CaiT's talking-heads attention with per-head α masks (dense: heads mix after softmax)."""
+
+    _reused_modules = ("qkv", "attn_drop", "proj", "proj_l", "proj_w", "proj_drop")
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, **_: object) -> torch.Tensor:
+        batch, tokens, channels = x.shape
+        self._check_tokens(tokens)
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0] * self.scale, qkv[1], qkv[2]
+        attn = self.proj_l((q @ k.transpose(-2, -1)).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        if not self.unmasked:
+            attn = masked_scores(attn, self.mask, self.alpha, self.mode)
+        attn = attn.softmax(dim=-1)
+        if self.capture_attention:
+            self.last_attention = attn.detach()
+        attn = self.proj_w(attn.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        attn = self.attn_drop(attn)
+        x = (attn @ v).transpose(1, 2).reshape(batch, tokens, channels)
+        return self.proj_drop(self.proj(x))
+
+
+class MaskedCait(Cait):
+    """timm ``Cait`` whose self-attention layers are masked per ``scheme`` (default Sch.1)."""
+
+    def __init__(self, *, scheme: Union[str, MaskingScheme] = "sch1", mask_size: int = 3,
+                 soft_alpha_init: float = 0.5, mask_seed: int = 0, attention_mode: str = "zero",
+                 **kwargs: Any) -> None:
+        check_image_size(kwargs.get("img_size", 224), kwargs.get("patch_size", 16))
+        kwargs.pop("attention_backend", None)  # talking heads always run densely
+        super().__init__(**kwargs)
+        self.mask_size = mask_size
+        self.scheme = apply_masking(
+            self.blocks, scheme=scheme, depth=len(self.blocks), num_heads=self.blocks[0].attn.num_heads,
+            grid_size=self.patch_embed.grid_size, num_prefix_tokens=0, mask_size=mask_size,
+            soft_alpha_init=soft_alpha_init, mask_seed=mask_seed, attention_mode=attention_mode,
+            wrap=MaskedTalkingHeadAttn.from_attention)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> Set[str]:
+        return super().no_weight_decay() | alpha_no_weight_decay(self)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        check_input_size(x, self.patch_embed.img_size)
+        return super().forward_features(x)
+
+
+def _create_masked_cait(variant: str, pretrained: bool = False, **kwargs: Any) -> MaskedCait:
+    out_indices = kwargs.pop("out_indices", 3)
+    return build_model_with_cfg(
+        MaskedCait, variant, pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+        **kwargs,
+    )
+
+
+default_cfgs = generate_default_cfgs({
+    "mait_cait_xxs24_224": _cfg(crop_pct=1.0),
+    "mait_cait_s24_224": _cfg(crop_pct=1.0),
+})
+
+
+@register_model
+def mait_cait_xxs24_224(pretrained: bool = False, **kwargs: Any) -> MaskedCait:
+    """Masked CaiT-XXS24 (Table 7 "Masked CaiT"): CaiT-XXS24 with Sch.1 masks."""
+    args = dict(patch_size=16, embed_dim=192, depth=24, num_heads=4, init_values=1e-5)
+    return _create_masked_cait("mait_cait_xxs24_224", pretrained=pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def mait_cait_s24_224(pretrained: bool = False, **kwargs: Any) -> MaskedCait:
+    """Masked CaiT-S24 (Table 7 "Masked CaiT-S"): CaiT-S24 with Sch.1 masks."""
+    args = dict(patch_size=16, embed_dim=384, depth=24, num_heads=8, init_values=1e-5)
+    return _create_masked_cait("mait_cait_s24_224", pretrained=pretrained, **dict(args, **kwargs))

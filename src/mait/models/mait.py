@@ -1,0 +1,166 @@
+""" MaiT: Masked attention image Transformer (monolithic, DeiT-based)
+
+From "MaiT: Leverage Attention Masks for More Efficient Image Transformers",
+Ling Li, Ali Shafiee Ardestani, Joseph Hassoun, arXiv 2207.03006.
+
+MaiT is DeiT (patch 16, class token, optional distillation token, optional LayerScale)
+whose attention heads carry local ``R x R`` masks: hard (non-neighbour logits set to 0),
+soft (learnable α per head) or none, per layer as a :class:`mait.MaskingScheme` says.
+Parameter names are timm's, so DeiT checkpoints load into a MaiT of the same shape.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Set, Union
+
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.deit import VisionTransformerDistilled
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+
+from ..schemes import MaskingScheme
+from ._masking import alpha_no_weight_decay, apply_masking, check_image_size, check_input_size
+
+__all__ = ["MaiT", "MaiTDistilled"]
+
+
+class _MaskedViTMixin:
+    """Adds per-layer masked attention to a timm ``VisionTransformer`` (or its distilled variant)."""
+
+    def __init__(self, *, scheme: Union[str, MaskingScheme] = "sch1", mask_size: int = 3,
+                 soft_alpha_init: float = 0.5, mask_seed: int = 0, attention_mode: str = "zero",
+                 attention_backend: str = "auto", **kwargs: Any) -> None:
+        if kwargs.get("dynamic_img_size"):
+            raise ValueError("MaiT masks are built for one patch grid; dynamic_img_size is not supported")
+        check_image_size(kwargs.get("img_size", 224), kwargs.get("patch_size", 16))
+        super().__init__(**kwargs)
+        depth = len(self.blocks)
+        self.mask_size = mask_size
+        self.scheme = apply_masking(
+            self.blocks, scheme=scheme, depth=depth, num_heads=self.blocks[0].attn.num_heads,
+            grid_size=self.patch_embed.grid_size, num_prefix_tokens=self.num_prefix_tokens, mask_size=mask_size,
+            soft_alpha_init=soft_alpha_init, mask_seed=mask_seed, attention_mode=attention_mode,
+            attention_backend=attention_backend)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> Set[str]:
+        return super().no_weight_decay() | alpha_no_weight_decay(self)
+
+    def forward_features(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        check_input_size(x, self.patch_embed.img_size)
+        return super().forward_features(x, *args, **kwargs)
+
+
+class MaiT(_MaskedViTMixin, VisionTransformer):
+    """Monolithic MaiT: a timm ``VisionTransformer`` with masked attention heads.
+
+    Args (beyond timm's ``VisionTransformer``):
+        scheme: built-in scheme name or scheme text (see :mod:`mait.schemes`).
+        mask_size: odd window size R (3 in the paper).
+        soft_alpha_init: initial α of soft-masked heads.
+        mask_seed: seed of the random-mask control heads (``r``).
+        attention_mode: ``"zero"`` (paper) or ``"neg_inf"`` (strict neighbourhood ablation).
+        attention_backend: backend of :func:`mait.masked_attention` (``"auto"``).
+    """
+
+
+class MaiTDistilled(_MaskedViTMixin, VisionTransformerDistilled):
+    """MaiT with DeiT's distillation token and head (paper Table 6)."""
+
+
+def _create_mait(variant: str, pretrained: bool = False, distilled: bool = False, **kwargs: Any):
+    out_indices = kwargs.pop("out_indices", 3)
+    return build_model_with_cfg(
+        MaiTDistilled if distilled else MaiT,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+        **kwargs,
+    )
+
+
+def _cfg(**kwargs: Any) -> dict:
+    return {
+        "url": "",
+        "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None,
+        "crop_pct": .9, "interpolation": "bicubic", "fixed_input_size": True,
+        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "patch_embed.proj", "classifier": "head",
+        "license": "apache-2.0", "paper_ids": "arXiv:2207.03006", "paper_name": "MaiT",
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    "mait_xt24_224": _cfg(),
+    "mait_t24_224": _cfg(),
+    "mait_xs24_224": _cfg(),
+    "mait_s24_224": _cfg(),
+    "mait_t12_224": _cfg(),
+    "mait_s12_224": _cfg(),
+    "mait_t36_224": _cfg(),
+    "mait_xt24_distilled_224": _cfg(classifier=("head", "head_dist")),
+})
+
+
+def _model(variant: str, pretrained: bool, model_args: dict, kwargs: dict, distilled: bool = False):
+    """Entry-point helper: user kwargs override the variant's defaults (scheme included)."""
+    return _create_mait(variant, pretrained=pretrained, distilled=distilled, **dict(model_args, **kwargs))
+
+
+@register_model
+def mait_xt24_224(pretrained: bool = False, **kwargs: Any) -> MaiT:
+    """MaiT-XT (Table 7): D=144, 3 heads, 24 layers, LayerScale, soft masking (Sch.3)."""
+    args = dict(patch_size=16, embed_dim=144, depth=24, num_heads=3, init_values=1e-5, scheme="sch3")
+    return _model("mait_xt24_224", pretrained, args, kwargs)
+
+
+@register_model
+def mait_t24_224(pretrained: bool = False, **kwargs: Any) -> MaiT:
+    """MaiT-T (Tables 4, 7): D=192, 3 heads, 24 layers, soft masking (Sch.3)."""
+    args = dict(patch_size=16, embed_dim=192, depth=24, num_heads=3, scheme="sch3")
+    return _model("mait_t24_224", pretrained, args, kwargs)
+
+
+@register_model
+def mait_xs24_224(pretrained: bool = False, **kwargs: Any) -> MaiT:
+    """MaiT-XS (Tables 5, 7): D=288, 3 heads, 24 layers, LayerScale, hard masking Sch.2."""
+    args = dict(patch_size=16, embed_dim=288, depth=24, num_heads=3, init_values=1e-5, scheme="sch2")
+    return _model("mait_xs24_224", pretrained, args, kwargs)
+
+
+@register_model
+def mait_s24_224(pretrained: bool = False, **kwargs: Any) -> MaiT:
+    """MaiT-S (Tables 5, 7): D=384, 6 heads, 24 layers, LayerScale, hard masking Sch.2."""
+    args = dict(patch_size=16, embed_dim=384, depth=24, num_heads=6, init_values=1e-5, scheme="sch2")
+    return _model("mait_s24_224", pretrained, args, kwargs)
+
+
+@register_model
+def mait_t12_224(pretrained: bool = False, **kwargs: Any) -> MaiT:
+    """MaiT-T, 12 layers (Table 3): DeiT-Tiny shape with soft masking in every layer."""
+    args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, scheme="soft")
+    return _model("mait_t12_224", pretrained, args, kwargs)
+
+
+@register_model
+def mait_s12_224(pretrained: bool = False, **kwargs: Any) -> MaiT:
+    """MaiT-S, 12 layers (Table 3): DeiT-Small shape with soft masking in every layer."""
+    args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, scheme="soft")
+    return _model("mait_s12_224", pretrained, args, kwargs)
+
+
+@register_model
+def mait_t36_224(pretrained: bool = False, **kwargs: Any) -> MaiT:
+    """MaiT-T, 36 layers (Fig. 3): mixed scheme, every head masked in layers 0-11, one head after."""
+    args = dict(patch_size=16, embed_dim=192, depth=36, num_heads=3, scheme="mixed")
+    return _model("mait_t36_224", pretrained, args, kwargs)
+
+
+@register_model
+def mait_xt24_distilled_224(pretrained: bool = False, **kwargs: Any) -> MaiTDistilled:
+    """MaiT-XT† (Table 6): MaiT-XT with a distillation token and head, soft masking (Sch.3)."""
+    args = dict(patch_size=16, embed_dim=144, depth=24, num_heads=3, init_values=1e-5, scheme="sch3")
+    return _model("mait_xt24_distilled_224", pretrained, args, kwargs, distilled=True)
