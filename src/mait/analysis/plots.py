@@ -1,0 +1,96 @@
+"""Figures of the analysis tools (PNG, matplotlib's object API: no global pyplot state, no display needed).
+
+Every figure has a title, axis labels and a colour bar so it reads without the code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+from matplotlib.figure import Figure
+
+PathLike = Union[str, Path]
+
+
+def layer_head_matrix(values: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Stack per-layer ``(heads,)`` values into ``(layers, max heads)``, NaN where a layer has fewer heads."""
+    width = max(len(v) for v in values)
+    table = torch.full((len(values), width), float("nan"))
+    for i, v in enumerate(values):
+        table[i, :len(v)] = torch.as_tensor(v, dtype=torch.float32)
+    return table
+
+
+def plot_layer_head(values: Sequence[torch.Tensor], path: PathLike, *, title: str, colorbar_label: str,
+                    vmin: float = 0.0, vmax: float = 1.0, cmap: str = "viridis") -> Path:
+    """Heatmap of one value per (layer, head), e.g. ALS or α, annotated with the numbers."""
+    table = layer_head_matrix(values).numpy()
+    layers, heads = table.shape
+    fig = Figure(figsize=(1.6 + 0.9 * heads, 1.4 + 0.32 * layers), layout="constrained")
+    ax = fig.add_subplot()
+    image = ax.imshow(table, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
+    ax.set_title(title)
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_xticks(range(heads))
+    ax.set_yticks(range(layers))
+    for i in range(layers):
+        for j in range(heads):
+            if table[i, j] == table[i, j]:  # not NaN
+                shade = (table[i, j] - vmin) / ((vmax - vmin) or 1.0)
+                ax.text(j, i, f"{table[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                        color="black" if shade > 0.6 else "white")
+    fig.colorbar(image, ax=ax, label=colorbar_label)
+    return _save(fig, path)
+
+
+def plot_similarity(similarity: torch.Tensor, directory: PathLike, *, title: str,
+                    layer_names: Optional[Sequence[int]] = None, stem: str = "similarity") -> list[Path]:
+    """One ``L x L`` heatmap per head (the paper's Fig. 4-6) as ``<stem>_head<h>.png``; returns the paths."""
+    directory = Path(directory)
+    depth = similarity.shape[-1]
+    ticks = list(layer_names) if layer_names is not None else list(range(depth))
+    step = max(1, depth // 12)
+    paths = []
+    for head in range(similarity.shape[0]):
+        fig = Figure(figsize=(6.0, 5.0), layout="constrained")
+        ax = fig.add_subplot()
+        image = ax.imshow(similarity[head].numpy(), cmap="magma", vmin=0.0, vmax=1.0)
+        ax.set_title(f"{title}, head {head}")
+        ax.set_xlabel("layer j")
+        ax.set_ylabel("layer i")
+        ax.set_xticks(range(0, depth, step), [str(t) for t in ticks[::step]])
+        ax.set_yticks(range(0, depth, step), [str(t) for t in ticks[::step]])
+        fig.colorbar(image, ax=ax, label="mean cosine similarity of attention rows")
+        paths.append(_save(fig, directory / f"{stem}_head{head}.png"))
+    return paths
+
+
+def plot_mask_row(multipliers: torch.Tensor, path: PathLike, *, query: tuple[int, int], title: str) -> Path:
+    """Fig. 1: the ``H x W`` grid coloured by the multiplier ``Mα`` the query patch applies to each patch."""
+    h, w = multipliers.shape
+    fig = Figure(figsize=(1.8 + 0.38 * w, 1.2 + 0.38 * h), layout="constrained")
+    ax = fig.add_subplot()
+    image = ax.imshow(multipliers.numpy(), cmap="Blues", vmin=0.0, vmax=1.0)
+    ax.scatter([query[1]], [query[0]], marker="*", s=160, color="crimson", label="query patch")
+    ax.set_xticks(range(w))
+    ax.set_yticks(range(h))
+    ax.set_xticks([x - 0.5 for x in range(1, w)], minor=True)
+    ax.set_yticks([y - 0.5 for y in range(1, h)], minor=True)
+    ax.grid(which="minor", color="grey", linewidth=0.5)
+    ax.tick_params(which="minor", length=0)
+    ax.set_title(title)
+    ax.set_xlabel("patch column")
+    ax.set_ylabel("patch row")
+    ax.legend(loc="upper right", bbox_to_anchor=(1.0, -0.08), fontsize=8)
+    fig.colorbar(image, ax=ax, label="logit multiplier Mα (1 = kept, α elsewhere)")
+    return _save(fig, path)
+
+
+def _save(fig: Figure, path: PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
