@@ -1,0 +1,146 @@
+"""The MaiT model family in timm: registration, shapes, parameter counts, checkpoint compatibility."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+import mait
+from mait import HeadKind
+
+MODELS = ["mait_xt24_224", "mait_t24_224", "mait_xs24_224", "mait_s24_224", "mait_t12_224", "mait_s12_224",
+          "mait_t36_224", "mait_xt24_distilled_224", "mait_cait_xxs24_224", "mait_cait_s24_224"]
+
+# Paper (Tables 2, 6, 7) parameter counts in millions, 1000 classes at 224 px.
+PAPER_PARAMS = {"mait_xt24_224": 6.3, "mait_t24_224": 11.0, "mait_xs24_224": 24.5, "mait_s24_224": 43.3,
+                "mait_xt24_distilled_224": 6.4}
+
+
+def _params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_all_models_are_registered():
+    available = set(timm.list_models("mait_*"))
+    assert set(MODELS) <= available
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_forward_backward_small(name):
+    torch.manual_seed(0)
+    model = timm.create_model(name, img_size=32, num_classes=7, drop_path_rate=0.1)
+    x = torch.randn(2, 3, 32, 32)
+    out = model(x)
+    assert out.shape == (2, 7)
+    out.sum().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None for g in grads)
+    assert all(bool(torch.isfinite(g).all()) for g in grads)
+    feats = model.forward_features(x)
+    assert feats.shape[0] == 2 and torch.is_tensor(model.forward_head(feats))
+    model.reset_classifier(3)
+    assert model.eval()(x).shape == (2, 3)
+    assert model.pretrained_cfg["architecture"] == name
+    model.set_grad_checkpointing(True)
+    groups = timm.models.group_parameters(model, model.group_matcher())
+    assert len(groups) > 2  # stem, one group per block, head (used by layer-wise lr decay)
+
+
+@pytest.mark.parametrize("name,paper", sorted(PAPER_PARAMS.items()))
+def test_parameter_counts_match_paper(name, paper):
+    millions = _params(timm.create_model(name)) / 1e6
+    assert abs(millions - paper) / paper < 0.03, f"{name}: {millions:.2f} M vs paper {paper} M"
+
+
+@pytest.mark.parametrize("ours,theirs", [("mait_cait_xxs24_224", "cait_xxs24_224"),
+                                         ("mait_cait_s24_224", "cait_s24_224")])
+def test_masked_cait_has_cait_parameter_count(ours, theirs):
+    assert _params(timm.create_model(ours)) == _params(timm.create_model(theirs))
+
+
+def test_default_schemes_follow_the_paper():
+    def scheme(name):
+        return timm.create_model(name, img_size=32).scheme
+
+    assert str(scheme("mait_t24_224")) == "0-20:soft"
+    assert str(scheme("mait_xt24_224")) == "0-20:soft"
+    assert str(scheme("mait_xs24_224")) == "0-7:2h,8-19:1h"
+    assert str(scheme("mait_s24_224")) == "0-7:5h,8-19:1h"
+    assert str(scheme("mait_t12_224")) == "*:soft"
+    assert str(scheme("mait_t36_224")) == "0-11:all,12-35:1h"
+    assert str(scheme("mait_cait_xxs24_224")) == "*:1h"
+    layerscale = timm.create_model("mait_xs24_224", img_size=32).blocks[0].ls1
+    assert isinstance(layerscale, timm.layers.LayerScale)
+
+
+def test_scheme_and_mask_size_keywords():
+    model = timm.create_model("mait_s12_224", scheme="sch1", mask_size=5, img_size=96)
+    attn = model.blocks[3].attn
+    assert attn.head_kinds == (HeadKind.HARD,) + (HeadKind.NONE,) * 5
+    assert attn.mask_size == 5 and attn.grid_size == (6, 6)
+    assert torch.equal(attn.mask, mait.local_mask((6, 6), 5, 1))
+    assert "mask" not in model.state_dict() and not any(k.endswith(".mask") for k in model.state_dict())
+
+
+def test_soft_alpha_excluded_from_weight_decay():
+    model = timm.create_model("mait_t12_224", img_size=32)
+    nwd = model.no_weight_decay()
+    assert "blocks.0.attn.alpha_logit" in nwd and "cls_token" in nwd
+
+
+def _copy_and_compare(ours: str, theirs: str, **kwargs):
+    torch.manual_seed(0)
+    reference = timm.create_model(theirs, **kwargs).eval()
+    model = timm.create_model(ours, scheme="none", **kwargs).eval()
+    model.load_state_dict(reference.state_dict(), strict=True)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
+
+
+def test_mait_t12_none_equals_deit_tiny():
+    _copy_and_compare("mait_t12_224", "deit_tiny_patch16_224")
+
+
+def test_deit_tiny_distilled_weights_load_into_distilled_mait():
+    torch.manual_seed(0)
+    deit = timm.create_model("deit_tiny_distilled_patch16_224").eval()
+    model = timm.create_model("mait_xt24_distilled_224", scheme="none", embed_dim=192, depth=12,
+                              init_values=0.0).eval()
+    model.load_state_dict(deit.state_dict(), strict=True)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), deit(x), rtol=0, atol=0)
+
+
+def test_masked_cait_none_equals_cait_xxs24():
+    _copy_and_compare("mait_cait_xxs24_224", "cait_xxs24_224")
+
+
+def test_masking_changes_the_output():
+    torch.manual_seed(0)
+    plain = timm.create_model("mait_t12_224", scheme="none", img_size=64).eval()
+    masked = timm.create_model("mait_t12_224", scheme="sch1", img_size=64).eval()
+    masked.load_state_dict(plain.state_dict())
+    x = torch.randn(1, 3, 64, 64)
+    assert not torch.allclose(plain(x), masked(x))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(img_size=100), "img_size 100 is not divisible by patch_size 16"),
+    (dict(mask_size=4), "mask_size must be an odd positive integer"),
+    (dict(scheme="0-40:1h"), "names layer 40, which does not exist: the model has 12 layers"),
+    (dict(scheme="0:4h"), "asks for 4 masked heads in layer 0, which has 3 heads"),
+    (dict(scheme="sch9"), "must look like 'LAYERS:HEADS'"),
+    (dict(img_size=32, mask_size=5), "mask_size 5 is larger than the 2x2 patch grid needs"),
+])
+def test_bad_model_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        timm.create_model("mait_t12_224", **kwargs)
+
+
+def test_wrong_image_size_at_forward():
+    model = timm.create_model("mait_t12_224", img_size=32)
+    with pytest.raises(ValueError, match=r"input images are \(48, 48\) but the model was built for img_size \(32, 32\)"):
+        model(torch.randn(1, 3, 48, 48))
