@@ -144,3 +144,12 @@ def test_wrong_image_size_at_forward():
     model = timm.create_model("mait_t12_224", img_size=32)
     with pytest.raises(ValueError, match=r"input images are \(48, 48\) but the model was built for img_size \(32, 32\)"):
         model(torch.randn(1, 3, 48, 48))
+
+
+def test_torch_export_round_trip():
+    """Deployment path: a mixed hard/soft/unmasked MaiT exports with torch.export and gives the same logits."""
+    torch.manual_seed(0)
+    model = timm.create_model("mait_t12_224", img_size=32, depth=2, scheme="0:hsu,1:1h").eval()
+    x = torch.randn(2, 3, 32, 32)
+    exported = torch.export.export(model, (x,))
+    torch.testing.assert_close(exported.module()(x), model(x))
