@@ -8,12 +8,14 @@ a call.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import torch
 
-from . import reference
+import torch.nn.functional as F
+
+from . import local, reference
 
 
 @dataclass(frozen=True)
@@ -53,13 +55,78 @@ def register_backend(name: str, fn: Callable[..., torch.Tensor],
     BACKENDS[name] = Backend(name, fn, unsupported)
 
 
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, dropout_p: float = 0.0,
+          **_: object) -> torch.Tensor:
+    """Unmasked heads (α = 1): plain ``scaled_dot_product_attention``."""
+    return F.scaled_dot_product_attention(q, k, v, scale=scale, dropout_p=dropout_p)
+
+
+def _sdpa_unsupported(call: AttentionCall) -> Optional[str]:
+    alpha = call.alpha.detach()
+    if call.alpha.requires_grad:
+        return "alpha requires grad; plain SDPA has no gradient with respect to alpha"
+    if not bool((alpha == 1).all()):
+        return f"every head must be unmasked (alpha 1), got alpha {alpha.tolist()}"
+    return None
+
+
 register_backend("reference", reference.masked_attention)
+register_backend("local", local.local_attention, local.unsupported)
+register_backend("sdpa", _sdpa, _sdpa_unsupported)
+
+
+def local_is_faster(grid_size: tuple[int, int], mask_size: int) -> bool:
+    """Shape rule of ``auto`` for hard heads: the linear backend beats the dense one on this grid.
+
+    The linear backend costs about 5x more per (query, window slot) than the dense one per
+    (query, key) and has a fixed overhead per window offset, so it wins once the grid holds
+    well over ``R²`` patches (measured crossover on CPU: between 7x7 and 14x14 for R = 3;
+    see ``benchmarks/README.md``).
+    """
+    patches = grid_size[0] * grid_size[1]
+    return patches >= max(128, 8 * mask_size * mask_size)
+
+
+def _hard_backend(call: AttentionCall) -> Backend:
+    return BACKENDS["local" if local_is_faster(call.grid_size, call.mask_size) else "reference"]
+
+
+def _subset(call: AttentionCall, heads: torch.Tensor) -> AttentionCall:
+    """The same call restricted to some heads (the local mask is shared by every head)."""
+    return replace(call, q=call.q[:, heads], k=call.k[:, heads], v=call.v[:, heads], alpha=call.alpha[heads])
+
+
+def _grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs: object) -> torch.Tensor:
+    """``auto``: run hard, unmasked and soft heads each on their best backend, then reassemble."""
+    call = AttentionCall(q, k, v, **kwargs)  # type: ignore[arg-type]
+    alpha = call.alpha.detach()
+    groups = [(alpha == 0, _hard_backend(call)), (alpha == 1, BACKENDS["sdpa"]),
+              ((alpha > 0) & (alpha < 1), BACKENDS["reference"])]
+    groups = [(heads.nonzero().squeeze(1), chosen) for heads, chosen in groups if bool(heads.any())]
+    if len(groups) == 1:
+        return groups[0][1].fn(q, k, v, **call.kwargs())
+    out = torch.empty_like(v)
+    for heads, chosen in groups:
+        part = _subset(call, heads)
+        out[:, heads] = chosen.fn(part.q, part.k, part.v, **part.kwargs())
+    return out
+
+
+def _auto_is_reference(call: AttentionCall) -> bool:
+    """Calls only the dense reference can run as a whole (custom masks, dropout, gradient for α)."""
+    return call.custom_mask or call.dropout_p > 0.0 or call.alpha.requires_grad
 
 
 def select_backend(call: AttentionCall, backend: str = "auto") -> Backend:
-    """Return the backend to run ``call`` with; a named backend that cannot run it is an error."""
+    """Return the backend to run ``call`` with; a named backend that cannot run it is an error.
+
+    ``auto`` runs custom masks, attention dropout and calls that need a gradient for α on
+    the reference; otherwise it groups heads by α: unmasked heads on SDPA, hard heads on the
+    linear backend when :func:`local_is_faster` says so (else on the reference), soft heads
+    on the reference.
+    """
     if backend == "auto":
-        return BACKENDS["reference"]
+        return BACKENDS["reference"] if _auto_is_reference(call) else Backend("auto", _grouped, lambda c: None)
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; expected 'auto' or one of {sorted(BACKENDS)}")
     chosen = BACKENDS[backend]
