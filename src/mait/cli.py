@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 # name -> one-line help; the module mait.commands.<name with - replaced by _> implements it.
 COMMANDS: dict[str, str] = {
     "demo": "build a MaiT model, run a sample batch and print its per-layer masking",
+    "show-mask": "draw which patches one patch token attends to at full strength (paper Fig. 1)",
 }
 
 

@@ -71,21 +71,20 @@ def plot_similarity(similarity: torch.Tensor, directory: PathLike, *, title: str
 def plot_mask_row(multipliers: torch.Tensor, path: PathLike, *, query: tuple[int, int], title: str) -> Path:
     """Fig. 1: the ``H x W`` grid coloured by the multiplier ``Mα`` the query patch applies to each patch."""
     h, w = multipliers.shape
-    fig = Figure(figsize=(1.8 + 0.38 * w, 1.2 + 0.38 * h), layout="constrained")
+    fig = Figure(figsize=(max(5.5, 2.4 + 0.38 * w), max(4.0, 1.4 + 0.38 * h)), layout="constrained")
     ax = fig.add_subplot()
     image = ax.imshow(multipliers.numpy(), cmap="Blues", vmin=0.0, vmax=1.0)
-    ax.scatter([query[1]], [query[0]], marker="*", s=160, color="crimson", label="query patch")
+    ax.scatter([query[1]], [query[0]], marker="*", s=160, color="crimson")
     ax.set_xticks(range(w))
     ax.set_yticks(range(h))
     ax.set_xticks([x - 0.5 for x in range(1, w)], minor=True)
     ax.set_yticks([y - 0.5 for y in range(1, h)], minor=True)
     ax.grid(which="minor", color="grey", linewidth=0.5)
     ax.tick_params(which="minor", length=0)
-    ax.set_title(title)
-    ax.set_xlabel("patch column")
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("patch column (red star: the query patch)")
     ax.set_ylabel("patch row")
-    ax.legend(loc="upper right", bbox_to_anchor=(1.0, -0.08), fontsize=8)
-    fig.colorbar(image, ax=ax, label="logit multiplier Mα (1 = kept, α elsewhere)")
+    fig.colorbar(image, ax=ax, label="multiplier Mα of the logit")
     return _save(fig, path)
 
 
