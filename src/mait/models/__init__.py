@@ -2,5 +2,6 @@
 
 from .cait import MaskedCait, MaskedTalkingHeadAttn
 from .mait import MaiT, MaiTDistilled
+from . import small  # noqa: F401  (registers the small models)
 
 __all__ = ["MaiT", "MaiTDistilled", "MaskedCait", "MaskedTalkingHeadAttn"]

@@ -1,0 +1,116 @@
+"""Checkpoints: weights as safetensors, the training state beside them, every file written atomically.
+
+An output folder holds ``last.safetensors`` + ``last.state.pt`` (optimizer, scheduler, EMA,
+scaler, RNG states, epoch, position in the epoch, history) and ``best.safetensors``.  Each
+file is written to a temporary name and renamed, so a run killed at any moment leaves the
+previous complete checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import safetensors.torch
+import torch
+import torch.nn as nn
+
+from ..cli import UserError
+
+LAST, BEST, STATE = "last.safetensors", "best.safetensors", "last.state.pt"
+HEAD_KEYS = ("head.weight", "head.bias", "head_dist.weight", "head_dist.bias")
+
+
+def _atomic(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    _atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def save_weights(model: nn.Module, path: Path, metadata: Optional[dict[str, str]] = None) -> None:
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    _atomic(path, lambda tmp: safetensors.torch.save_file(state, str(tmp), metadata=metadata))
+
+
+def save_state(state: dict[str, Any], path: Path) -> None:
+    _atomic(path, lambda tmp: torch.save(state, tmp))
+
+
+def rng_states() -> dict[str, Any]:
+    states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    np.random.set_state(states["numpy"])
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def load_state(folder: Path) -> dict[str, Any]:
+    """The training state of the run in ``folder`` (for ``--resume``), or a one-line error."""
+    path = folder / STATE
+    if not folder.is_dir():
+        raise UserError(f"--resume {folder}: the folder does not exist")
+    if not path.is_file() or not (folder / LAST).is_file():
+        raise UserError(f"--resume {folder}: no checkpoint there (expected {STATE} and {LAST})")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        return safetensors.torch.load_file(str(path))
+    except Exception as error:  # safetensors raises its own error types for bad files
+        raise UserError(f"checkpoint {path} is not a readable safetensors file: {error}") from None
+
+
+def _mismatch_message(path: Path, missing: list[str], unexpected: list[str], shapes: list[str]) -> str:
+    parts = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
+        if keys:
+            shown = ", ".join(keys[:6]) + (f", ... ({len(keys)} in all)" if len(keys) > 6 else "")
+            parts.append(f"{label}: {shown}")
+    return f"checkpoint {path} does not fit this model ({'; '.join(parts)})"
+
+
+def load_weights(model: nn.Module, path: Path, *, allow_head_reset: bool = False, strict: bool = True) -> list[str]:
+    """Load a safetensors file into ``model``; returns the classifier keys it reset (if allowed).
+
+    ViT checkpoints go through timm's ``checkpoint_filter_fn`` first (resizes position
+    embeddings and patch kernels), so DeiT weights fine-tune into a MaiT at another size.
+    With ``allow_head_reset`` a classifier of another class count is dropped (fresh head);
+    any other mismatch is an error listing the keys.  ``strict=False`` tolerates missing keys.
+    """
+    weights = read_weights(path)
+    own = model.state_dict()
+    if allow_head_reset:
+        from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+        if isinstance(model, VisionTransformer):
+            weights = checkpoint_filter_fn(weights, model)
+    reset = [k for k in HEAD_KEYS if allow_head_reset and k in weights and k in own
+             and weights[k].shape != own[k].shape]
+    for key in reset:
+        del weights[key]
+    missing = [k for k in own if k not in weights and k not in reset]
+    unexpected = [k for k in weights if k not in own]
+    shapes = [f"{k} {tuple(weights[k].shape)} vs {tuple(own[k].shape)}" for k in weights
+              if k in own and weights[k].shape != own[k].shape]
+    if unexpected or shapes or (missing and strict):
+        raise UserError(_mismatch_message(Path(path), missing, unexpected, shapes))
+    model.load_state_dict(weights, strict=False)
+    return reset

@@ -1,0 +1,362 @@
+"""The training loop (DeiT recipe from timm's parts), evaluation, and the run's checkpoints.
+
+:func:`train` is the programmatic entry point (``mait train`` is a thin layer over it):
+it builds data and model from a :class:`TrainConfig`, trains with timm's optimizer,
+scheduler, EMA and losses, evaluates every epoch, keeps ``last`` and ``best`` checkpoints,
+and resumes a killed run exactly, mid-epoch included.  Under ``torchrun`` it trains with
+DistributedDataParallel; only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import timm
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+import mait  # noqa: F401  (registers the MaiT models in timm)
+
+from ..cli import UserError
+from . import checkpoint as ckpt
+from .config import TrainConfig
+from .data import DataInfo, Loaders, build_loaders, per_rank_batch
+from .distributed import Dist, all_sum, cleanup, setup
+from .logs import PLOT_NAME, RunLog, epoch_line, plot_curves
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced (accuracies in %)."""
+
+    best_acc1: float
+    best_epoch: int
+    final_acc1: float
+    final_acc5: float
+    final_loss: float
+    output: Path
+    last_checkpoint: Path
+    best_checkpoint: Path
+    plot: Optional[Path]
+    wall_time: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def build_model(config: TrainConfig, info: DataInfo) -> nn.Module:
+    """``timm.create_model`` with the config's masking and the data's classes/channels (never pretrained)."""
+    kwargs: dict[str, Any] = dict(num_classes=info.num_classes, in_chans=info.in_chans)
+    if info.img_size or config.img_size:
+        kwargs["img_size"] = info.img_size or config.img_size
+    if config.scheme is not None:
+        kwargs["scheme"] = config.scheme
+    if config.mask_size is not None:
+        kwargs["mask_size"] = config.mask_size
+    if config.drop_path:
+        kwargs["drop_path_rate"] = config.drop_path
+    kwargs.update(config.model_kwargs)
+    if not timm.is_model(config.model):
+        import difflib
+        close = difflib.get_close_matches(config.model, timm.list_models(), n=3)
+        raise UserError(f"unknown model {config.model!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+    try:
+        return timm.create_model(config.model, pretrained=False, **kwargs)
+    except TypeError as error:
+        raise UserError(f"model {config.model} rejects its arguments {kwargs}: {error}") from None
+
+
+class DistillationLoss(nn.Module):
+    """DeiT hard distillation: ``(1-λ)·base(cls head) + λ·CE(dist head, teacher argmax)``."""
+
+    def __init__(self, base: nn.Module, teacher: nn.Module, alpha: float) -> None:
+        super().__init__()
+        self.base, self.teacher, self.alpha = base, teacher, alpha
+
+    def forward(self, images: torch.Tensor, outputs: Any, targets: torch.Tensor) -> torch.Tensor:
+        cls_out, dist_out = outputs
+        with torch.no_grad():
+            teacher_labels = self.teacher(images).argmax(dim=1)
+        return (1 - self.alpha) * self.base(cls_out, targets) + self.alpha * F.cross_entropy(dist_out, teacher_labels)
+
+
+def build_criterion(config: TrainConfig, mixup_on: bool) -> nn.Module:
+    if mixup_on:
+        return SoftTargetCrossEntropy()          # mixup already smooths the targets
+    if config.smoothing > 0:
+        return LabelSmoothingCrossEntropy(config.smoothing)
+    return nn.CrossEntropyLoss()
+
+
+def build_teacher(config: TrainConfig, info: DataInfo, model: nn.Module) -> Optional[nn.Module]:
+    if config.teacher is None:
+        return None
+    if not hasattr(model, "set_distilled_training"):
+        raise UserError(f"--teacher needs a model with a distillation token; {config.model} has none "
+                        f"(e.g. mait_xt24_distilled_224)")
+    if not config.teacher_checkpoint:
+        raise UserError("--teacher needs --teacher-checkpoint (a .safetensors of the trained teacher)")
+    teacher_config = TrainConfig.from_dict({"model": config.teacher, "scheme": None, "mask_size": None,
+                                            "model_kwargs": {}, "drop_path": 0.0}, base=config)
+    teacher = build_model(teacher_config, info)
+    ckpt.load_weights(teacher, Path(config.teacher_checkpoint))
+    return teacher.eval().requires_grad_(False)
+
+
+def _amp_dtype(config: TrainConfig, device: torch.device) -> Optional[torch.dtype]:
+    if not config.amp or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, env: Optional[Dist] = None,
+             amp_dtype: Optional[torch.dtype] = None, progress: bool = False) -> dict[str, float]:
+    """Top-1/top-5 accuracy (%), mean cross-entropy and images/s over ``loader``, summed over all processes."""
+    env = env or Dist(0, 1, next(model.parameters()).device)
+    model.eval()
+    loss_sum = correct1 = correct5 = count = 0.0
+    start = time.perf_counter()
+    for images, targets in tqdm(loader, desc="eval", leave=False, disable=not (progress and env.is_main)):
+        images, targets = images.to(env.device, non_blocking=True), targets.to(env.device, non_blocking=True)
+        with torch.autocast(env.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(images)
+        logits = logits.float()
+        loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = top == targets[:, None]
+        correct1 += hits[:, 0].sum().item()
+        correct5 += hits.any(dim=1).sum().item()
+        count += len(targets)
+    elapsed = time.perf_counter() - start
+    loss_sum, correct1, correct5, count = all_sum([loss_sum, correct1, correct5, count], env)
+    if count == 0:
+        raise UserError("the validation set is empty")
+    return {"loss": loss_sum / count, "acc1": 100 * correct1 / count, "acc5": 100 * correct5 / count,
+            "images": int(count), "images_per_s": count / max(elapsed, 1e-9)}
+
+
+def _seed_all(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    random.seed(seed)
+
+
+def _default_output(config: TrainConfig, env: Dist) -> Path:
+    name = "digits" if config.data == "digits" else Path(config.data).name.split(".")[0]
+    stamp = [datetime.now().strftime("%Y%m%d-%H%M%S")]
+    if env.enabled:                      # every rank must agree on the folder
+        dist.broadcast_object_list(stamp, src=0)
+    return Path("runs") / f"{config.model}-{name}-{stamp[0]}"
+
+
+def _gather(obj: Any, env: Dist) -> list[Any]:
+    if not env.enabled:
+        return [obj]
+    out: list[Any] = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+class _Run:
+    """The mutable parts of one run that a checkpoint must capture."""
+
+    def __init__(self, config: TrainConfig, env: Dist, output: Path, loaders: Loaders, model: nn.Module) -> None:
+        self.config, self.env, self.output, self.loaders, self.model = config, env, output, loaders, model
+        self.steps = loaders.steps_per_epoch
+        self.optimizer = create_optimizer_v2(model, opt=config.opt, lr=config.lr, weight_decay=config.weight_decay,
+                                             momentum=config.momentum)
+        self.scheduler, _ = create_scheduler_v2(self.optimizer, sched=config.sched, num_epochs=config.epochs,
+                                                warmup_epochs=config.warmup_epochs, warmup_lr=config.warmup_lr,
+                                                min_lr=config.min_lr, step_on_epochs=False,
+                                                updates_per_epoch=self.steps)
+        self.ema = ModelEmaV3(model, decay=config.ema_decay) if config.ema else None
+        self.amp_dtype = _amp_dtype(config, env.device)
+        self.scaler = torch.amp.GradScaler(env.device.type, enabled=self.amp_dtype == torch.float16)
+        self.epoch, self.step, self.history = 0, 0, []
+        self.loss_sum, self.loss_count = 0.0, 0
+        self.best_acc1, self.best_epoch = -1.0, 0
+
+    def save(self) -> None:
+        """Write weights + training state (all ranks take part in gathering; rank 0 writes)."""
+        per_rank = _gather({"rng": ckpt.rng_states(), "loss": (self.loss_sum, self.loss_count)}, self.env)
+        if not self.env.is_main:
+            return
+        ckpt.save_weights(self.model, self.output / ckpt.LAST, {"model": self.config.model, "epoch": str(self.epoch)})
+        ckpt.save_state({
+            "epoch": self.epoch, "step": self.step, "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
+            "scaler": self.scaler.state_dict(), "ranks": per_rank, "history": self.history,
+            "best": (self.best_acc1, self.best_epoch), "world_size": self.env.world_size,
+        }, self.output / ckpt.STATE)
+
+    def restore(self, state: dict[str, Any]) -> None:
+        if state["world_size"] != self.env.world_size:
+            raise UserError(f"the run was saved with {state['world_size']} processes; resume it with as many "
+                            f"(got {self.env.world_size})")
+        ckpt.load_weights(self.model, self.output / ckpt.LAST)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.scaler.load_state_dict(state["scaler"])
+        mine = state["ranks"][self.env.rank]
+        ckpt.set_rng_states(mine["rng"])
+        self.loss_sum, self.loss_count = mine["loss"]
+        self.epoch, self.step, self.history = state["epoch"], state["step"], state["history"]
+        self.best_acc1, self.best_epoch = state["best"]
+
+
+def train(config: TrainConfig, resume: bool = False) -> TrainResult:
+    """Train ``config.model`` as ``config`` says; with ``resume`` continue the run saved in ``config.output``."""
+    start = time.perf_counter()
+    env = setup(config.device)
+    try:
+        return _train(config, resume, env, start)
+    finally:
+        cleanup()
+
+
+def _train(config: TrainConfig, resume: bool, env: Dist, start: float) -> TrainResult:
+    if config.epochs < 1:
+        raise UserError(f"epochs must be at least 1, got {config.epochs}")
+    if config.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    if resume and not config.output:
+        raise UserError("resume needs the run's output folder")
+    output = Path(config.output) if config.output else _default_output(config, env)
+    state = ckpt.load_state(output) if resume else None
+    if not resume and (output / ckpt.STATE).exists():
+        raise UserError(f"{output} already holds a run; continue it with --resume {output} or choose another --output")
+    _seed_all(config.seed)
+    loaders = build_loaders(config, env)
+    model = build_model(config, loaders.info)
+    say = print if env.is_main else (lambda *a, **k: None)
+    if config.init_from and state is None:
+        reset = ckpt.load_weights(model, Path(config.init_from), allow_head_reset=True, strict=False)
+        say(f"initialised from {config.init_from}" + (f"; its classifier has another class count, so "
+                                                      f"{', '.join(reset)} start fresh" if reset else ""))
+    teacher = build_teacher(config, loaders.info, model)
+    model.to(env.device)
+    run = _Run(config, env, output, loaders, model)
+    if state is not None:
+        run.restore(state)
+        say(f"resuming {output} at epoch {run.epoch + 1}, step {run.step}/{run.steps}")
+    else:
+        _seed_all(config.seed + env.rank)
+    if env.is_main:
+        config.save(output / "config.yaml")
+    if teacher is not None:
+        teacher.to(env.device)
+        model.set_distilled_training(True)
+    net = DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None) \
+        if env.enabled else model
+    criterion = build_criterion(config, loaders.mixup is not None)
+    loss_fn = DistillationLoss(criterion, teacher, config.distillation_alpha) if teacher is not None else None
+    log = RunLog(output, env.is_main, run.epoch)
+    batch = per_rank_batch(config, env)
+    try:
+        while run.epoch < config.epochs:
+            _train_epoch(run, net, criterion, loss_fn, batch)
+            _end_epoch(run, log)
+    finally:
+        log.close()
+    plot = plot_curves(run.history, output / PLOT_NAME, f"{config.model} on {loaders.info.name}") \
+        if env.is_main else None
+    last = run.history[-1]
+    return TrainResult(best_acc1=run.best_acc1, best_epoch=run.best_epoch, final_acc1=last["val_acc1"],
+                       final_acc5=last["val_acc5"], final_loss=last["val_loss"], output=output,
+                       last_checkpoint=output / ckpt.LAST, best_checkpoint=output / ckpt.BEST, plot=plot,
+                       wall_time=time.perf_counter() - start, history=run.history)
+
+
+def _train_epoch(run: _Run, net: nn.Module, criterion: nn.Module, loss_fn: Optional[DistillationLoss],
+                 batch: int) -> None:
+    config, env, loaders = run.config, run.env, run.loaders
+    if run.step == 0:
+        run.loss_sum, run.loss_count = 0.0, 0
+    loaders.sampler.start_at(run.epoch, run.step * batch)
+    loaders.train_set.epoch = run.epoch
+    net.train()
+    run.epoch_start = time.perf_counter()
+    bar = tqdm(total=run.steps, initial=run.step, desc=f"epoch {run.epoch + 1}/{config.epochs}", leave=False,
+               unit="step", disable=not (config.progress and env.is_main), dynamic_ncols=True)
+    tick, done = time.perf_counter(), 0
+    for images, targets in loaders.train:
+        images, targets = images.to(env.device, non_blocking=True), targets.to(env.device, non_blocking=True)
+        if loaders.mixup is not None:
+            images, targets = loaders.mixup(images, targets)
+        with torch.autocast(env.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
+            outputs = net(images)
+            loss = loss_fn(images, outputs, targets) if loss_fn is not None else criterion(outputs, targets)
+        if not math.isfinite(loss.item()):
+            raise RuntimeError(f"loss is {loss.item()} at epoch {run.epoch + 1}, step {run.step}; "
+                               f"lower the learning rate or enable clip_grad")
+        run.optimizer.zero_grad(set_to_none=True)
+        run.scaler.scale(loss).backward()
+        if config.clip_grad:
+            run.scaler.unscale_(run.optimizer)
+            torch.nn.utils.clip_grad_norm_(net.parameters(), config.clip_grad)
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        if run.ema is not None:
+            run.ema.update(run.model)
+        run.step += 1
+        run.scheduler.step_update(num_updates=run.epoch * run.steps + run.step)
+        run.loss_sum += loss.item()
+        run.loss_count += 1
+        done += 1
+        lr = run.optimizer.param_groups[0]["lr"]
+        bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}",
+                        img_s=f"{done * batch * env.world_size / (time.perf_counter() - tick):.0f}", refresh=False)
+        bar.update()
+        global_step = run.epoch * run.steps + run.step
+        if config.checkpoint_every and global_step % config.checkpoint_every == 0 and run.step < run.steps:
+            run.save()
+    bar.close()
+
+
+def _end_epoch(run: _Run, log: RunLog) -> None:
+    config, env = run.config, run.env
+    loss_sum, loss_count = all_sum([run.loss_sum, run.loss_count], env)
+    metrics = evaluate(run.model, run.loaders.val, env, run.amp_dtype)
+    row = {"epoch": run.epoch + 1, "train_loss": loss_sum / max(loss_count, 1), "val_loss": metrics["loss"],
+           "val_acc1": metrics["acc1"], "val_acc5": metrics["acc5"], "lr": run.optimizer.param_groups[0]["lr"],
+           "epoch_time": time.perf_counter() - run.epoch_start}
+    if run.ema is not None:
+        row["ema_acc1"] = evaluate(run.ema.module, run.loaders.val, env, run.amp_dtype)["acc1"]
+    run.history.append(row)
+    run.epoch, run.step = run.epoch + 1, 0
+    if row["val_acc1"] > run.best_acc1:
+        run.best_acc1, run.best_epoch = row["val_acc1"], row["epoch"]
+        if env.is_main:
+            ckpt.save_weights(run.model, run.output / ckpt.BEST,
+                              {"model": config.model, "epoch": str(row["epoch"]), "acc1": f"{row['val_acc1']:.4f}"})
+    run.save()
+    log.write(run.history)
+    if env.is_main:
+        tqdm.write(epoch_line(row, config.epochs))
+
+
+def summary(result: TrainResult) -> str:
+    """The closing lines of ``mait train``: accuracy, time and where the files are."""
+    return (f"finished in {result.wall_time:.1f} s: validation top-1 {result.final_acc1:.2f} % "
+            f"(best {result.best_acc1:.2f} % at epoch {result.best_epoch}), top-5 {result.final_acc5:.2f} %\n"
+            f"checkpoints: {result.best_checkpoint} (best), {result.last_checkpoint} (last)\n"
+            f"curves: {result.plot}; log: {result.output / 'metrics.csv'}; "
+            f"tensorboard: {result.output / 'tensorboard'}")
