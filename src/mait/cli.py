@@ -17,6 +17,9 @@ from typing import Optional, Sequence
 # name -> one-line help; the module mait.commands.<name with - replaced by _> implements it.
 COMMANDS: dict[str, str] = {
     "demo": "build a MaiT model, run a sample batch and print its per-layer masking",
+    "als": "Attention Locality Score per layer and head of a model on held-out images (table + heatmap)",
+    "similarity": "cross-layer similarity of attention maps, one L x L heatmap per head (paper Fig. 4-6)",
+    "alphas": "learned soft-mask α per layer and head, heatmap, and the hardened scheme",
     "show-mask": "draw which patches one patch token attends to at full strength (paper Fig. 1)",
 }
 

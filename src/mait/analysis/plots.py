@@ -26,24 +26,29 @@ def layer_head_matrix(values: Sequence[torch.Tensor]) -> torch.Tensor:
 def plot_layer_head(values: Sequence[torch.Tensor], path: PathLike, *, title: str, colorbar_label: str,
                     vmin: float = 0.0, vmax: float = 1.0, cmap: str = "viridis") -> Path:
     """Heatmap of one value per (layer, head), e.g. ALS or α, annotated with the numbers."""
-    table = layer_head_matrix(values).numpy()
+    table = layer_head_matrix(values)
     layers, heads = table.shape
-    fig = Figure(figsize=(1.6 + 0.9 * heads, 1.4 + 0.32 * layers), layout="constrained")
+    fig = Figure(figsize=(max(5.0, 2.6 + 0.9 * heads), max(3.6, 1.6 + 0.32 * layers)), layout="constrained")
     ax = fig.add_subplot()
-    image = ax.imshow(table, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
-    ax.set_title(title)
+    image = ax.imshow(table.numpy(), cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
+    ax.set_title(title, fontsize=10)
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
     ax.set_xticks(range(heads))
     ax.set_yticks(range(layers))
-    for i in range(layers):
-        for j in range(heads):
-            if table[i, j] == table[i, j]:  # not NaN
-                shade = (table[i, j] - vmin) / ((vmax - vmin) or 1.0)
-                ax.text(j, i, f"{table[i, j]:.2f}", ha="center", va="center", fontsize=8,
-                        color="black" if shade > 0.6 else "white")
+    _annotate(ax, image, table)
     fig.colorbar(image, ax=ax, label=colorbar_label)
     return _save(fig, path)
+
+
+def _annotate(ax, image, table: torch.Tensor) -> None:
+    """Write each finite cell's value, dark on light colours and light on dark ones."""
+    for i, j in zip(*torch.nonzero(table.isfinite(), as_tuple=True)):
+        value = float(table[i, j])
+        red, green, blue, _ = image.cmap(image.norm(value))
+        dark = 0.299 * red + 0.587 * green + 0.114 * blue < 0.5
+        ax.text(int(j), int(i), f"{value:.2f}", ha="center", va="center", fontsize=7 if table.shape[1] > 12 else 8,
+                color="white" if dark else "black")
 
 
 def plot_similarity(similarity: torch.Tensor, directory: PathLike, *, title: str,
@@ -58,12 +63,14 @@ def plot_similarity(similarity: torch.Tensor, directory: PathLike, *, title: str
         fig = Figure(figsize=(6.0, 5.0), layout="constrained")
         ax = fig.add_subplot()
         image = ax.imshow(similarity[head].numpy(), cmap="magma", vmin=0.0, vmax=1.0)
-        ax.set_title(f"{title}, head {head}")
+        if depth <= 12:
+            _annotate(ax, image, similarity[head])
+        ax.set_title(f"{title}, head {head}", fontsize=10)
         ax.set_xlabel("layer j")
         ax.set_ylabel("layer i")
         ax.set_xticks(range(0, depth, step), [str(t) for t in ticks[::step]])
         ax.set_yticks(range(0, depth, step), [str(t) for t in ticks[::step]])
-        fig.colorbar(image, ax=ax, label="mean cosine similarity of attention rows")
+        fig.colorbar(image, ax=ax, label="cosine similarity of attention rows (mean)")
         paths.append(_save(fig, directory / f"{stem}_head{head}.png"))
     return paths
 
