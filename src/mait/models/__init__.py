@@ -1,7 +1,8 @@
 """The MaiT model family, registered in timm on import (``timm.create_model("mait_t24_224")``)."""
 
 from .cait import MaskedCait, MaskedTalkingHeadAttn
+from .hmait import HMaiT
 from .mait import MaiT, MaiTDistilled
 from . import small  # noqa: F401  (registers the small models)
 
-__all__ = ["MaiT", "MaiTDistilled", "MaskedCait", "MaskedTalkingHeadAttn"]
+__all__ = ["HMaiT", "MaiT", "MaiTDistilled", "MaskedCait", "MaskedTalkingHeadAttn"]

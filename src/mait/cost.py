@@ -1,0 +1,214 @@
+"""Cost accounting in the paper's convention: multiply-accumulates (MACs, the paper's "FLOPs").
+
+Dense layers cost their matrix products (``nn.Linear``: tokens x in x out, ``nn.Conv2d``:
+outputs x in/groups x kernel area).  Attention maps follow paper Table 1: ``q kᵀ`` and
+``A v`` cost ``2·N²·D`` for full attention, ``2·M²·N·D`` for Swin windows of ``M x M`` and
+``2·R²·N·D`` for a masked head (a row attends to ``R²`` neighbours plus the prefix tokens;
+prefix rows are dense).  Soft-masked heads need every logit, so they count as full heads;
+so do masked talking-heads layers (CaiT mixes heads before the softmax).  Norms,
+activations and softmax are not counted, as in the paper and fvcore.
+
+:func:`count_macs` runs one forward pass with hooks and reports MACs per layer and per
+stage; :func:`block_macs` is the closed form for one transformer block.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn as nn
+from timm.models.cait import ClassAttn, TalkingHeadAttn
+from timm.models.swin_transformer import WindowAttention
+from timm.models.vision_transformer import Attention
+
+from .attention import MaskedAttention
+from .models.cait import MaskedTalkingHeadAttn
+from .schemes import HeadKind
+
+
+def attention_map_macs(tokens: int, dim: int, *, num_heads: int = 1, masked_heads: int = 0, mask_size: int = 3,
+                       num_prefix_tokens: int = 0) -> int:
+    """MACs of ``q kᵀ`` and ``A v`` for one image (paper Table 1), ``masked_heads`` of ``num_heads`` masked."""
+    head_dim = dim // num_heads
+    patches = tokens - num_prefix_tokens
+    full = 2 * tokens * tokens * head_dim
+    masked = 2 * head_dim * (patches * (mask_size * mask_size + num_prefix_tokens) + num_prefix_tokens * tokens)
+    return (num_heads - masked_heads) * full + masked_heads * masked
+
+
+def block_macs(tokens: int, dim: int, *, mlp_ratio: float = 4.0, **attention: int) -> tuple[int, int]:
+    """``(total, attention map)`` MACs of one pre-norm transformer block for one image.
+
+    ``attention`` is passed to :func:`attention_map_macs` (``num_heads``, ``masked_heads``, ...).
+    """
+    linear = tokens * dim * dim * (4 + 2 * mlp_ratio)     # qkv (3), proj (1), MLP (2 x ratio)
+    attn_map = attention_map_macs(tokens, dim, **attention)
+    return int(linear + attn_map), attn_map
+
+
+# ---------------------------------------------------------------------- hooks per module type
+def _masked(module: MaskedAttention, x: torch.Tensor) -> int:
+    if isinstance(module, MaskedTalkingHeadAttn):
+        return attention_map_macs(x.shape[1], x.shape[2])
+    masked = sum(kind in (HeadKind.HARD, HeadKind.RANDOM) for kind in module.head_kinds)
+    return attention_map_macs(x.shape[1], x.shape[2], num_heads=module.num_heads, masked_heads=masked,
+                              mask_size=module.mask_size, num_prefix_tokens=module.num_prefix_tokens)
+
+
+def _full(module: nn.Module, x: torch.Tensor) -> int:
+    return attention_map_macs(x.shape[1], x.shape[2])
+
+
+def _windows(module: nn.Module, x: torch.Tensor) -> int:
+    # x is (windows, M², C) for the one image count_macs feeds.
+    return x.shape[0] * attention_map_macs(x.shape[1], x.shape[2])
+
+
+def _class_attention(module: nn.Module, x: torch.Tensor) -> int:
+    return 2 * x.shape[1] * x.shape[2]       # one query row (the class token) against every token
+
+
+# Order matters: subclasses first.
+ATTENTION_COUNTERS: list[tuple[type, Callable[[nn.Module, torch.Tensor], int]]] = [
+    (MaskedAttention, _masked), (TalkingHeadAttn, _full), (Attention, _full), (WindowAttention, _windows),
+    (ClassAttn, _class_attention),
+]
+
+
+@dataclass
+class LayerCost:
+    """MACs of one layer (a block, the patch embedding, a downsampling layer or the head), per image."""
+
+    name: str
+    stage: str
+    params: int = 0
+    dense: int = 0            # linear and convolution MACs
+    attention_map: int = 0    # q kᵀ and A v MACs
+
+    @property
+    def macs(self) -> int:
+        return self.dense + self.attention_map
+
+
+@dataclass
+class CostReport:
+    """Per-layer MACs of a model for one image; ``stages()`` sums them per stage."""
+
+    model: str
+    input_size: tuple[int, ...]
+    layers: list[LayerCost] = field(default_factory=list)
+
+    @property
+    def macs(self) -> int:
+        return sum(layer.macs for layer in self.layers)
+
+    @property
+    def attention_map(self) -> int:
+        return sum(layer.attention_map for layer in self.layers)
+
+    @property
+    def params(self) -> int:
+        return sum(layer.params for layer in self.layers)
+
+    def stages(self) -> list[LayerCost]:
+        totals: dict[str, LayerCost] = {}
+        for layer in self.layers:
+            total = totals.setdefault(layer.stage, LayerCost(layer.stage, layer.stage))
+            total.params += layer.params
+            total.dense += layer.dense
+            total.attention_map += layer.attention_map
+        return list(totals.values())
+
+    def table(self, per_layer: bool = True) -> str:
+        """A plain-text table: params (M), GMACs, attention-map GMACs and share, per stage (and layer)."""
+        lines = [f"{self.model} @ {'x'.join(map(str, self.input_size))}: {self.params / 1e6:.2f} M params, "
+                 f"{self.macs / 1e9:.3f} GMACs ({self.attention_map / 1e9:.3f} G in attention maps, "
+                 f"{100 * self.attention_map / max(self.macs, 1):.1f} %)",
+                 f"{'layer':<28}{'params (M)':>12}{'GMACs':>10}{'attn map G':>12}{'attn %':>8}"]
+
+        def row(item: LayerCost, indent: str) -> str:
+            share = 100 * item.attention_map / max(item.macs, 1)
+            return (f"{indent + item.name:<28}{item.params / 1e6:>12.3f}{item.macs / 1e9:>10.4f}"
+                    f"{item.attention_map / 1e9:>12.4f}{share:>8.1f}")
+
+        for stage in self.stages():
+            lines.append(row(stage, ""))
+            members = [layer for layer in self.layers if layer.stage == stage.name]
+            if per_layer and len(members) > 1:
+                lines.extend(row(layer, "  ") for layer in members)
+        return "\n".join(lines)
+
+
+_BLOCK = re.compile(r"^(?P<stage>(?:.*\.)?(?:blocks|blocks_token_only))\.(?P<index>\d+)(?:\.|$)")
+_STAGE = re.compile(r"^(?P<stage>(?:layers|stages)\.\d+)(?:\.|$)")
+
+
+def _layer_of(name: str) -> tuple[str, str]:
+    """``(layer, stage)`` names of a sub-module: the enclosing block, else its top-level module."""
+    block = _BLOCK.match(name)
+    stage = _STAGE.match(name)
+    if block:
+        stage_name = stage.group("stage") if stage else block.group("stage")
+        return f"{block.group('stage')}.{block.group('index')}", stage_name
+    if stage:
+        rest = name[len(stage.group("stage")):].lstrip(".").split(".")[0]
+        return f"{stage.group('stage')}.{rest}" if rest else stage.group("stage"), stage.group("stage")
+    top = name.split(".")[0] or "(root)"
+    return top, top
+
+
+def count_macs(model: nn.Module, input_size: Optional[Sequence[int]] = None, name: str = "") -> CostReport:
+    """Count MACs per layer for one image of ``input_size`` ``(C, H, W)`` (default: the model's config)."""
+    if input_size is None:
+        input_size = tuple(getattr(model, "pretrained_cfg", {}).get("input_size", (3, 224, 224)))
+        built_for = getattr(getattr(model, "patch_embed", None), "img_size", None)
+        if built_for is not None:
+            input_size = (input_size[0], *built_for)
+    report = CostReport(name or type(model).__name__, tuple(input_size))
+    layers: dict[str, LayerCost] = {}
+
+    def layer(module_name: str) -> LayerCost:
+        layer_name, stage = _layer_of(module_name)
+        if layer_name not in layers:
+            layers[layer_name] = LayerCost(layer_name, stage)
+        return layers[layer_name]
+
+    def hook_for(module_name: str, module: nn.Module) -> Optional[Callable]:
+        if isinstance(module, nn.Linear):
+            def linear(mod, inputs, output):
+                layer(module_name).dense += output.numel() // output.shape[-1] * mod.in_features * mod.out_features
+            return linear
+        if isinstance(module, nn.Conv2d):
+            def conv(mod, inputs, output):
+                kernel = mod.kernel_size[0] * mod.kernel_size[1]
+                layer(module_name).dense += output.numel() * mod.in_channels // mod.groups * kernel
+            return conv
+        for kind, counter in ATTENTION_COUNTERS:
+            if isinstance(module, kind):
+                def attention(mod, inputs, output, counter=counter):
+                    layer(module_name).attention_map += counter(mod, inputs[0])
+                return attention
+        return None
+
+    handles = []
+    for module_name, module in model.named_modules():
+        hook = hook_for(module_name, module)
+        if hook is not None:
+            handles.append(module.register_forward_hook(hook))
+        for param_name, param in module.named_parameters(recurse=False):
+            layer(f"{module_name}.{param_name}" if module_name else param_name).params += param.numel()
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.inference_mode():
+            model(torch.zeros(1, *input_size))
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    order = {n: i for i, n in enumerate(layers)}
+    report.layers = sorted(layers.values(), key=lambda item: order[item.name])
+    return report

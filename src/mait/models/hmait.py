@@ -1,0 +1,164 @@
+""" H-MaiT: hierarchical MaiT (Swin's hierarchy with masked attention over the whole stage grid)
+
+From "MaiT: Leverage Attention Masks for More Efficient Image Transformers",
+Ling Li, Ali Shafiee Ardestani, Joseph Hassoun, arXiv 2207.03006 (§5.4, Tables 5 and 7).
+
+H-MaiT keeps Swin's layout (patch 4, embed 96, patch merging between stages, depths
+[2, 2, 6, 2] or [2, 2, 18, 2], heads [3, 6, 12, 24]) and replaces shifted-window attention
+by :class:`mait.MaskedAttention` over the whole stage grid (56², 28², 14², 7² tokens at
+224 px, no prefix token).  By default the first ``[3, 6, 4, 0]`` heads of every block of
+each stage are hard-masked (``R x R`` window, DESIGN §1), the rest attend globally.
+
+Positions: Swin's relative position bias is window-local and has no meaning once attention
+spans the stage grid, so it is dropped.  H-MaiT adds one learned absolute position
+embedding to the stage-1 tokens (``pos_embed``, ``(1, 56, 56, 96)``, truncated-normal
+init, no weight decay), as ViT/DeiT do; later stages inherit positions through patch
+merging, and masked heads are local by construction.
+
+Parameter names follow timm's Swin (``layers.i.blocks.j.attn.qkv`` ...); the attention
+layers carry no relative-position tables, so Swin checkpoints load with ``strict=False``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence, Set, Union
+
+import torch
+import torch.nn as nn
+from timm.layers import trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.swin_transformer import SwinTransformer
+
+from ..attention import MaskedAttention
+from ..masks import check_mask_size, max_useful_mask_size
+from ..schemes import MaskingScheme, resolve_scheme
+from ._masking import alpha_no_weight_decay, check_input_size
+from .mait import _cfg
+
+__all__ = ["HMaiT", "HMaiTBlock"]
+
+
+class HMaiTBlock(nn.Module):
+    """Pre-norm transformer block on a ``(B, H, W, C)`` stage grid with masked global attention.
+
+    Norms, MLP and drop-path are taken over from a Swin block (same names and init); the
+    window attention is replaced by ``attn``.
+    """
+
+    def __init__(self, swin_block: nn.Module, attn: MaskedAttention) -> None:
+        super().__init__()
+        self.norm1 = swin_block.norm1
+        self.attn = attn
+        self.drop_path1 = swin_block.drop_path1
+        self.norm2 = swin_block.norm2
+        self.mlp = swin_block.mlp
+        self.drop_path2 = swin_block.drop_path2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, height, width, channels = x.shape
+        x = x.reshape(batch, height * width, channels)
+        x = x + self.drop_path1(self.attn(self.norm1(x)))
+        x = x + self.drop_path2(self.mlp(self.norm2(x)))
+        return x.reshape(batch, height, width, channels)
+
+
+def _stage_scheme(masked_heads: Sequence[int], depths: Sequence[int]) -> str:
+    """Scheme text giving the first ``masked_heads[i]`` heads of every block of stage ``i`` a hard mask."""
+    groups, start = [], 0
+    for masked, depth in zip(masked_heads, depths):
+        if masked:
+            span = str(start) if depth == 1 else f"{start}-{start + depth - 1}"
+            groups.append(f"{span}:{masked}h")
+        start += depth
+    return ",".join(groups)
+
+
+class HMaiT(SwinTransformer):
+    """Hierarchical MaiT: timm's ``SwinTransformer`` with masked attention over each stage grid.
+
+    Args (beyond timm's ``SwinTransformer``; ``window_size`` is ignored):
+        masked_heads: hard-masked heads per stage (the paper's ``[3, 6, 4, 0]``).
+        scheme: a scheme over all blocks in order (name or text, see :mod:`mait.schemes`);
+            overrides ``masked_heads`` (e.g. ``"none"`` for global attention everywhere).
+        mask_size: odd window size R (3 in the paper).
+        soft_alpha_init, mask_seed, attention_mode, attention_backend: as in :class:`mait.MaiT`.
+    """
+
+    def __init__(self, *, masked_heads: Sequence[int] = (3, 6, 4, 0), scheme: Optional[Union[str, MaskingScheme]] = None,
+                 mask_size: int = 3, soft_alpha_init: float = 0.5, mask_seed: int = 0, attention_mode: str = "zero",
+                 attention_backend: str = "auto", **kwargs: Any) -> None:
+        if kwargs.get("dynamic_img_size"):
+            raise ValueError("H-MaiT masks are built for one patch grid per stage; dynamic_img_size is not supported")
+        kwargs.pop("window_size", None)
+        super().__init__(**kwargs)
+        depths = [len(stage.blocks) for stage in self.layers]
+        heads = [stage.blocks[0].attn.num_heads for stage in self.layers]
+        if len(masked_heads) != len(depths) or any(not 0 <= m <= h for m, h in zip(masked_heads, heads)):
+            raise ValueError(f"masked_heads must give 0..heads masked heads for each of the {len(depths)} stages "
+                             f"(heads {heads}), got {list(masked_heads)}")
+        self.mask_size = check_mask_size(mask_size)
+        per_layer_heads = [h for h, d in zip(heads, depths) for _ in range(d)]
+        self.scheme = resolve_scheme(_stage_scheme(masked_heads, depths) if scheme is None else scheme,
+                                     sum(depths), per_layer_heads)
+        index = 0
+        for stage in self.layers:
+            grid = tuple(stage.blocks[0].input_resolution)
+            blocks = []
+            for block in stage.blocks:
+                kinds = self.scheme.layer(index)
+                if self.scheme.num_masked(index) and mask_size > max_useful_mask_size(grid):
+                    raise ValueError(f"mask_size {mask_size} is larger than the {grid[0]}x{grid[1]} grid of layer "
+                                     f"{index} needs; use R <= {max_useful_mask_size(grid)}")
+                attn = MaskedAttention(block.attn.qkv.in_features, block.attn.num_heads, grid_size=grid,
+                                       mask_size=mask_size, num_prefix_tokens=0, head_kinds=kinds,
+                                       soft_alpha_init=soft_alpha_init, mask_seed=mask_seed + index,
+                                       mode=attention_mode, backend=attention_backend,
+                                       qkv_bias=block.attn.qkv.bias is not None)
+                attn.qkv, attn.proj = block.attn.qkv, block.attn.proj   # Swin-initialised, same names
+                blocks.append(HMaiTBlock(block, attn))
+                index += 1
+            stage.blocks = nn.Sequential(*blocks)
+        self.pos_embed = nn.Parameter(torch.zeros(1, *self.patch_embed.grid_size, self.embed_dim))
+        trunc_normal_(self.pos_embed, std=0.02)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> Set[str]:
+        return {"pos_embed"} | alpha_no_weight_decay(self)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        check_input_size(x, self.patch_embed.img_size)
+        x = self.patch_embed(x) + self.pos_embed
+        x = self.layers(x)
+        return self.norm(x)
+
+    def forward_intermediates(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError("H-MaiT does not implement forward_intermediates; use forward_features")
+
+
+def _create_hmait(variant: str, pretrained: bool = False, **kwargs: Any) -> HMaiT:
+    return build_model_with_cfg(
+        HMaiT, variant, pretrained,
+        pretrained_strict=False,
+        feature_cfg=dict(flatten_sequential=True, out_indices=(0, 1, 2, 3)),
+        **kwargs,
+    )
+
+
+default_cfgs = generate_default_cfgs({
+    "hmait_tiny_224": _cfg(classifier="head.fc"),
+    "hmait_small_224": _cfg(classifier="head.fc"),
+})
+
+
+@register_model
+def hmait_tiny_224(pretrained: bool = False, **kwargs: Any) -> HMaiT:
+    """H-MaiT-T (Tables 5, 7): Swin-T layout, hard-masked heads per stage [3, 6, 4, 0]."""
+    args = dict(patch_size=4, embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.2)
+    return _create_hmait("hmait_tiny_224", pretrained=pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def hmait_small_224(pretrained: bool = False, **kwargs: Any) -> HMaiT:
+    """H-MaiT-S (Tables 5, 7): Swin-S layout, hard-masked heads per stage [3, 6, 4, 0]."""
+    args = dict(patch_size=4, embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.3)
+    return _create_hmait("hmait_small_224", pretrained=pretrained, **dict(args, **kwargs))
