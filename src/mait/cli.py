@@ -20,6 +20,7 @@ COMMANDS: dict[str, str] = {
     "als": "Attention Locality Score per layer and head of a model on held-out images (table + heatmap)",
     "similarity": "cross-layer similarity of attention maps, one L x L heatmap per head (paper Fig. 4-6)",
     "alphas": "learned soft-mask α per layer and head, heatmap, and the hardened scheme",
+    "search": "quick empirical mask search (paper §4.3): Sch.1, ALS, assign, calibrate, optionally retrain",
     "show-mask": "draw which patches one patch token attends to at full strength (paper Fig. 1)",
 }
 

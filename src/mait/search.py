@@ -16,10 +16,19 @@ from the training (:func:`run_search`), so they can be checked on hand-made tabl
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
 
+import torch
+
+from .analysis import measure_als, model_scheme, save_report
+from .analysis.runs import held_out_images, load_model
+from .cli import UserError
 from .schemes import HeadKind, MaskingScheme
+from .train import TrainConfig, build_model, open_data, train
 
 ALL, KEEP, REMOVE = "all", "keep", "remove"
 AlsTable = Sequence[Sequence[float]]
@@ -85,3 +94,109 @@ def calibrate(assignment: Assignment, als: AlsTable, thresholds: Thresholds = Th
             kinds = tuple(HeadKind.HARD if value >= thresholds.low else HeadKind.NONE for value in layer)
         layers.append(kinds)
     return MaskingScheme(tuple(layers))
+
+
+# ---------------------------------------------------------------------------- the search, with training
+
+CALIBRATION = ("retrain", "initial")
+
+
+@dataclass
+class SearchResult:
+    """What :func:`run_search` found; accuracies in %, per step name (``sch1``, ``assigned``, ``final``)."""
+
+    scheme: MaskingScheme
+    assignment: Assignment
+    als: dict[str, list[list[float]]]
+    accuracy: dict[str, float]
+    output: Path
+    wall_time: float
+    steps: list[str] = field(default_factory=list)
+
+
+def _train_and_measure(config: TrainConfig, scheme: MaskingScheme | str, epochs: int, folder: Path,
+                       als_images: int) -> tuple[list[torch.Tensor], float]:
+    """Train ``scheme`` for ``epochs``; return the final model's ALS per layer/head on held-out images, and its accuracy."""
+    step = TrainConfig.from_dict({"scheme": str(scheme), "epochs": epochs, "output": str(folder)}, base=config)
+    result = train(step)
+    loader, info = held_out_images(step, als_images, batch_size=max(step.batch_size, 64))
+    model = load_model(step, info, result.last_checkpoint)
+    return measure_als(model, loader), result.final_acc1
+
+
+def _report(name: str, als: list[torch.Tensor], scheme: MaskingScheme, output: Path, title: str) -> None:
+    print(save_report(als, output, f"als_{name}", title=title, scheme=scheme,
+                      colorbar_label="ALS (attention on the neighbourhood)"))
+
+
+def run_search(config: TrainConfig, *, epochs: Optional[int] = None, thresholds: Thresholds = Thresholds(),
+               calibration: str = "retrain", retrain_epochs: int = 0, als_images: int = 512,
+               output: Optional[Path] = None) -> SearchResult:
+    """The quick empirical search, end to end, on ``config``'s model and data (its scheme is replaced).
+
+    Every training step runs for ``epochs`` (default: ``config.epochs``); ``retrain_epochs > 0``
+    trains the final scheme once more and reports its accuracy.  Writes, in ``output``: one
+    training run folder per step, ``als_<step>.{txt,csv,png}``, ``scheme.txt`` and ``search.json``.
+    """
+    if calibration not in CALIBRATION:
+        raise UserError(f"calibration must be one of {CALIBRATION}, got {calibration!r}")
+    epochs = config.epochs if epochs is None else epochs
+    if epochs < 1 or retrain_epochs < 0:
+        raise UserError(f"search epochs must be >= 1 and retrain epochs >= 0, got {epochs} and {retrain_epochs}")
+    output = Path(output or config.output or f"runs/search-{config.model}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if (output / "search.json").exists() or (output / "step1-sch1").exists():
+        raise UserError(f"{output} already holds a search; choose another --output")
+    start = time.perf_counter()
+    accuracy: dict[str, float] = {}
+    tables: dict[str, list[list[float]]] = {}
+
+    # 1. initialisation: head 0 hard-masked in every layer, trained for the budget
+    heads = model_scheme(build_model(config, open_data(config.data, config.holdout_per_class, need_train=False)[2]))
+    initial = MaskingScheme.parse("sch1", heads.depth, heads.num_heads)
+    print(f"[search] step 1: train {config.model} with Sch.1 ({initial}) for {epochs} epochs")
+    als, accuracy["sch1"] = _train_and_measure(config, initial, epochs, output / "step1-sch1", als_images)
+    tables["sch1"] = [a.tolist() for a in als]
+    _report("sch1", als, initial, output, f"Step 1: ALS of {config.model} trained with Sch.1\n"
+            f"(top-1 {accuracy['sch1']:.2f} %; head 0 decides each layer)")
+
+    # 2. assignment from head 0
+    assignment = assign(tables["sch1"], thresholds)
+    print(f"[search] step 2: assignment (> {thresholds.high} all heads, {thresholds.low}-{thresholds.high} keep, "
+          f"< {thresholds.low} remove): {', '.join(f'{i}:{d}' for i, d in enumerate(assignment.decisions))}")
+    print(f"[search] assigned scheme: {assignment.scheme}")
+    scheme, steps = assignment.scheme, ["sch1"]
+
+    # 3. calibration of the all-heads layers
+    if ALL in assignment.decisions:
+        if calibration == "retrain":
+            print(f"[search] step 3: train the assigned scheme for {epochs} epochs to calibrate its all-heads layers")
+            als, accuracy["assigned"] = _train_and_measure(config, assignment.scheme, epochs,
+                                                           output / "step2-assigned", als_images)
+            tables["assigned"] = [a.tolist() for a in als]
+            steps.append("assigned")
+            _report("assigned", als, assignment.scheme, output,
+                    f"Step 3: ALS of {config.model} trained with the assigned scheme\n"
+                    f"(top-1 {accuracy['assigned']:.2f} %; calibrates the all-heads layers)")
+        scheme = calibrate(assignment, tables[steps[-1]], thresholds)
+        print(f"[search] calibrated scheme (heads with ALS < {thresholds.low} unmasked): {scheme}")
+    (output / "scheme.txt").write_text(f"{scheme}\n")
+
+    # 4. optional retraining of the result
+    if retrain_epochs:
+        print(f"[search] step 4: retrain the searched scheme for {retrain_epochs} epochs")
+        als, accuracy["final"] = _train_and_measure(config, scheme, retrain_epochs, output / "step3-final",
+                                                    als_images)
+        tables["final"] = [a.tolist() for a in als]
+        steps.append("final")
+        _report("final", als, scheme, output, f"ALS of {config.model} retrained with the searched scheme\n"
+                f"(top-1 {accuracy['final']:.2f} %)")
+    result = SearchResult(scheme, assignment, tables, accuracy, output, time.perf_counter() - start, steps)
+    summary = {"model": config.model, "data": config.data, "epochs": epochs, "retrain_epochs": retrain_epochs,
+               "thresholds": asdict(thresholds), "calibration": calibration, "initial_scheme": str(initial),
+               "decisions": list(assignment.decisions), "assigned_scheme": str(assignment.scheme),
+               "scheme": str(scheme), "accuracy": accuracy, "als": tables, "wall_time_s": round(result.wall_time, 1)}
+    (output / "search.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"[search] searched scheme: {scheme}\n{scheme.describe()}")
+    print(f"[search] wrote scheme.txt, search.json and the ALS tables in {output} ({result.wall_time:.0f} s)")
+    return result
+

@@ -40,3 +40,17 @@ def write_csv(values: Sequence[torch.Tensor], path: Union[str, Path], scheme: Op
             rows.append(f"{i},{h},{value:.6f}{kind}")
     path.write_text("\n".join(rows) + "\n")
     return path
+
+
+def save_report(values: Sequence[torch.Tensor], folder: Union[str, Path], stem: str, *, title: str,
+                colorbar_label: str, scheme: Optional[MaskingScheme] = None, cmap: str = "viridis") -> str:
+    """Write ``<stem>.txt`` (title + table), ``<stem>.csv`` and the heatmap ``<stem>.png``; return the text."""
+    from .plots import plot_layer_head  # matplotlib only when a figure is written
+
+    folder = Path(folder)
+    text = f"{title}\n{format_table(values, scheme)}"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{stem}.txt").write_text(text + "\n")
+    write_csv(values, folder / f"{stem}.csv", scheme)
+    plot_layer_head(values, folder / f"{stem}.png", title=title, colorbar_label=colorbar_label, cmap=cmap)
+    return text

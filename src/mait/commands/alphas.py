@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..analysis import format_table, harden, model_scheme, read_alphas, write_csv
-from ..analysis.plots import plot_layer_head
+from ..analysis import harden, model_scheme, read_alphas, save_report
 from ..analysis.runs import add_model_arguments, prepare
 
 
@@ -17,18 +16,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     model, config, _, output = prepare(args, data=False)
-    alphas, scheme = read_alphas(model), model_scheme(model)
-    hardened = harden(model, args.threshold)
+    scheme, hardened = model_scheme(model), harden(model, args.threshold)
     source = args.checkpoint or "fresh weights (no --checkpoint)"
-    print(f"α of {config.model} from {source} (0 hard, 1 unmasked, between: learned soft mask)")
-    print(format_table(alphas, scheme))
+    title = f"Soft-mask α per head of {config.model}\nhardened at α < {args.threshold:g}: {hardened}"
+    print(f"α from {source} (0 hard, 1 unmasked, between: learned soft mask)")
+    print(save_report(read_alphas(model), output, "alphas", title=title, scheme=scheme, cmap="coolwarm",
+                      colorbar_label="α (0 = hard mask, 1 = unmasked)"))
     if not scheme.has_soft:
         print("the model has no soft-masked head: nothing was learned, the hardened scheme is the model's own")
-    print(f"hardened at α < {args.threshold:g} -> hard mask: {hardened}")
+    print(f"hardened scheme (train it with --scheme '{hardened}'):")
     print(hardened.describe())
-    write_csv(alphas, output / "alphas.csv", scheme)
     (output / "hardened_scheme.txt").write_text(f"{hardened}\n")
-    plot = plot_layer_head(alphas, output / "alphas.png", title=f"Soft-mask α per head of {config.model}\n(hardened at {args.threshold:g}: {hardened})",
-                           colorbar_label="α (0 = hard mask, 1 = unmasked)", cmap="coolwarm")
-    print(f"wrote {output / 'alphas.csv'}, {output / 'hardened_scheme.txt'} (use with --scheme), {plot}")
+    print(f"wrote alphas.txt, alphas.csv, alphas.png and hardened_scheme.txt in {output}")
     return 0

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..analysis import format_table, measure_als, model_scheme, write_csv
-from ..analysis.plots import plot_layer_head
+from ..analysis import measure_als, model_scheme, save_report
 from ..analysis.runs import add_model_arguments, prepare
 from ..attention import MaskedAttention
 
@@ -20,16 +19,10 @@ def run(args: argparse.Namespace) -> int:
     model, config, loader, output = prepare(args)
     als = measure_als(model, loader, mask_size=args.window)
     masked = any(isinstance(m, MaskedAttention) for m in model.modules())
-    scheme = model_scheme(model) if masked else None
-    images = len(loader.dataset)
     window = args.window or getattr(model, "mask_size", 3)
-    title = f"ALS of {config.model} ({images} held-out images of {config.data}, R = {window})"
-    print(title)
-    print(format_table(als, scheme))
-    (output / "als.txt").write_text(title + "\n" + format_table(als, scheme) + "\n")
-    write_csv(als, output / "als.csv", scheme)
-    plot = plot_layer_head(als, output / "als.png", colorbar_label="ALS (attention on the neighbourhood)",
-                           title=f"Attention Locality Score (R = {window}) of {config.model}\n"
-                                 f"{images} held-out images of {config.data}")
-    print(f"wrote {output / 'als.txt'}, {output / 'als.csv'}, {plot}")
+    title = (f"Attention Locality Score (R = {window}) of {config.model}\n"
+             f"{len(loader.dataset)} held-out images of {config.data}")
+    print(save_report(als, output, "als", title=title, colorbar_label="ALS (attention on the neighbourhood)",
+                      scheme=model_scheme(model) if masked else None))
+    print(f"wrote als.txt, als.csv and als.png in {output}")
     return 0
