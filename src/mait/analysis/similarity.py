@@ -28,7 +28,8 @@ def _similarity_sum(attns: Sequence[torch.Tensor]) -> tuple[torch.Tensor, int]:
     total = torch.zeros(attns[0].shape[1], len(rows), len(rows), dtype=torch.float64, device=attns[0].device)
     for i in range(len(rows)):
         for j in range(i, len(rows)):
-            total[:, i, j] = total[:, j, i] = torch.einsum("bhtk,bhtk->h", rows[i], rows[j]).double()
+            cosines = (rows[i] * rows[j]).sum(-1)          # (B, heads, T), one cosine per row
+            total[:, i, j] = total[:, j, i] = cosines.double().sum(dim=(0, 2))
     return total, attns[0].shape[-2]
 
 
