@@ -43,7 +43,7 @@ def test_similarity_cli_writes_one_heatmap_per_head(soft_run, capsys, tmp_path):
     assert main(["similarity", "--checkpoint", str(soft_run), "--max-images", "8", "--last", "3",
                  "--output", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "mean similarity among the last 3 layers" in out
+    assert "layers 0-3: mean similarity among the last 3 layers" in out
     assert sorted(p.name for p in tmp_path.glob("*.png")) == [f"similarity_head{h}.png" for h in range(4)]
     rows = (tmp_path / "similarity.csv").read_text().splitlines()
     assert len(rows) == 1 + 4 * 4 * 4
@@ -69,12 +69,30 @@ def test_alphas_cli_reads_soft_alphas_and_hardens(soft_run, capsys, tmp_path):
     assert (tmp_path / "alphas.png").stat().st_size > 0
 
 
-def test_als_cli_on_plain_timm_model_without_checkpoint(tmp_path, capsys):
+def _image_folder(root):
     for label in ("a", "b"):
-        (tmp_path / "val" / label).mkdir(parents=True)
+        (root / "val" / label).mkdir(parents=True)
         for i in range(2):
             pixels = np.random.default_rng(i).integers(0, 255, (32, 32, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(tmp_path / "val" / label / f"{i}.png")
+            Image.fromarray(pixels).save(root / "val" / label / f"{i}.png")
+    return root
+
+
+def test_similarity_cli_on_hierarchical_model_goes_stage_by_stage(tmp_path, capsys):
+    kwargs = "{embed_dim: 24, depths: [2, 3, 1, 1], num_heads: [1, 2, 3, 3], masked_heads: [1, 1, 1, 0]}"
+    assert main(["similarity", "--model", "hmait_tiny_224", "--img-size", "64", "--model-kwargs", kwargs,
+                 "--data", str(_image_folder(tmp_path)), "--output", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    # stages 0 (layers 0-1) and 1 (2-4) are compared; stages 2 and 3 have one layer each and the same
+    # head count, but different grids, so they are not comparable
+    assert "layers 0-1: mean similarity among the last 2 layers" in out and "layers 2-4:" in out
+    assert "layers 5-6" not in out
+    names = sorted(p.name for p in (tmp_path / "out").glob("*.png"))
+    assert names == ["similarity_layers0-1_head0.png"] + [f"similarity_layers2-4_head{h}.png" for h in range(2)]
+
+
+def test_als_cli_on_plain_timm_model_without_checkpoint(tmp_path, capsys):
+    _image_folder(tmp_path)
     assert main(["als", "--model", "vit_tiny_patch16_224", "--data", str(tmp_path), "--max-images", "0",
                  "--output", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out

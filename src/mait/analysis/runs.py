@@ -63,6 +63,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, data: bool = True) -> N
     parser.add_argument("--model", default=None, help="timm model name (default: the run's; needed without config.yaml)")
     parser.add_argument("--scheme", default=None, help="masking scheme (default: the run's / the model's)")
     parser.add_argument("--mask-size", type=int, default=None, help="the model's mask size R (default: the run's)")
+    parser.add_argument("--img-size", type=int, default=None, help="image size the model is built for (default: the run's)")
+    parser.add_argument("--model-kwargs", default=None, metavar="YAML",
+                        help="extra timm.create_model kwargs as a YAML mapping, e.g. '{depth: 6}' (default: the run's)")
     parser.add_argument("--output", type=Path, default=None,
                         help="folder for tables and figures (default: <run folder>/analysis, else ./analysis)")
     if data:
@@ -77,7 +80,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, data: bool = True) -> N
 
 def prepare(args: argparse.Namespace, data: bool = True) -> tuple[nn.Module, TrainConfig, Optional[DataLoader], Path]:
     """Model (checkpoint loaded, eval mode), config, held-out loader (if ``data``) and output folder."""
-    overrides = dict(model=args.model, scheme=args.scheme, mask_size=args.mask_size)
+    overrides = dict(model=args.model, scheme=args.scheme, mask_size=args.mask_size, model_kwargs=args.model_kwargs,
+                     img_size=args.img_size)
     if data:
         overrides.update(data=args.data, holdout_per_class=args.holdout_per_class)
     config = run_config(args.checkpoint, **overrides)

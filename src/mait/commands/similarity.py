@@ -1,10 +1,15 @@
-"""``mait similarity``: cross-layer similarity of attention maps (paper Eq. 4, Fig. 4-6), one heatmap per head."""
+"""``mait similarity``: cross-layer similarity of attention maps (paper Eq. 4, Fig. 4-6), one heatmap per head.
+
+Layers can only be compared when their maps have the same shape; a hierarchical model
+(H-MaiT) is therefore measured stage by stage (runs of layers with the same grid and heads).
+"""
 
 from __future__ import annotations
 
 import argparse
+from itertools import groupby
 
-from ..analysis import last_layers_similarity, measure_similarity
+from ..analysis import attention_layers, last_layers_similarity, measure_similarity
 from ..analysis.plots import plot_similarity
 from ..analysis.runs import add_model_arguments, prepare
 from ..cli import UserError
@@ -18,24 +23,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     model, config, loader, output = prepare(args)
-    similarity = measure_similarity(model, loader)
-    heads, depth = similarity.shape[0], similarity.shape[-1]
-    if depth < 2:
-        raise UserError(f"{config.model} has {depth} attention layer; cross-layer similarity needs at least 2")
-    last = min(args.last, depth)
-    if last < 2:
+    if args.last < 2:
         raise UserError(f"--last must be at least 2, got {args.last}")
-    images = len(loader.dataset)
-    rows = ["head,layer_i,layer_j,similarity"] + [
-        f"{h},{i},{j},{similarity[h, i, j]:.6f}" for h in range(heads) for i in range(depth) for j in range(depth)]
+    shapes = [(layer.grid_size, layer.module.num_heads) for layer in attention_layers(model)]
+    groups = [[i for i, _ in run] for _, run in groupby(enumerate(shapes), key=lambda item: item[1])]
+    groups = [g for g in groups if len(g) >= 2]
+    if not groups:
+        raise UserError(f"{config.model} has no two attention layers of the same shape to compare")
+    print(f"cross-layer attention similarity of {config.model} ({len(loader.dataset)} held-out images of "
+          f"{config.data}; cosine of attention rows, Eq. 4)")
+    rows = ["head,layer_i,layer_j,similarity"]
+    for layers in groups:
+        similarity = measure_similarity(model, loader, layers=layers)
+        stem = "similarity" if len(groups) == 1 else f"similarity_layers{layers[0]}-{layers[-1]}"
+        rows += [f"{h},{i},{j},{similarity[h, a, b]:.6f}" for h in range(similarity.shape[0])
+                 for a, i in enumerate(layers) for b, j in enumerate(layers)]
+        paths = plot_similarity(similarity, output, title=f"Cross-layer similarity, {config.model}",
+                                layer_names=layers, stem=stem)
+        last = min(args.last, len(layers))
+        tail = last_layers_similarity(similarity, last)
+        print(f"layers {layers[0]}-{layers[-1]}: mean similarity among the last {last} layers (off-diagonal pairs): "
+              + ", ".join(f"head {h} {v:.3f}" for h, v in enumerate(tail.tolist()))
+              + f"; all heads {tail.mean().item():.3f}")
+        print(f"  wrote {len(paths)} heatmaps ({paths[0].name} ...)")
     (output / "similarity.csv").write_text("\n".join(rows) + "\n")
-    paths = plot_similarity(similarity, output, title=f"Cross-layer similarity, {config.model}")
-    tail = last_layers_similarity(similarity, last)
-    print(f"cross-layer attention similarity of {config.model} ({images} held-out images of {config.data}; "
-          f"cosine of attention rows, Eq. 4)")
-    print(f"mean similarity among the last {last} layers (off-diagonal pairs):")
-    for h, value in enumerate(tail.tolist()):
-        print(f"  head {h}: {value:.3f}")
-    print(f"  all heads: {tail.mean().item():.3f}")
-    print(f"wrote {output / 'similarity.csv'} and {len(paths)} heatmaps ({paths[0].name} ...) in {output}")
+    print(f"wrote similarity.csv and the heatmaps in {output}")
     return 0
