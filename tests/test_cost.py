@@ -80,3 +80,12 @@ def test_report_table_lists_stages_and_layers():
     assert "layers.2.blocks.5" in table and "layers.3.downsample" in table
     assert report.input_size == (3, 64, 64)
     assert sum(s.macs for s in report.stages()) == report.macs
+
+
+def test_flops_command(capsys):
+    from mait.cli import main
+    assert main(["flops", "hmait_tiny_224", "--img-size", "64", "--stages-only"]) == 0
+    out = capsys.readouterr().out
+    assert "hmait_tiny_224 @ 3x64x64" in out and "layers.3" in out and "layers.3.blocks" not in out
+    assert main(["flops", "no_such_model"]) == 2
+    assert "unknown model 'no_such_model'" in capsys.readouterr().err

@@ -22,6 +22,8 @@ COMMANDS: dict[str, str] = {
     "alphas": "learned soft-mask α per layer and head, heatmap, and the hardened scheme",
     "search": "quick empirical mask search (paper §4.3): Sch.1, ALS, assign, calibrate, optionally retrain",
     "show-mask": "draw which patches one patch token attends to at full strength (paper Fig. 1)",
+    "flops": "parameters and GMACs of models in the paper's convention, per stage and per layer",
+    "bench": "throughput of whole models (ours vs DeiT/CaiT/Swin) or of the attention op alone (--attention)",
 }
 
 

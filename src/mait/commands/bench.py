@@ -1,0 +1,343 @@
+"""``mait bench``: throughput of whole models, or of the attention op alone (``--attention``).
+
+Models are measured the way Swin and timm do it: eval mode, ``torch.inference_mode()``, one
+fixed random batch, warm-up passes, then the median of repeated timings, in images/s.  All
+models run in the same process and *interleaved* (round r times every model once), so
+that load from other processes hits them alike and the ratios to ``--baseline`` are fair.
+``--train`` times a training step (forward, cross-entropy, backward) instead.
+
+``--attention`` sweeps the op over grid sizes: dense masked attention (the reference),
+the linear backend, ``auto`` (all heads hard-masked) and unmasked
+``scaled_dot_product_attention``, with time and peak extra memory per call (CPU: from
+the profiler's allocation trace; CUDA: ``max_memory_allocated``).
+
+Results go to ``--out`` + ``.json`` / ``.csv`` / ``.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from typing import Any, Callable, Optional
+
+import timm
+import torch
+import torch.nn.functional as F
+
+import mait
+from mait.cli import UserError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--models", nargs="+", metavar="SPEC",
+                        help="timm model names, optionally with kwargs: mait_t24_224:scheme=sch1,mask_size=5")
+    parser.add_argument("--baseline", default=None, help="model spec the ratios refer to (default: the first)")
+    parser.add_argument("--batch-size", type=int, default=None, help="batch size (default: 64 models, 4 attention)")
+    parser.add_argument("--img-size", type=int, default=None, help="image size (default: the model's)")
+    parser.add_argument("--train", action="store_true", help="time a training step (forward + backward)")
+    parser.add_argument("--attention", action="store_true", help="benchmark the attention op alone")
+    parser.add_argument("--grids", nargs="+", type=int, default=[7, 14, 28, 56, 112], help="square grid sizes")
+    parser.add_argument("--mask-size", type=int, default=3)
+    parser.add_argument("--heads", type=int, default=3)
+    parser.add_argument("--head-dim", type=int, default=32)
+    parser.add_argument("--prefix", type=int, default=1, help="prefix tokens (class token)")
+    parser.add_argument("--max-dense-gib", type=float, default=6.0,
+                        help="skip dense masked attention when its score tensors would exceed this (GiB)")
+    parser.add_argument("--no-memory", action="store_true", help="do not measure peak memory (attention)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default=None, help="path prefix of the .json/.csv/.png results (default: none)")
+
+
+# ---------------------------------------------------------------------------- helpers
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], Any], device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def peak_extra_memory(fn: Callable[[], Any], device: torch.device) -> int:
+    """Peak bytes allocated by ``fn`` above what was allocated before it ran."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as handle:
+            events = json.load(handle)["traceEvents"]
+    memory = sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: e["ts"])
+    if not memory:
+        return 0
+    start = memory[0]["args"]["Total Allocated"] - memory[0]["args"]["Bytes"]
+    return max(e["args"]["Total Allocated"] for e in memory) - start
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"name:key=value,key=value"`` -> ``(name, kwargs)``; values become int/float when they look like one."""
+    name, _, rest = spec.partition(":")
+    kwargs: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"model spec {spec!r}: expected key=value after ':', got {item!r}")
+        for cast in (int, float):
+            try:
+                kwargs[key] = cast(value)
+                break
+            except ValueError:
+                continue
+        else:
+            kwargs[key] = value
+    if not timm.is_model(name):
+        raise UserError(f"unknown model {name!r} in spec {spec!r}")
+    return name, kwargs
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as handle:
+            cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), cpu)
+    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "timm": timm.__version__, "mait": mait.__version__, "device": str(device),
+            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _write(prefix: str, payload: dict, rows: list[dict], plot: Callable[[str], None]) -> None:
+    folder = os.path.dirname(prefix)
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+    with open(prefix + ".json", "w") as handle:
+        json.dump(payload, handle, indent=2)
+    with open(prefix + ".csv", "w", newline="") as handle:
+        fields = list(dict.fromkeys(key for row in rows for key in row))
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    plot(prefix + ".png")
+    print(f"wrote {prefix}.json, {prefix}.csv, {prefix}.png")
+
+
+# ---------------------------------------------------------------------------- whole models
+def bench_models(args: argparse.Namespace, device: torch.device) -> dict:
+    if not args.models:
+        raise UserError("give --models (or --attention for the op alone)")
+    batch = args.batch_size or 64
+    specs = list(dict.fromkeys(args.models))
+    baseline = args.baseline or specs[0]
+    if baseline not in specs:
+        raise UserError(f"--baseline {baseline!r} is not one of --models {specs}")
+    runs = []
+    generator = torch.Generator().manual_seed(0)
+    for spec in specs:
+        name, kwargs = parse_spec(spec)
+        if args.img_size:
+            kwargs.setdefault("img_size", args.img_size)
+        model = timm.create_model(name, pretrained=False, **kwargs).to(device)
+        built_for = getattr(getattr(model, "patch_embed", None), "img_size", None)
+        size = tuple(built_for or model.pretrained_cfg["input_size"][1:])
+        images = torch.randn(batch, 3, *size, generator=generator).to(device)
+        if args.train:
+            model.train()
+            labels = torch.randint(0, model.num_classes, (batch,), generator=generator).to(device)
+
+            def step(model=model, images=images, labels=labels) -> None:
+                model.zero_grad(set_to_none=True)
+                F.cross_entropy(model(images), labels).backward()
+        else:
+            model.eval()
+
+            def step(model=model, images=images) -> None:
+                with torch.inference_mode():
+                    model(images)
+        runs.append({"spec": spec, "step": step, "times": [],
+                     "params_m": sum(p.numel() for p in model.parameters()) / 1e6})
+    for run in runs:
+        for _ in range(args.warmup):
+            run["step"]()
+    for _ in range(args.repeats):               # interleaved rounds: every model once per round
+        for run in runs:
+            run["times"].append(_timed(run["step"], device))
+    rows = []
+    for run in runs:
+        median = statistics.median(run["times"])
+        rows.append({"model": run["spec"], "params_m": round(run["params_m"], 2), "batch": batch,
+                     "median_s": round(median, 4), "images_per_s": round(batch / median, 2)})
+    base = next(row for row in rows if row["model"] == baseline)
+    for row in rows:
+        row["ratio"] = round(row["images_per_s"] / base["images_per_s"], 3)
+    mode = "training step (forward + backward)" if args.train else "inference"
+    print(f"{mode}, batch {batch}, median of {args.repeats} interleaved rounds after {args.warmup} warm-up, "
+          f"{torch.get_num_threads()} threads on {device}")
+    print(f"{'model':<48}{'params (M)':>11}{'images/s':>11}{'ratio':>8}")
+    for row in rows:
+        print(f"{row['model']:<48}{row['params_m']:>11.2f}{row['images_per_s']:>11.2f}{row['ratio']:>7.2f}x")
+    print(f"(ratio = images/s over {baseline})")
+    return {"kind": "models", "mode": "train" if args.train else "inference", "baseline": baseline,
+            "warmup": args.warmup, "repeats": args.repeats, "environment": environment(device), "rows": rows}
+
+
+def _plot_models(result: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = result["rows"]
+    fig, ax = plt.subplots(figsize=(8, 0.5 * len(rows) + 1.5))
+    ax.barh([r["model"] for r in rows], [r["images_per_s"] for r in rows], color="tab:blue")
+    for i, row in enumerate(rows):
+        ax.text(row["images_per_s"], i, f" {row['ratio']:.2f}x", va="center")
+    ax.invert_yaxis()
+    ax.set_xlabel(f"images/s ({result['mode']}, batch {rows[0]['batch']}; ratio to {result['baseline']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------- attention op
+ATTENTION_METHODS = ("dense", "linear", "auto", "sdpa")
+
+
+def _attention_fn(method: str, q, k, v, grid: int, args: argparse.Namespace) -> Callable[[], torch.Tensor]:
+    if method == "sdpa":
+        return lambda: F.scaled_dot_product_attention(q, k, v)
+    backend = {"dense": "reference", "linear": "local", "auto": "auto"}[method]
+    return lambda: mait.masked_attention(q, k, v, grid_size=grid, mask_size=args.mask_size,
+                                         num_prefix_tokens=args.prefix, alpha=0.0, backend=backend)
+
+
+def bench_attention(args: argparse.Namespace, device: torch.device) -> dict:
+    batch = args.batch_size or 4
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for grid in args.grids:
+        tokens = args.prefix + grid * grid
+        shape = (batch, args.heads, tokens, args.head_dim)
+        q, k, v = (torch.randn(shape, generator=generator).to(device).requires_grad_(args.train) for _ in range(3))
+        dense_gib = 3 * batch * args.heads * tokens * tokens * q.element_size() / 2 ** 30
+        row: dict[str, Any] = {"grid": grid, "tokens": tokens}
+        fns = {}
+        for method in ATTENTION_METHODS:
+            if method == "dense" and dense_gib > args.max_dense_gib:
+                continue
+            fn = _attention_fn(method, q, k, v, grid, args)
+            if args.train:
+                fns[method] = lambda fn=fn: fn().sum().backward()
+            else:
+                def infer(fn=fn) -> None:
+                    with torch.inference_mode():
+                        fn()
+                fns[method] = infer
+        for fn in fns.values():
+            for _ in range(args.warmup):
+                fn()
+        times: dict[str, list[float]] = {method: [] for method in fns}
+        for _ in range(args.repeats):
+            for method, fn in fns.items():
+                times[method].append(_timed(fn, device))
+        for method in ATTENTION_METHODS:
+            row[f"{method}_ms"] = round(1e3 * statistics.median(times[method]), 3) if method in fns else None
+            if not args.no_memory:
+                row[f"{method}_mib"] = (round(peak_extra_memory(fns[method], device) / 2 ** 20, 2)
+                                        if method in fns else None)
+        best = min(row[f"{m}_ms"] for m in ("dense", "linear") if row[f"{m}_ms"] is not None)
+        row["dense_over_linear"] = round(row["dense_ms"] / row["linear_ms"], 2) if row["dense_ms"] else None
+        row["sdpa_over_linear"] = round(row["sdpa_ms"] / row["linear_ms"], 2)
+        row["auto_over_best"] = round(row["auto_ms"] / best, 2)
+        if not args.no_memory and row["dense_mib"]:
+            row["dense_mem_over_linear"] = round(row["dense_mib"] / max(row["linear_mib"], 1e-6), 1)
+        rows.append(row)
+        print(_attention_line(row), flush=True)
+    return {"kind": "attention", "mode": "train" if args.train else "inference", "batch": batch,
+            "heads": args.heads, "head_dim": args.head_dim, "mask_size": args.mask_size, "prefix": args.prefix,
+            "warmup": args.warmup, "repeats": args.repeats, "environment": environment(device), "rows": rows}
+
+
+def _attention_line(row: dict) -> str:
+    def ms(key: str) -> str:
+        return f"{row[key]:>10.2f}" if row.get(key) is not None else f"{'skipped':>10}"
+    ratio = f"{row['dense_over_linear']:>8.1f}x" if row["dense_over_linear"] else f"{'-':>9}"
+    memory = f"  mem dense/linear {row['dense_mem_over_linear']:.0f}x" if row.get("dense_mem_over_linear") else ""
+    return (f"{row['grid']:>4}x{row['grid']:<4}{row['tokens']:>7}{ms('dense_ms')}{ms('linear_ms')}{ms('auto_ms')}"
+            f"{ms('sdpa_ms')}{ratio}{row['sdpa_over_linear']:>8.1f}x{row['auto_over_best']:>8.2f}x{memory}")
+
+
+def _attention_header(args: argparse.Namespace) -> str:
+    return (f"attention op, batch {args.batch_size or 4}, {args.heads} heads, d {args.head_dim}, R {args.mask_size}, "
+            f"prefix {args.prefix}, {'forward + backward' if args.train else 'inference'}, median of "
+            f"{args.repeats}, {torch.get_num_threads()} threads (times in ms)\n"
+            f"{'grid':<9}{'tokens':>7}{'dense':>10}{'linear':>10}{'auto':>10}{'sdpa':>10}"
+            f"{'dense/lin':>9}{'sdpa/lin':>9}{'auto/best':>9}")
+
+
+def _plot_attention(result: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = result["rows"]
+    has_memory = "linear_mib" in rows[0]
+    fig, axes = plt.subplots(1, 2 if has_memory else 1, figsize=(11 if has_memory else 6, 4), squeeze=False)
+    labels = {"dense": "dense masked (reference)", "linear": "linear (local)", "auto": "auto",
+              "sdpa": "unmasked SDPA"}
+    for method in ATTENTION_METHODS:
+        points = [(r["tokens"], r[f"{method}_ms"]) for r in rows if r[f"{method}_ms"]]
+        if points:
+            axes[0][0].plot(*zip(*[(t, 1e3 / ms) for t, ms in points]), marker="o", label=labels[method])
+        if has_memory:
+            points = [(r["tokens"], r[f"{method}_mib"]) for r in rows if r.get(f"{method}_mib")]
+            if points:
+                axes[0][1].plot(*zip(*points), marker="o", label=labels[method])
+    axes[0][0].set(xscale="log", yscale="log", xlabel="tokens", ylabel="calls/s", title="throughput")
+    axes[0][0].legend()
+    if has_memory:
+        axes[0][1].set(xscale="log", yscale="log", xlabel="tokens", ylabel="peak extra MiB", title="memory")
+    fig.suptitle(f"masked attention, batch {result['batch']}, {result['heads']} heads, d {result['head_dim']}, "
+                 f"R {result['mask_size']} ({result['mode']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.repeats < 1 or args.warmup < 0:
+        raise UserError(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats} and {args.warmup}")
+    device = torch.device(args.device)
+    if args.attention:
+        if min(args.grids) < 1:
+            raise UserError(f"--grids must be positive, got {args.grids}")
+        print(_attention_header(args))
+        result = bench_attention(args, device)
+        plot = _plot_attention
+    else:
+        result = bench_models(args, device)
+        plot = _plot_models
+    if args.out:
+        _write(args.out, result, result["rows"], lambda path: plot(result, path))
+    return 0

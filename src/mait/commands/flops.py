@@ -1,0 +1,31 @@
+"""``mait flops MODEL``: parameters and GMACs in the paper's convention, per stage and per layer."""
+
+from __future__ import annotations
+
+import argparse
+
+import timm
+
+import mait  # noqa: F401  (registers the models)
+from mait.cli import UserError
+from mait.cost import count_macs
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("models", nargs="+", metavar="MODEL", help="timm model names (ours or timm's)")
+    parser.add_argument("--img-size", type=int, default=None, help="image size (default: the model's)")
+    parser.add_argument("--scheme", default=None, help="masking scheme override for MaiT models")
+    parser.add_argument("--mask-size", type=int, default=None, help="mask size R override for MaiT models")
+    parser.add_argument("--stages-only", action="store_true", help="print one row per stage, not per layer")
+
+
+def run(args: argparse.Namespace) -> int:
+    kwargs = {key: value for key, value in (("img_size", args.img_size), ("scheme", args.scheme),
+                                            ("mask_size", args.mask_size)) if value is not None}
+    for name in args.models:
+        if not timm.is_model(name):
+            raise UserError(f"unknown model {name!r}; see `timm.list_models('*mait*')` or timm's model list")
+        model = timm.create_model(name, pretrained=False, **kwargs)
+        print(count_macs(model, name=name).table(per_layer=not args.stages_only))
+        print()
+    return 0
