@@ -119,8 +119,11 @@ def _tiny(name, **kwargs):
     return timm.create_model(name, pretrained=False, img_size=32, patch_size=8, depth=3, **kwargs).eval()
 
 
-def test_collect_attention_on_plain_deit_reproduces_output():
-    model = _tiny("deit_tiny_distilled_patch16_224")   # two prefix tokens
+@pytest.mark.parametrize("name,kwargs", [("deit_tiny_distilled_patch16_224", {}),   # plain timm, two prefix tokens
+                                         ("mait_t12_224", {"scheme": "0:all,1:hsr"})])  # hard, soft, random heads
+def test_collect_attention_reproduces_the_layer_outputs(name, kwargs):
+    model = _tiny(name, **kwargs)
+    tokens = model.num_prefix_tokens + 16
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         expected_logits = model(images)
@@ -131,15 +134,15 @@ def test_collect_attention_on_plain_deit_reproduces_output():
     maps = mait.collect_attention(model, images)
     for handle in hooks:
         handle.remove()
-    assert len(maps) == 3 and maps[0].shape == (2, 3, 18, 18)
+    assert len(maps) == 3 and maps[0].shape == (2, 3, tokens, tokens)
     with torch.no_grad():
         assert torch.equal(model(images), expected_logits)  # hooks removed, output unchanged
         for i, attn in enumerate(maps):
-            torch.testing.assert_close(attn.sum(-1), torch.ones(2, 3, 18))
+            torch.testing.assert_close(attn.sum(-1), torch.ones(2, 3, tokens))
             x, out = seen[i]
             module = model.blocks[i].attn
-            v = module.qkv(x).reshape(2, 18, 3, 3, -1).permute(2, 0, 3, 1, 4)[2]
-            recomputed = module.proj((attn @ v).transpose(1, 2).reshape(2, 18, -1))
+            v = module.qkv(x).reshape(2, tokens, 3, 3, -1).permute(2, 0, 3, 1, 4)[2]
+            recomputed = module.proj((attn @ v).transpose(1, 2).reshape(2, tokens, -1))
             torch.testing.assert_close(recomputed, out, atol=1e-5, rtol=1e-4)
 
 
