@@ -17,6 +17,8 @@ from typing import Optional, Sequence
 # name -> one-line help; the module mait.commands.<name with - replaced by _> implements it.
 COMMANDS: dict[str, str] = {
     "demo": "build a MaiT model, run a sample batch and print its per-layer masking",
+    "train": "train a model (default: MaiT on the built-in digits, no download); DeiT recipe, torchrun-ready",
+    "eval": "evaluate a checkpoint: top-1, top-5, loss and images/s",
     "als": "Attention Locality Score per layer and head of a model on held-out images (table + heatmap)",
     "similarity": "cross-layer similarity of attention maps, one L x L heatmap per head (paper Fig. 4-6)",
     "alphas": "learned soft-mask α per layer and head, heatmap, and the hardened scheme",

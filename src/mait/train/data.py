@@ -40,7 +40,7 @@ from .config import TrainConfig
 from .distributed import Dist
 
 CIFAR10_JPG_HOLDOUT = 1000        # the fixed validation split of the CIFAR-10 JPEG set (issue 6 uses it)
-DIGITS_MEAN, DIGITS_STD = (0.3050,), (0.3815,)   # of the 8x8 digits scaled to [0, 1]
+DIGITS_MEAN, DIGITS_STD = (0.3053,), (0.3760,)   # of the 8x8 digits scaled to [0, 1]
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
@@ -302,7 +302,7 @@ def open_data(data: str, holdout_per_class: int = 0, need_train: bool = True) ->
     return train, val, DataInfo(name, classes, 3, None, len(train) if train is not None else 0, len(val))
 
 
-def _subset(dataset: Dataset, size: int) -> Dataset:
+def subset(dataset: Dataset, size: int) -> Dataset:
     if not size or size >= len(dataset):
         return dataset
     indices = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:size].sort().values
@@ -357,7 +357,7 @@ def build_loaders(config: TrainConfig, env: Optional[Dist] = None) -> Loaders:
     """Train/val loaders for ``config`` on this process (rank ``env.rank`` of ``env.world_size``)."""
     env = env or Dist(0, 1, torch.device("cpu"))
     train, val, info = open_data(config.data, config.holdout_per_class)
-    train, val = _subset(train, config.train_subset), _subset(val, config.val_subset)
+    train, val = subset(train, config.train_subset), subset(val, config.val_subset)
     info = DataInfo(info.name, info.num_classes, info.in_chans, info.img_size, len(train), len(val))
     train_tf, val_tf = build_transforms(config, info)
     train_set = Augmented(train, train_tf, seed=config.seed)

@@ -1,0 +1,57 @@
+"""``mait train``: train a model from a YAML config and/or command-line keys (default: the built-in digits job)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import typing
+from pathlib import Path
+
+from ..cli import UserError
+
+
+def add_config_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """One ``--key`` option per :class:`TrainConfig` field (booleans also get ``--no-key``)."""
+    from ..train import TrainConfig
+    group = parser.add_argument_group("config keys (override the --config file; see docs/training.md)")
+    hints = typing.get_type_hints(TrainConfig)
+    for item in dataclasses.fields(TrainConfig):
+        if item.name in skip:
+            continue
+        flag = "--" + item.name.replace("_", "-")
+        default = item.default if item.default is not dataclasses.MISSING else item.default_factory()
+        if hints[item.name] is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"(default: {default})")
+        else:
+            group.add_argument(flag, default=None, metavar="VALUE", help=f"(default: {default})")
+
+
+def overrides_from(args: argparse.Namespace) -> dict[str, typing.Any]:
+    from ..train import TrainConfig
+    return {key: getattr(args, key) for key in TrainConfig.keys() if getattr(args, key, None) is not None}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="YAML", help="config file (e.g. configs/imagenet/mait_t24.yaml)")
+    parser.add_argument("--resume", metavar="DIR",
+                        help="continue the run saved in DIR exactly where it stopped (its config.yaml is the base)")
+    add_config_options(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..train import load_config, summary, train
+    overrides = overrides_from(args)
+    config_file = args.config
+    if args.resume:
+        folder = Path(args.resume)
+        if overrides.get("output", str(folder)) != str(folder):
+            raise UserError(f"--resume {folder} continues that folder; drop --output {overrides['output']}")
+        overrides["output"] = str(folder)
+        if config_file is None and (folder / "config.yaml").is_file():
+            config_file = folder / "config.yaml"
+    config = load_config(config_file, overrides)
+    result = train(config, resume=bool(args.resume))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(summary(result))
+    return 0

@@ -1,0 +1,85 @@
+"""Kill a training run with SIGKILL mid-epoch, resume it, and get the uninterrupted run's weights."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+# 10 steps per epoch, a checkpoint every 3 steps; drop path makes the RNG state matter.
+ARGS = ["--model-kwargs", "{depth: 2, embed_dim: 32}", "--epochs", "3", "--batch-size", "32", "--train-subset", "320",
+        "--val-subset", "60", "--warmup-epochs", "1", "--drop-path", "0.2", "--deterministic",
+        "--checkpoint-every", "3", "--no-progress"]
+STEPS_PER_EPOCH = 10
+ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+
+
+def _train(*extra: str, **popen) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "mait", "train", *extra], env=ENV, **popen)
+
+
+def _finish(proc: subprocess.Popen) -> None:
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+
+
+def _rows(folder: Path) -> list[dict[str, str]]:
+    with open(folder / "metrics.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _state(path: Path):
+    try:
+        return torch.load(path, weights_only=False)
+    except (OSError, EOFError, RuntimeError):   # not there yet
+        return None
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
+def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_weights(tmp_path: Path) -> None:
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    reference = _train(*ARGS, "--output", str(full), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    victim = _train(*ARGS, "--output", str(killed), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    while True:   # kill as soon as a checkpoint inside the second epoch exists
+        state = _state(killed / "last.state.pt") if (killed / "last.state.pt").exists() else None
+        if state is not None and state["epoch"] >= 1 and state["step"] > 0:
+            break
+        assert victim.poll() is None, f"the run ended before it could be killed: {victim.communicate()[1]}"
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    victim.send_signal(signal.SIGKILL)
+    victim.communicate()
+    assert victim.returncode == -signal.SIGKILL
+    state = torch.load(killed / "last.state.pt", weights_only=False)
+    assert state["epoch"] < 3 and 0 < state["step"] < STEPS_PER_EPOCH, "the kill must leave a mid-epoch checkpoint"
+
+    resumed = _train("--resume", str(killed), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err
+    assert f"resuming {killed} at epoch {state['epoch'] + 1}, step {state['step']}/{STEPS_PER_EPOCH}" in out
+    _finish(reference)
+
+    want, got = load_file(str(full / "last.safetensors")), load_file(str(killed / "last.safetensors"))
+    assert want.keys() == got.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-6, msg=key)
+    for a, b in zip(_rows(full), _rows(killed), strict=True):
+        for key in ("train_loss", "val_loss", "val_acc1"):
+            assert abs(float(a[key]) - float(b[key])) <= 1e-6, (key, a, b)
+
+
+def test_resume_without_checkpoint_is_one_line_error(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "mait", "train", "--resume", str(tmp_path)], env=ENV,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0
+    assert "no checkpoint there" in proc.stderr and str(tmp_path) in proc.stderr
