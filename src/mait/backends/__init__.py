@@ -15,7 +15,7 @@ import torch
 
 import torch.nn.functional as F
 
-from . import local, reference
+from . import flex, local, reference
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,7 @@ def _sdpa_unsupported(call: AttentionCall) -> Optional[str]:
 register_backend("reference", reference.masked_attention)
 register_backend("local", local.local_attention, local.unsupported)
 register_backend("sdpa", _sdpa, _sdpa_unsupported)
+register_backend("flex", flex.flex_local_attention, flex.unsupported)
 
 
 def local_is_faster(grid_size: tuple[int, int], mask_size: int) -> bool:
@@ -87,7 +88,15 @@ def local_is_faster(grid_size: tuple[int, int], mask_size: int) -> bool:
     return patches >= max(128, 8 * mask_size * mask_size)
 
 
+def _needs_grad(call: AttentionCall) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in (call.q, call.k, call.v))
+
+
 def _hard_backend(call: AttentionCall) -> Backend:
+    # FlexAttention's backward through its lse could not be verified here (no GPU): training
+    # stays on the pure-PyTorch linear backend, which runs on CUDA too.
+    if call.q.is_cuda and flex.available() and not _needs_grad(call):
+        return BACKENDS["flex"]
     return BACKENDS["local" if local_is_faster(call.grid_size, call.mask_size) else "reference"]
 
 
@@ -99,17 +108,21 @@ def _subset(call: AttentionCall, heads: torch.Tensor) -> AttentionCall:
 def _grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs: object) -> torch.Tensor:
     """``auto``: run hard, unmasked and soft heads each on their best backend, then reassemble."""
     call = AttentionCall(q, k, v, **kwargs)  # type: ignore[arg-type]
-    alpha = call.alpha.detach()
-    groups = [(alpha == 0, _hard_backend(call)), (alpha == 1, BACKENDS["sdpa"]),
-              ((alpha > 0) & (alpha < 1), BACKENDS["reference"])]
-    groups = [(heads.nonzero().squeeze(1), chosen) for heads, chosen in groups if bool(heads.any())]
-    if len(groups) == 1:
-        return groups[0][1].fn(q, k, v, **call.kwargs())
+    alpha = call.alpha.detach().tolist()        # one host sync; the α vector is tiny
+    kinds = ["hard" if a == 0 else "none" if a == 1 else "soft" for a in alpha]
+    if len(set(kinds)) == 1:
+        return _GROUP_BACKEND[kinds[0]](call).fn(q, k, v, **kwargs)
     out = torch.empty_like(v)
-    for heads, chosen in groups:
+    for kind in dict.fromkeys(kinds):
+        heads = torch.tensor([h for h, k in enumerate(kinds) if k == kind], device=q.device)
         part = _subset(call, heads)
-        out[:, heads] = chosen.fn(part.q, part.k, part.v, **part.kwargs())
+        out[:, heads] = _GROUP_BACKEND[kind](part).fn(part.q, part.k, part.v, **part.kwargs())
     return out
+
+
+_GROUP_BACKEND: dict[str, Callable[[AttentionCall], Backend]] = {
+    "hard": _hard_backend, "none": lambda call: BACKENDS["sdpa"], "soft": lambda call: BACKENDS["reference"]}
+_AUTO = Backend("auto", _grouped, lambda call: None)
 
 
 def _auto_is_reference(call: AttentionCall) -> bool:
@@ -121,12 +134,12 @@ def select_backend(call: AttentionCall, backend: str = "auto") -> Backend:
     """Return the backend to run ``call`` with; a named backend that cannot run it is an error.
 
     ``auto`` runs custom masks, attention dropout and calls that need a gradient for α on
-    the reference; otherwise it groups heads by α: unmasked heads on SDPA, hard heads on the
-    linear backend when :func:`local_is_faster` says so (else on the reference), soft heads
-    on the reference.
+    the reference; otherwise it groups heads by α: unmasked heads on SDPA, hard heads on
+    FlexAttention plus the identity on CUDA (inference), else on the linear backend when
+    :func:`local_is_faster` says so (else on the reference), soft heads on the reference.
     """
     if backend == "auto":
-        return BACKENDS["reference"] if _auto_is_reference(call) else Backend("auto", _grouped, lambda c: None)
+        return BACKENDS["reference"] if _auto_is_reference(call) else _AUTO
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; expected 'auto' or one of {sorted(BACKENDS)}")
     chosen = BACKENDS[backend]

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Reproduce every figure quoted in benchmarks/README.md (CPU; about 30-60 min on 2 shared cores).
+# Usage: benchmarks/run_all.sh [THREADS]   (default 1: on a shared machine one thread per process is
+# what gives stable medians; ratios are always measured side by side in one run).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+T=${1:-1}
+OUT=benchmarks/results
+mkdir -p "$OUT"
+run() { local name=$1; shift; echo "+ mait bench $*" | tee "$OUT/$name.txt"; python -m mait bench "$@" --threads "$T" --out "$OUT/$name" 2>&1 | grep -v -E '^(USDT|ERROR:)' | tee -a "$OUT/$name.txt"; }
+
+# 1. the op alone: dense masked vs linear vs auto vs unmasked SDPA (56x56 + cls, R 3, 3 heads, d 32, batch 4)
+run attention --attention --grids 7 14 28 56 112 --batch-size 4 --repeats 5
+# 2. peak memory at 112x112 (dense needs ~1.8 GiB per head and image, so one of each)
+run attention_112_memory --attention --grids 112 --batch-size 1 --heads 1 --max-dense-gib 8 --warmup 0 --repeats 1
+# 3. the op in training (forward + backward)
+run attention_train --attention --train --grids 7 14 28 56 --batch-size 4 --repeats 3 --no-memory
+# 4. whole models, inference, batch 64 at 224 px, interleaved rounds
+run models --models swin_tiny_patch4_window7_224 hmait_tiny_224 mait_xs24_224 deit_small_patch16_224 \
+    swin_small_patch4_window7_224 mait_s24_224 hmait_small_224 cait_xxs24_224 \
+    mait_t24_224:scheme=sch1 mait_t24_224:scheme=none --batch-size 64 --warmup 1 --repeats 5
+# 5. training step (forward + backward), H-MaiT-T vs Swin-T
+run models_train --models swin_tiny_patch4_window7_224 hmait_tiny_224 --train --batch-size 64 --warmup 1 --repeats 3
