@@ -14,8 +14,9 @@ and nothing to the numerator.  Border truncation is therefore exact without a va
 mask (``mode="neg_inf"`` gives the padded slots -inf instead).  Prefix rows attend to
 everything and run through ``scaled_dot_product_attention``.
 
-Time and memory are O(T·R²·d); the backward pass is autograd through the same loop over the
-``R²`` window offsets (it saves views of the padded inputs and the ``(…, R²)`` weights).
+Time and memory are O(T·R²·d).  The backward pass is explicit (:class:`_LocalRows`): the
+standard softmax gradient restricted to the window and prefix logits (the zero logits
+depend on nothing), with every value also receiving ``Σ_i rest_i dout_i``.
 """
 
 from __future__ import annotations
@@ -37,6 +38,77 @@ def _pad_bias(grid: tuple[int, int], mask_size: int, dtype: torch.dtype, device:
     return bias.masked_fill(inside.reshape(h, w, -1) == 0, float("-inf")).to(device)
 
 
+def _windows(x: torch.Tensor, size: int, h: int, w: int):
+    """The ``R²`` shifted ``(…, H, W, d)`` views of a zero-padded grid tensor, in window-slot order."""
+    return [x[:, :, dy:dy + h, dx:dx + w] for dy in range(size) for dx in range(size)]
+
+
+class _LocalRows(torch.autograd.Function):
+    """Patch rows of hard-masked attention with an explicit O(T·R²·d) backward.
+
+    Inputs are the scaled grid queries ``qg`` and grid keys/values ``kg, vg`` (``(B, h, H, W, d)``)
+    and the prefix keys/values ``kp, vp`` (``(B, h, P, d)``).  Autograd through the slot loop
+    would allocate one full padded gradient per slot; here gradients accumulate in place.
+    """
+
+    @staticmethod
+    def forward(ctx, qg, kg, vg, kp, vp, size: int, zero: bool):  # type: ignore[override]
+        batch, heads, h, w, dim = qg.shape
+        r, n, p = (size - 1) // 2, h * w, kp.shape[2]
+        pad = (0, 0, r, r, r, r)
+        kpad, vpad = F.pad(kg, pad), F.pad(vg, pad)
+        # Window logits (B, heads, H, W, R²); padded slots are exactly 0 (see the module docstring).
+        scores = torch.stack([(qg * kw).sum(-1) for kw in _windows(kpad, size, h, w)], dim=-1)
+        if not zero:
+            scores += _pad_bias((h, w), size, scores.dtype, str(scores.device))
+        peak = scores.amax(-1, keepdim=True)
+        prefix_scores = (qg.reshape(batch, heads, n, dim) @ kp.transpose(-2, -1)).reshape(batch, heads, h, w, p)
+        if p:
+            peak = torch.maximum(peak, prefix_scores.amax(-1, keepdim=True))
+        if zero:
+            peak = peak.clamp(min=0)
+        probs = torch.exp(scores - peak)
+        prefix_probs = torch.exp(prefix_scores - peak)
+        rest = torch.exp(-peak) if zero else torch.zeros_like(peak)       # weight of each zero logit
+        den = probs.sum(-1, keepdim=True) + prefix_probs.sum(-1, keepdim=True) + (n - size * size) * rest
+        probs, prefix_probs, rest = probs / den, prefix_probs / den, rest / den
+        out = sum((probs[..., i, None] - rest) * vw for i, vw in enumerate(_windows(vpad, size, h, w)))
+        out = out + ((prefix_probs - rest).reshape(batch, heads, n, p) @ vp).reshape(batch, heads, h, w, dim)
+        if zero:
+            out = out + rest * (vg.sum((2, 3)) + vp.sum(2))[:, :, None, None, :]
+        ctx.save_for_backward(qg, kpad, vpad, kp, vp, probs, prefix_probs, rest, out)
+        ctx.size = size
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        qg, kpad, vpad, kp, vp, probs, prefix_probs, rest, out = ctx.saved_tensors
+        size = ctx.size
+        batch, heads, h, w, dim = qg.shape
+        r, n, p = (size - 1) // 2, h * w, kp.shape[2]
+        grad = grad.contiguous()
+        delta = (grad * out).sum(-1, keepdim=True)                       # Σ_j P_ij dP_ij
+        dq = torch.zeros_like(qg)
+        dkpad, dvpad = torch.zeros_like(kpad), torch.zeros_like(vpad)
+        windows = zip(_windows(kpad, size, h, w), _windows(vpad, size, h, w),
+                      _windows(dkpad, size, h, w), _windows(dvpad, size, h, w))
+        for i, (kw, vw, dkw, dvw) in enumerate(windows):
+            slot = probs[..., i, None]
+            dscore = slot * ((grad * vw).sum(-1, keepdim=True) - delta)
+            dq += dscore * kw
+            dkw += dscore * qg
+            dvw += (slot - rest) * grad
+        grad_rows = grad.reshape(batch, heads, n, dim)
+        dprefix = prefix_probs * ((grad_rows @ vp.transpose(-2, -1)).reshape(batch, heads, h, w, p) - delta)
+        dprefix = dprefix.reshape(batch, heads, n, p)
+        dq += (dprefix @ kp).reshape(batch, heads, h, w, dim)
+        dkp = dprefix.transpose(-2, -1) @ qg.reshape(batch, heads, n, dim)
+        everyone = (rest * grad).sum((2, 3))[:, :, None, :]             # every token gets Σ_i rest_i dout_i
+        dvp = (prefix_probs - rest).reshape(batch, heads, n, p).transpose(-2, -1) @ grad_rows + everyone
+        dvg = dvpad[:, :, r:r + h, r:r + w] + everyone[:, :, :, None, :]
+        return dq, dkpad[:, :, r:r + h, r:r + w], dvg, dkp, dvp, None, None
+
+
 def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid_size: tuple[int, int],
                     mask_size: int, num_prefix_tokens: int, mode: str = "zero", scale: Optional[float] = None,
                     **_: object) -> torch.Tensor:
@@ -45,43 +117,13 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid_s
     ``q, k, v`` are ``(B, heads, T, d)`` with ``T = num_prefix_tokens + H * W``.
     """
     batch, heads, tokens, dim = q.shape
-    p, (h, w), size = num_prefix_tokens, grid_size, mask_size
-    r, n = (size - 1) // 2, tokens - num_prefix_tokens
+    p, (h, w) = num_prefix_tokens, grid_size
     scale = dim ** -0.5 if scale is None else scale
-    zero = mode == "zero"
-
     qg = (q[:, :, p:] * scale).reshape(batch, heads, h, w, dim)
-    kpad = F.pad(k[:, :, p:].reshape(batch, heads, h, w, dim), (0, 0, r, r, r, r))
-    vpad = F.pad(v[:, :, p:].reshape(batch, heads, h, w, dim), (0, 0, r, r, r, r))
-    offsets = [(dy, dx) for dy in range(size) for dx in range(size)]
-    # Window logits (B, heads, H, W, R²); padded slots are exactly 0.
-    scores = torch.stack([(qg * kpad[:, :, dy:dy + h, dx:dx + w]).sum(-1) for dy, dx in offsets], dim=-1)
-    if not zero:
-        scores = scores + _pad_bias((h, w), size, scores.dtype, str(scores.device))
-    peak = scores.amax(-1)
-    if p:
-        qflat = qg.reshape(batch, heads, n, dim)
-        prefix_scores = (qflat @ k[:, :, :p].transpose(-2, -1)).reshape(batch, heads, h, w, p)
-        peak = torch.maximum(peak, prefix_scores.amax(-1))
-    if zero:
-        peak = peak.clamp(min=0)
-    peak = peak.detach().unsqueeze(-1)       # any shift gives the same softmax; no gradient through it
-    weights = torch.exp(scores - peak)
-    den = weights.sum(-1)
-    if zero:
-        rest = torch.exp(-peak)                                       # weight of each zero logit
-        den = den + (n - size * size) * rest.squeeze(-1)
-        weights = weights - rest
-    out = sum(weights[..., i, None] * vpad[:, :, dy:dy + h, dx:dx + w] for i, (dy, dx) in enumerate(offsets))
-    if p:
-        prefix_weights = torch.exp(prefix_scores - peak)
-        den = den + prefix_weights.sum(-1)
-        if zero:
-            prefix_weights = prefix_weights - rest
-        out = out + (prefix_weights.reshape(batch, heads, n, p) @ v[:, :, :p]).reshape(batch, heads, h, w, dim)
-    if zero:
-        out = out + rest * v.sum(2)[:, :, None, None, :]
-    out = (out / den.unsqueeze(-1)).reshape(batch, heads, n, dim)
+    kg = k[:, :, p:].reshape(batch, heads, h, w, dim)
+    vg = v[:, :, p:].reshape(batch, heads, h, w, dim)
+    out = _LocalRows.apply(qg, kg, vg, k[:, :, :p], v[:, :, :p], mask_size, mode == "zero")
+    out = out.reshape(batch, heads, h * w, dim)
     if p:
         # Prefix rows are unmasked in every mode: one dense row each.
         head = F.scaled_dot_product_attention(q[:, :, :p], k, v, scale=scale)
