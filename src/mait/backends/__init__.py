@@ -8,8 +8,9 @@ a call.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, replace
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional, Union
 
 import torch
 
@@ -100,7 +101,7 @@ def _hard_backend(call: AttentionCall) -> Backend:
     return BACKENDS["local" if local_is_faster(call.grid_size, call.mask_size) else "reference"]
 
 
-def _subset(call: AttentionCall, heads: torch.Tensor) -> AttentionCall:
+def _subset(call: AttentionCall, heads: Union[torch.Tensor, slice]) -> AttentionCall:
     """The same call restricted to some heads (the local mask is shared by every head)."""
     return replace(call, q=call.q[:, heads], k=call.k[:, heads], v=call.v[:, heads], alpha=call.alpha[heads])
 
@@ -112,12 +113,26 @@ def _grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs: object
     kinds = ["hard" if a == 0 else "none" if a == 1 else "soft" for a in alpha]
     if len(set(kinds)) == 1:
         return _GROUP_BACKEND[kinds[0]](call).fn(q, k, v, **kwargs)
+    runs = list(_runs(kinds))
+    if len(runs) == len(set(kinds)):        # each kind is one block of heads (the usual "first k heads")
+        parts = [_subset(call, slice(a, b)) for a, b, _ in runs]
+        return torch.cat([_GROUP_BACKEND[kind](part).fn(part.q, part.k, part.v, **part.kwargs())
+                          for part, (_, _, kind) in zip(parts, runs)], dim=1)
     out = torch.empty_like(v)
     for kind in dict.fromkeys(kinds):
         heads = torch.tensor([h for h, k in enumerate(kinds) if k == kind], device=q.device)
         part = _subset(call, heads)
         out[:, heads] = _GROUP_BACKEND[kind](part).fn(part.q, part.k, part.v, **part.kwargs())
     return out
+
+
+def _runs(kinds: list[str]) -> Iterator[tuple[int, int, str]]:
+    """``(start, stop, kind)`` for each maximal run of equal kinds."""
+    start = 0
+    for kind, group in itertools.groupby(kinds):
+        stop = start + len(list(group))
+        yield start, stop, kind
+        start = stop
 
 
 _GROUP_BACKEND: dict[str, Callable[[AttentionCall], Backend]] = {

@@ -72,8 +72,9 @@ class _LocalRows(torch.autograd.Function):
         rest = torch.exp(-peak) if zero else torch.zeros_like(peak)       # weight of each zero logit
         den = probs.sum(-1, keepdim=True) + prefix_probs.sum(-1, keepdim=True) + (n - size * size) * rest
         probs, prefix_probs, rest = probs / den, prefix_probs / den, rest / den
-        out = sum((probs[..., i, None] - rest) * vw for i, vw in enumerate(_windows(vpad, size, h, w)))
-        out = out + ((prefix_probs - rest).reshape(batch, heads, n, p) @ vp).reshape(batch, heads, h, w, dim)
+        out = ((prefix_probs - rest).reshape(batch, heads, n, p) @ vp).reshape(batch, heads, h, w, dim)
+        for i, vw in enumerate(_windows(vpad, size, h, w)):
+            out.addcmul_(probs[..., i, None] - rest, vw)
         if zero:
             out = out + rest * (vg.sum((2, 3)) + vp.sum(2))[:, :, None, None, :]
         ctx.save_for_backward(qg, kpad, vpad, kp, vp, probs, prefix_probs, rest, out)
