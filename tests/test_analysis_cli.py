@@ -133,3 +133,19 @@ def test_search_end_to_end(tmp_path, capsys):
     assert f"searched scheme: {expected}" in out
     assert main(args) == 2          # the folder now holds a search
     assert "already holds a search" in capsys.readouterr().err
+
+
+def test_search_calibrates_from_the_initial_run_and_retrains(tmp_path, capsys):
+    output = tmp_path / "search"
+    args = ["search", "--output", str(output), "--high", "0.05", "--low", "0.05", "--calibration", "initial",
+            "--retrain-epochs", "1", "--als-images", "32", "--epochs", "1", "--train-subset", "64",
+            "--val-subset", "32", "--warmup-epochs", "0", "--no-progress"]
+    assert main(args) == 0
+    summary = json.loads((output / "search.json").read_text())
+    assert set(summary["als"]) == {"sch1", "final"} and not (output / "step2-assigned").exists()
+    thresholds = Thresholds(high=0.05, low=0.05)
+    expected = calibrate(assign(summary["als"]["sch1"], thresholds), summary["als"]["sch1"], thresholds)
+    assert summary["scheme"] == str(expected)
+    assert load_config(output / "step3-final" / "config.yaml").scheme == str(expected)
+    assert set(summary["accuracy"]) == {"sch1", "final"}
+    assert (output / "als_final.png").is_file()
