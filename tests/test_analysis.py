@@ -119,11 +119,15 @@ def _tiny(name, **kwargs):
     return timm.create_model(name, pretrained=False, img_size=32, patch_size=8, depth=3, **kwargs).eval()
 
 
-@pytest.mark.parametrize("name,kwargs", [("deit_tiny_distilled_patch16_224", {}),   # plain timm, two prefix tokens
-                                         ("mait_t12_224", {"scheme": "0:all,1:hsr"})])  # hard, soft, random heads
-def test_collect_attention_reproduces_the_layer_outputs(name, kwargs):
+@pytest.mark.parametrize("name,kwargs,prefix", [
+    ("deit_tiny_distilled_patch16_224", {}, 2),                  # plain timm, two prefix tokens
+    ("mait_t12_224", {"scheme": "0:all,1:hsr"}, 1),              # hard, soft and random heads
+    ("cait_xxs24_224", {}, 0),                                   # plain talking heads
+    ("mait_cait_xxs24_224", {"scheme": "0:all,1:1h"}, 0),        # masked talking heads
+])
+def test_collect_attention_reproduces_the_layer_outputs(name, kwargs, prefix):
     model = _tiny(name, **kwargs)
-    tokens = model.num_prefix_tokens + 16
+    tokens, heads = prefix + 16, model.blocks[0].attn.num_heads
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         expected_logits = model(images)
@@ -134,23 +138,25 @@ def test_collect_attention_reproduces_the_layer_outputs(name, kwargs):
     maps = mait.collect_attention(model, images)
     for handle in hooks:
         handle.remove()
-    assert len(maps) == 3 and maps[0].shape == (2, 3, tokens, tokens)
+    assert len(maps) == 3 and maps[0].shape == (2, heads, tokens, tokens)
     with torch.no_grad():
         assert torch.equal(model(images), expected_logits)  # hooks removed, output unchanged
         for i, attn in enumerate(maps):
-            torch.testing.assert_close(attn.sum(-1), torch.ones(2, 3, tokens))
+            torch.testing.assert_close(attn.sum(-1), torch.ones(2, heads, tokens))
             x, out = seen[i]
             module = model.blocks[i].attn
-            v = module.qkv(x).reshape(2, tokens, 3, 3, -1).permute(2, 0, 3, 1, 4)[2]
+            v = module.qkv(x).reshape(2, tokens, 3, heads, -1).permute(2, 0, 3, 1, 4)[2]
+            if hasattr(module, "proj_w"):      # talking heads mix the probabilities after the softmax
+                attn = module.proj_w(attn.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
             recomputed = module.proj((attn @ v).transpose(1, 2).reshape(2, tokens, -1))
             torch.testing.assert_close(recomputed, out, atol=1e-5, rtol=1e-4)
 
 
-def test_collect_attention_on_plain_cait_and_masked_models():
+def test_collect_attention_skips_class_attention_and_leaves_masked_layers_clean():
     images = torch.randn(2, 3, 32, 32)
-    cait = _tiny("cait_xxs24_224")
+    cait = _tiny("cait_xxs24_224", depth_token_only=2)
     maps = mait.collect_attention(cait, images)
-    assert [m.shape for m in maps] == [(2, 4, 16, 16)] * 3   # self-attention layers only, no prefix
+    assert [m.shape for m in maps] == [(2, 4, 16, 16)] * 3   # self-attention layers only, not class attention
     masked = _tiny("mait_t12_224", scheme="0:all,1:1h")
     maps = mait.collect_attention(masked, images)
     # hard-masked heads: non-neighbour entries all equal (logit 0) within a row
