@@ -89,16 +89,20 @@ def local_is_faster(grid_size: tuple[int, int], mask_size: int) -> bool:
     return patches >= max(128, 8 * mask_size * mask_size)
 
 
-def _needs_grad(call: AttentionCall) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in (call.q, call.k, call.v))
-
-
-def _hard_backend(call: AttentionCall) -> Backend:
+def _hard_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid_size: tuple[int, int],
+                  mask_size: int) -> Backend:
     # FlexAttention's backward through its lse could not be verified here (no GPU): training
     # stays on the pure-PyTorch linear backend, which runs on CUDA too.
-    if call.q.is_cuda and flex.available() and not _needs_grad(call):
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if q.is_cuda and flex.available() and not needs_grad:
         return BACKENDS["flex"]
-    return BACKENDS["local" if local_is_faster(call.grid_size, call.mask_size) else "reference"]
+    return BACKENDS["local" if local_is_faster(grid_size, mask_size) else "reference"]
+
+
+def _group_backend(kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kwargs: dict) -> Backend:
+    if kind == "hard":
+        return _hard_backend(q, k, v, kwargs["grid_size"], kwargs["mask_size"])
+    return BACKENDS["sdpa" if kind == "none" else "reference"]
 
 
 def _subset(call: AttentionCall, heads: Union[torch.Tensor, slice]) -> AttentionCall:
@@ -108,21 +112,25 @@ def _subset(call: AttentionCall, heads: Union[torch.Tensor, slice]) -> Attention
 
 def _grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs: object) -> torch.Tensor:
     """``auto``: run hard, unmasked and soft heads each on their best backend, then reassemble."""
-    call = AttentionCall(q, k, v, **kwargs)  # type: ignore[arg-type]
-    alpha = call.alpha.detach().tolist()        # one host sync; the α vector is tiny
+    alpha = kwargs["alpha"].detach().tolist()      # one host sync; the α vector is tiny
     kinds = ["hard" if a == 0 else "none" if a == 1 else "soft" for a in alpha]
     if len(set(kinds)) == 1:
-        return _GROUP_BACKEND[kinds[0]](call).fn(q, k, v, **kwargs)
+        return _group_backend(kinds[0], q, k, v, kwargs).fn(q, k, v, **kwargs)
+    call = AttentionCall(q, k, v, **kwargs)  # type: ignore[arg-type]
     runs = list(_runs(kinds))
-    if len(runs) == len(set(kinds)):        # each kind is one block of heads (the usual "first k heads")
-        parts = [_subset(call, slice(a, b)) for a, b, _ in runs]
-        return torch.cat([_GROUP_BACKEND[kind](part).fn(part.q, part.k, part.v, **part.kwargs())
-                          for part, (_, _, kind) in zip(parts, runs)], dim=1)
+    contiguous = len(runs) == len(set(kinds))   # each kind is one block of heads (the usual "first k heads")
+    if contiguous:
+        parts = [(_subset(call, slice(a, b)), kind) for a, b, kind in runs]
+    else:
+        parts = [(_subset(call, torch.tensor([h for h, k in enumerate(kinds) if k == kind], device=q.device)), kind)
+                 for kind in dict.fromkeys(kinds)]
+    outs = [_group_backend(kind, part.q, part.k, part.v, part.kwargs()).fn(part.q, part.k, part.v, **part.kwargs())
+            for part, kind in parts]
+    if contiguous:
+        return torch.cat(outs, dim=1)
     out = torch.empty_like(v)
-    for kind in dict.fromkeys(kinds):
-        heads = torch.tensor([h for h, k in enumerate(kinds) if k == kind], device=q.device)
-        part = _subset(call, heads)
-        out[:, heads] = _GROUP_BACKEND[kind](part).fn(part.q, part.k, part.v, **part.kwargs())
+    for (part, kind), part_out in zip(parts, outs):
+        out[:, [h for h, k in enumerate(kinds) if k == kind]] = part_out
     return out
 
 
@@ -135,8 +143,6 @@ def _runs(kinds: list[str]) -> Iterator[tuple[int, int, str]]:
         start = stop
 
 
-_GROUP_BACKEND: dict[str, Callable[[AttentionCall], Backend]] = {
-    "hard": _hard_backend, "none": lambda call: BACKENDS["sdpa"], "soft": lambda call: BACKENDS["reference"]}
 _AUTO = Backend("auto", _grouped, lambda call: None)
 
 

@@ -29,6 +29,7 @@ from typing import Any, Callable, Optional
 import timm
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import mait
 from mait.cli import UserError
@@ -178,12 +179,15 @@ def bench_models(args: argparse.Namespace, device: torch.device) -> dict:
                     model(images)
         runs.append({"spec": spec, "step": step, "times": [],
                      "params_m": sum(p.numel() for p in model.parameters()) / 1e6})
-    for run in runs:
-        for _ in range(args.warmup):
-            run["step"]()
-    for _ in range(args.repeats):               # interleaved rounds: every model once per round
+    with tqdm(total=(args.warmup + args.repeats) * len(runs), desc="bench", unit="pass", leave=False) as progress:
         for run in runs:
-            run["times"].append(_timed(run["step"], device))
+            for _ in range(args.warmup):
+                run["step"]()
+                progress.update()
+        for _ in range(args.repeats):               # interleaved rounds: every model once per round
+            for run in runs:
+                run["times"].append(_timed(run["step"], device))
+                progress.update()
     rows = []
     for run in runs:
         median = statistics.median(run["times"])
