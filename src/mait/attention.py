@@ -20,6 +20,8 @@ from .masks import GridSize, check_mask_size, check_num_prefix_tokens, local_mas
 from .schemes import HeadKind
 
 MODES = ("zero", "neg_inf")
+# How the backends see each kind of head (random heads are hard heads with a custom mask).
+_BACKEND_KIND = {HeadKind.HARD: "hard", HeadKind.RANDOM: "hard", HeadKind.SOFT: "soft", HeadKind.NONE: "none"}
 AlphaLike = Union[float, int, torch.Tensor, Sequence[float]]
 
 
@@ -199,6 +201,7 @@ class MaskedAttention(nn.Module):
         init_logit = torch.logit(torch.tensor(soft_alpha_init))
         self.alpha_logit = nn.Parameter(init_logit.repeat(len(soft))) if soft else None
         self.unmasked = all(k is HeadKind.NONE for k in kinds)
+        self._backend_kinds = tuple(_BACKEND_KIND[k] for k in kinds)
 
     @property
     def alpha(self) -> torch.Tensor:
@@ -233,7 +236,8 @@ class MaskedAttention(nn.Module):
         else:
             call = AttentionCall(q, k, v, keep=self.mask, alpha=alpha, mode=self.mode, grid_size=self.grid_size,
                                  mask_size=self.mask_size, num_prefix_tokens=self.num_prefix_tokens,
-                                 custom_mask=self.custom_mask, scale=self.scale, dropout_p=dropout_p)
+                                 custom_mask=self.custom_mask, scale=self.scale, dropout_p=dropout_p,
+                                 head_kinds=self._backend_kinds)
             out = _run(call, self.backend)
         if self.capture_attention:
             self.last_attention = reference.attention_probs(

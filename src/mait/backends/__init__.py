@@ -35,6 +35,10 @@ class AttentionCall:
     custom_mask: bool               # True when ``keep`` is not the local R x R mask
     scale: float
     dropout_p: float
+    # Per-head "hard" / "soft" / "none" when known without reading α (a module knows its
+    # heads statically); lets ``auto`` group heads without a host sync or a data-dependent
+    # branch, so models stay exportable and GPU calls stay asynchronous.
+    head_kinds: Optional[tuple[str, ...]] = None
 
     def kwargs(self) -> dict:
         return {f: getattr(self, f) for f in self.__dataclass_fields__ if f not in ("q", "k", "v")}
@@ -107,13 +111,20 @@ def _group_backend(kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def _subset(call: AttentionCall, heads: Union[torch.Tensor, slice]) -> AttentionCall:
     """The same call restricted to some heads (the local mask is shared by every head)."""
-    return replace(call, q=call.q[:, heads], k=call.k[:, heads], v=call.v[:, heads], alpha=call.alpha[heads])
+    kinds = call.head_kinds
+    if kinds is not None:
+        kinds = kinds[heads] if isinstance(heads, slice) else tuple(kinds[h] for h in heads.tolist())
+    return replace(call, q=call.q[:, heads], k=call.k[:, heads], v=call.v[:, heads], alpha=call.alpha[heads],
+                   head_kinds=kinds)
 
 
 def _grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs: object) -> torch.Tensor:
     """``auto``: run hard, unmasked and soft heads each on their best backend, then reassemble."""
-    alpha = kwargs["alpha"].detach().tolist()      # one host sync; the α vector is tiny
-    kinds = ["hard" if a == 0 else "none" if a == 1 else "soft" for a in alpha]
+    kinds = kwargs.get("head_kinds")
+    if kinds is None:
+        alpha = kwargs["alpha"].detach().tolist()      # one host sync; the α vector is tiny
+        kinds = ["hard" if a == 0 else "none" if a == 1 else "soft" for a in alpha]
+    kinds = list(kinds)
     if len(set(kinds)) == 1:
         return _group_backend(kinds[0], q, k, v, kwargs).fn(q, k, v, **kwargs)
     call = AttentionCall(q, k, v, **kwargs)  # type: ignore[arg-type]
