@@ -17,6 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scheme", default=None, help="masking scheme override for MaiT models")
     parser.add_argument("--mask-size", type=int, default=None, help="mask size R override for MaiT models")
     parser.add_argument("--stages-only", action="store_true", help="print one row per stage, not per layer")
+    parser.add_argument("--dense-masks", action="store_true",
+                        help="count masked heads at full cost (as the paper's Table 7 does for monolithic MaiT)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -26,6 +28,6 @@ def run(args: argparse.Namespace) -> int:
         if not timm.is_model(name):
             raise UserError(f"unknown model {name!r}; see `timm.list_models('*mait*')` or timm's model list")
         model = timm.create_model(name, pretrained=False, **kwargs)
-        print(count_macs(model, name=name).table(per_layer=not args.stages_only))
+        print(count_macs(model, name=name, mask_savings=not args.dense_masks).table(per_layer=not args.stages_only))
         print()
     return 0
