@@ -1,0 +1,97 @@
+"""Training configuration: YAML + command-line overrides, key checks, and the paper's presets."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+
+import mait  # noqa: F401
+from mait.cli import UserError
+from mait.train import TrainConfig, load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_yaml_then_overrides_and_string_coercion(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("model: mait_t24_224\nlr: 1e-3\nepochs: 5\nscale: [0.5, 1.0]\nmodel_kwargs: {depth: 2}\n")
+    config = load_config(path, {"epochs": "7", "ema": "true", "clip-grad": "none"})
+    assert config.model == "mait_t24_224" and config.lr == 1e-3 and isinstance(config.lr, float)
+    assert config.epochs == 7 and config.ema is True and config.clip_grad is None
+    assert config.scale == [0.5, 1.0] and config.model_kwargs == {"depth": 2}
+    saved = tmp_path / "saved.yaml"
+    config.save(saved)
+    assert load_config(saved) == config
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"learning_rate": 1}, "unknown config key 'learning_rate'"),
+    ({"epoch": 3}, "did you mean 'epochs'"),
+    ({"weight_decy": 0.1}, "did you mean 'weight_decay'"),
+    ({"epochs": "many"}, "config key 'epochs' expects int, got 'many'"),
+    ({"epochs": 2.5}, "expects int"),
+    ({"ema": "sometimes"}, "config key 'ema' expects bool"),
+    ({"scale": 3}, "config key 'scale' expects list"),
+    ({"lr": None}, "needs a value"),
+])
+def test_bad_keys_and_values_are_named(values: dict, message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        load_config(None, values)
+
+
+def test_bad_yaml_files(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(UserError, match="must hold a mapping"):
+        load_config(tmp_path / "list.yaml")
+    (tmp_path / "typo.yaml").write_text("mixupp: 0.8\n")
+    with pytest.raises(UserError, match="did you mean 'mixup'"):
+        load_config(tmp_path / "typo.yaml")
+
+
+def test_cli_reports_unknown_yaml_key_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "typo.yaml").write_text("epoch: 3\n")
+    proc = subprocess.run([sys.executable, "-m", "mait", "train", "--config", str(tmp_path / "typo.yaml")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "mait train: error: unknown config key 'epoch' (did you mean 'epochs'?)"
+
+
+# Paper Table 8 / §5.1: batch 1024, lr = base * 1024 / 512, drop path, 400 epochs for > 12 layers.
+PAPER = {
+    "mait_xt24": ("mait_xt24_224", 1e-3, 0.0), "mait_t24": ("mait_t24_224", 1e-3, 0.0),
+    "mait_xs24": ("mait_xs24_224", 5e-4, 0.1), "mait_s24": ("mait_s24_224", 5e-4, 0.1),
+    "mait_t12": ("mait_t12_224", 1e-3, 0.0), "mait_s12": ("mait_s12_224", 5e-4, 0.1),
+    "mait_xt24_distilled": ("mait_xt24_distilled_224", 1e-3, 0.0),
+    "mait_cait_xxs24": ("mait_cait_xxs24_224", 5e-4, 0.05), "mait_cait_s24": ("mait_cait_s24_224", 5e-4, 0.1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_imagenet_presets_follow_the_paper(name: str) -> None:
+    model, base_lr, drop_path = PAPER[name]
+    config = load_config(CONFIGS / "imagenet" / f"{name}.yaml")
+    assert config.model == model and timm.is_model(model)
+    assert config.batch_size == 1024 and config.lr == pytest.approx(base_lr * 1024 / 512)
+    assert config.drop_path == drop_path and config.epochs == 400
+    assert (config.mixup, config.cutmix, config.smoothing, config.reprob) == (0.8, 1.0, 0.1, 0.25)   # DeiT
+    assert config.aa == "rand-m9-mstd0.5-inc1" and config.weight_decay == 0.05 and config.warmup_epochs == 5
+    if "distilled" in name:
+        assert config.teacher == "regnety_160"
+
+
+def test_every_preset_loads() -> None:
+    files = sorted(CONFIGS.glob("*/*.yaml"))
+    assert {f.parent.name for f in files} == {"imagenet", "small"} and len(files) >= 11
+    for path in files:
+        assert timm.is_model(load_config(path).model), path
+
+
+def test_default_config_is_the_builtin_digits_job() -> None:
+    config = TrainConfig()
+    assert (config.model, config.data) == ("mait_nano4_8", "digits")
