@@ -153,3 +153,16 @@ def test_torch_export_round_trip():
     x = torch.randn(2, 3, 32, 32)
     exported = torch.export.export(model, (x,))
     torch.testing.assert_close(exported.module()(x), model(x))
+
+
+@pytest.mark.parametrize("name,params,shape", [("mait_nano4_8", 0.139, (1, 8, 8)), ("mait_micro4_32", 0.142, (3, 32, 32)),
+                                               ("mait_mini6_32", 0.68, (3, 32, 32))])
+def test_small_models_run_at_their_own_size(name, params, shape):
+    """The laptop-sized models of the digits default and the CIFAR presets/study."""
+    model = timm.create_model(name)
+    assert abs(_params(model) / 1e6 - params) < 0.01, _params(model)
+    out = model(torch.randn(2, *shape))
+    assert out.shape == (2, 10)
+    out.sum().backward()
+    assert mait.MaskingScheme.parse("sch1", len(model.blocks), model.blocks[0].attn.num_heads) == \
+        mait.MaskingScheme(tuple(b.attn.head_kinds for b in model.blocks))

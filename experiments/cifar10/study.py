@@ -1,0 +1,346 @@
+"""The CIFAR-10 study of docs/reproduction.md: run it (or any subset) and regenerate its tables and figures.
+
+    python experiments/cifar10/study.py run                 # every run of runs.yaml not finished yet
+    python experiments/cifar10/study.py run 'sch1-*' --jobs 1 --threads 2
+    python experiments/cifar10/study.py report              # tables + figures from the saved runs
+    python experiments/cifar10/study.py command none-s0     # the plain `mait train` command of one run
+
+Each run is ``mait train --config base.yaml`` plus the keys of its entry in ``runs.yaml``,
+written to ``runs/cifar10-study/<name>`` (a killed run is resumed).  ``scheme: search`` is
+the scheme the quick empirical search (§4.3) derives from the ALS of run ``sch1-s0``.
+``report`` reads only the run folders and writes ``experiments/cifar10/results/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import fnmatch
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+BASE, RUNS = HERE / "base.yaml", HERE / "runs.yaml"
+RESULTS = HERE / "results"
+DEFAULT_RUN_DIR = ROOT / "runs" / "cifar10-study"
+SEARCH_SOURCE = "sch1-s0"                       # the Sch.1 run the search measures
+ALS_IMAGES, SIMILARITY_IMAGES = 1000, 500       # held-out images for the analyses
+VARIANTS = ["none", "sch1", "mixed", "soft", "random", "sch1-r5", "search"]   # table order
+
+
+def load_runs() -> dict[str, dict[str, Any]]:
+    return yaml.safe_load(RUNS.read_text())
+
+
+def variant_of(name: str) -> str:
+    return name.rsplit("-s", 1)[0]
+
+
+def select(names: list[str], patterns: list[str]) -> list[str]:
+    if not patterns:
+        return names
+    chosen = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    if not chosen:
+        raise SystemExit(f"no run matches {patterns}; runs: {', '.join(names)}")
+    return chosen
+
+
+# ------------------------------------------------------------------------------------------ running
+
+def search_scheme(run_dir: Path) -> str:
+    """The quick empirical search on run ``sch1-s0``: ALS of head 0 per layer -> assign -> calibrate."""
+    folder = run_dir / "search"
+    if (folder / "scheme.txt").is_file():
+        return (folder / "scheme.txt").read_text().strip()
+    import torch
+    from mait.analysis import measure_als, model_scheme, save_report
+    from mait.analysis.runs import held_out_images, load_model, run_config
+    from mait.search import assign, calibrate
+
+    checkpoint = run_dir / SEARCH_SOURCE / "last.safetensors"
+    config = run_config(checkpoint)
+    loader, info = held_out_images(config, ALS_IMAGES, batch_size=250)
+    model = load_model(config, info, checkpoint)
+    with torch.inference_mode():
+        als = measure_als(model, loader)
+    table = [a.tolist() for a in als]
+    assignment = assign(table)
+    scheme = calibrate(assignment, table)        # "initial" calibration: the Sch.1 run's per-head ALS
+    save_report(als, folder, "als_sch1", scheme=model_scheme(model), colorbar_label="ALS",
+                title=f"Search input: ALS of {SEARCH_SOURCE} ({ALS_IMAGES} held-out images)")
+    (folder / "search.json").write_text(json.dumps(
+        {"source": SEARCH_SOURCE, "als": table, "decisions": list(assignment.decisions),
+         "assigned": str(assignment.scheme), "scheme": str(scheme)}, indent=2) + "\n")
+    (folder / "scheme.txt").write_text(f"{scheme}\n")
+    print(f"[study] searched scheme: {scheme} (decisions {', '.join(assignment.decisions)})", flush=True)
+    return str(scheme)
+
+
+def train_command(name: str, keys: dict[str, Any], run_dir: Path) -> list[str]:
+    """``mait train`` for one run (``scheme: search`` must already be resolved)."""
+    output = run_dir / name
+    output = output.relative_to(ROOT) if output.is_relative_to(ROOT) else output
+    command = [sys.executable, "-m", "mait", "train", "--config", str(BASE.relative_to(ROOT)), "--output", str(output)]
+    for key, value in keys.items():
+        text = yaml.safe_dump(value, default_flow_style=True).strip() if isinstance(value, (dict, list)) else str(value)
+        command += ["--" + key.replace("_", "-"), text]
+    return command
+
+
+def finished(folder: Path, epochs: int) -> bool:
+    rows = read_metrics(folder)
+    return len(rows) >= epochs and (folder / "last.safetensors").is_file()
+
+
+def run_study(patterns: list[str], jobs: int, threads: int, run_dir: Path) -> None:
+    runs = load_runs()
+    todo = [n for n in select(list(runs), patterns)
+            if not finished(run_dir / n, runs[n].get("epochs", yaml.safe_load(BASE.read_text())["epochs"]))]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    active: dict[str, subprocess.Popen] = {}
+    failed: list[str] = []
+    print(f"[study] {len(todo)} runs to do, {jobs} at a time, {threads} thread(s) each: {', '.join(todo)}", flush=True)
+    while todo or active:
+        for name, proc in list(active.items()):
+            if proc.poll() is not None:
+                del active[name]
+                status = "done" if proc.returncode == 0 else f"FAILED (exit {proc.returncode})"
+                if proc.returncode:
+                    failed.append(name)
+                print(f"[study] {time.strftime('%H:%M:%S')} {name} {status}", flush=True)
+        for name in list(todo):
+            if len(active) >= jobs:
+                break
+            keys = dict(runs[name])
+            if keys.get("scheme") == "search":
+                if not finished(run_dir / SEARCH_SOURCE, yaml.safe_load(BASE.read_text())["epochs"]):
+                    if SEARCH_SOURCE in todo or SEARCH_SOURCE in active:
+                        continue                      # wait for the run the search measures
+                    raise SystemExit(f"{name} needs the finished run {SEARCH_SOURCE} in {run_dir}")
+                keys["scheme"] = search_scheme(run_dir)
+            folder = run_dir / name
+            command = train_command(name, keys, run_dir)
+            if (folder / "last.state.pt").is_file():
+                command = command[:4] + ["--resume", str(folder)] + command[4:]
+            folder.mkdir(parents=True, exist_ok=True)
+            log = open(folder / "train.log", "a")
+            print(f"[study] {time.strftime('%H:%M:%S')} start {name}: {shlex.join(command[1:])}", flush=True)
+            active[name] = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+            todo.remove(name)
+        time.sleep(5)
+    if failed:
+        raise SystemExit(f"[study] failed runs (see their train.log): {', '.join(failed)}")
+
+
+# ------------------------------------------------------------------------------------------ report
+
+def read_metrics(folder: Path) -> list[dict[str, float]]:
+    path = folder / "metrics.csv"
+    if not path.is_file():
+        return []
+    with path.open() as handle:
+        return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(handle)]
+
+
+def run_rows(run_dir: Path) -> list[dict[str, Any]]:
+    """One row per finished run: accuracy, time, scheme, params and MACs."""
+    import timm
+    import mait  # noqa: F401  (registers the models)
+    from mait.cost import count_macs
+    from mait.train import load_config
+
+    rows = []
+    for name in load_runs():
+        folder = run_dir / name
+        metrics = read_metrics(folder)
+        if not (folder / "config.yaml").is_file() or not metrics:
+            continue
+        config = load_config(folder / "config.yaml", {})
+        if len(metrics) < config.epochs:
+            continue
+        model = timm.create_model(config.model, scheme=config.scheme, mask_size=config.mask_size,
+                                  **config.model_kwargs)
+        rows.append({"run": name, "variant": variant_of(name), "seed": config.seed, "scheme": config.scheme,
+                     "mask_size": config.mask_size or 3, "depth": len(model.blocks),
+                     "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+                     "gmacs": count_macs(model).macs / 1e9, "acc1": metrics[-1]["val_acc1"],
+                     "best_acc1": max(r["val_acc1"] for r in metrics), "train_min": sum(r["epoch_time"] for r in metrics) / 60})
+    return rows
+
+
+def variant_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    table = []
+    for variant in dict.fromkeys([*VARIANTS, *(r["variant"] for r in rows)]):
+        group = [r for r in rows if r["variant"] == variant]
+        if not group:
+            continue
+        accs = [r["acc1"] for r in group]
+        table.append({"variant": variant, "scheme": group[0]["scheme"], "mask_size": group[0]["mask_size"],
+                      "depth": group[0]["depth"], "seeds": len(group), "acc1_mean": statistics.mean(accs),
+                      "acc1_std": statistics.stdev(accs) if len(accs) > 1 else float("nan"), "acc1_all": accs,
+                      "params_m": group[0]["params_m"], "gmacs": group[0]["gmacs"],
+                      "train_min": statistics.mean(r["train_min"] for r in group)})
+    return table
+
+
+def markdown_table(table: list[dict[str, Any]]) -> str:
+    lines = ["| variant | scheme | R | layers | seeds | val top-1 (mean ± std) | per seed | params (M) | MMACs | train time (min) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for t in table:
+        std = "" if t["acc1_std"] != t["acc1_std"] else f" ± {t['acc1_std']:.2f}"
+        seeds = " / ".join(f"{a:.2f}" for a in t["acc1_all"])
+        lines.append(f"| {t['variant']} | `{t['scheme']}` | {t['mask_size']} | {t['depth']} | {t['seeds']} | "
+                     f"{t['acc1_mean']:.2f}{std} | {seeds} | {t['params_m']:.3f} | {t['gmacs'] * 1e3:.1f} | "
+                     f"{t['train_min']:.1f} |")
+    return "\n".join(lines)
+
+
+def plot_accuracy(table: list[dict[str, Any]], path: Path) -> None:
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(7.5, 4.0), layout="constrained")
+    ax = fig.add_subplot()
+    for i, t in enumerate(table):
+        ax.bar(i, t["acc1_mean"], color="tab:blue" if t["variant"] != "none" else "tab:gray", alpha=0.6)
+        ax.scatter([i] * len(t["acc1_all"]), t["acc1_all"], color="black", s=14, zorder=3)
+    ax.set_xticks(range(len(table)), [f"{t['variant']}\n({t['depth']} layers)" if t["depth"] != table[0]["depth"]
+                                      else t["variant"] for t in table], fontsize=8)
+    low = min(a for t in table for a in t["acc1_all"])
+    ax.set_ylim(max(0.0, low - 5), max(a for t in table for a in t["acc1_all"]) + 2)
+    ax.set_ylabel("validation top-1 (%)")
+    ax.set_title("CIFAR-10 study: final validation top-1 per variant (bars: mean, dots: seeds)", fontsize=10)
+    fig.savefig(path, dpi=120)
+
+
+def plot_als_by_layer(als: dict[str, list[list[float]]], path: Path) -> None:
+    """ALS of every head against depth, one panel per variant (does locality fade with depth?)."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(4.0 * len(als), 3.6), layout="constrained")
+    for i, (variant, table) in enumerate(als.items()):
+        ax = fig.add_subplot(1, len(als), i + 1)
+        for head in range(len(table[0])):
+            ax.plot(range(len(table)), [layer[head] for layer in table], marker="o", label=f"head {head}")
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("layer")
+        ax.set_ylabel("ALS")
+        ax.set_title(f"{variant}", fontsize=10)
+        ax.legend(fontsize=7)
+    fig.suptitle("Attention Locality Score per layer and head (seed 0, 1,000 held-out images; R = 3)", fontsize=10)
+    fig.savefig(path, dpi=120)
+
+
+def analyse(run_dir: Path, out: Path) -> dict[str, Any]:
+    """ALS of the seed-0 models, α of the soft models, similarity of the deeper pair."""
+    import torch
+    from mait.analysis import (last_layers_similarity, measure_als, measure_similarity, model_scheme,
+                               read_alphas, save_report)
+    from mait.analysis.plots import plot_similarity
+    from mait.analysis.runs import held_out_images, load_model, run_config
+
+    def model_and_images(name: str, images: int):
+        checkpoint = run_dir / name / "last.safetensors"
+        config = run_config(checkpoint)
+        loader, info = held_out_images(config, images, batch_size=250)
+        return load_model(config, info, checkpoint), loader
+
+    found: dict[str, Any] = {"als": {}, "alphas": {}, "similarity": {}}
+    with torch.inference_mode():
+        for variant in ["none", "sch1", "mixed", "soft", "random", "search"]:
+            name = f"{variant}-s0"
+            if not (run_dir / name / "last.safetensors").is_file():
+                continue
+            model, loader = model_and_images(name, ALS_IMAGES)
+            als = measure_als(model, loader, mask_size=3)
+            found["als"][variant] = [a.tolist() for a in als]
+            save_report(als, out, f"als_{variant}", scheme=model_scheme(model), colorbar_label="ALS (R = 3)",
+                        title=f"ALS of run {name} ({ALS_IMAGES} held-out images, R = 3)")
+        for name in [n for n in load_runs() if variant_of(n) == "soft"]:
+            if (run_dir / name / "last.safetensors").is_file():
+                model, _ = model_and_images(name, 1)
+                alphas = read_alphas(model)
+                found["alphas"][name] = [a.tolist() for a in alphas]
+                save_report(alphas, out, f"alpha_{name}", colorbar_label="α (0 hard mask, 1 unmasked)",
+                            title=f"Learned soft-mask α of run {name}", cmap="coolwarm")
+        for variant in ["deep-none", "deep-mixed"]:
+            name = f"{variant}-s0"
+            if not (run_dir / name / "last.safetensors").is_file():
+                continue
+            model, loader = model_and_images(name, SIMILARITY_IMAGES)
+            similarity = measure_similarity(model, loader)
+            depth = similarity.shape[-1]
+            last = {k: last_layers_similarity(similarity, k).tolist() for k in (3, depth // 2)}
+            found["similarity"][variant] = {"matrix": similarity.tolist(), "last": last}
+            plot_similarity(similarity, out, stem=f"similarity_{variant}",
+                            title=f"Cross-layer similarity, {name}")
+    if found["als"]:
+        plot_als_by_layer(found["als"], out / "als_by_layer.png")
+    return found
+
+
+def report(run_dir: Path) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    rows = run_rows(run_dir)
+    if not rows:
+        raise SystemExit(f"no finished run in {run_dir}; run the study first")
+    table = variant_table(rows)
+    with (RESULTS / "runs.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    plot_accuracy(table, RESULTS / "accuracy.png")
+    found = analyse(run_dir, RESULTS)
+    search = run_dir / "search" / "search.json"
+    found["search"] = json.loads(search.read_text()) if search.is_file() else None
+    (RESULTS / "summary.json").write_text(json.dumps({"variants": table, "runs": rows, **found}, indent=1) + "\n")
+    text = ["# CIFAR-10 study: results (written by `study.py report`)", "", markdown_table(table), ""]
+    for variant, values in found["similarity"].items():
+        for k, per_head in values["last"].items():
+            text.append(f"- {variant}: mean similarity among the last {k} layers per head "
+                        f"{' / '.join(f'{v:.3f}' for v in per_head)} (mean {statistics.mean(per_head):.3f})")
+    for name, alphas in found["alphas"].items():
+        text.append(f"- α of {name} per layer (heads): " +
+                    "; ".join(" ".join(f"{a:.2f}" for a in layer) for layer in alphas))
+    if found["search"]:
+        text.append(f"- search on {found['search']['source']}: decisions {', '.join(found['search']['decisions'])}"
+                    f" -> `{found['search']['scheme']}`")
+    (RESULTS / "summary.md").write_text("\n".join(text) + "\n")
+    print("\n".join(text))
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs-dir", type=Path, default=DEFAULT_RUN_DIR, help="where the run folders live")
+    sub = parser.add_subparsers(dest="action", required=True)
+    run = sub.add_parser("run", help="train the runs not finished yet (resuming killed ones)")
+    run.add_argument("patterns", nargs="*", help="run names or globs from runs.yaml (default: all)")
+    run.add_argument("--jobs", type=int, default=2, help="runs side by side (default 2)")
+    run.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
+    sub.add_parser("report", help="tables and figures from the finished runs into experiments/cifar10/results")
+    command = sub.add_parser("command", help="print the `mait train` command of one run")
+    command.add_argument("name")
+    args = parser.parse_args(argv)
+    if args.action == "run":
+        run_study(args.patterns, args.jobs, args.threads, args.runs_dir)
+    elif args.action == "report":
+        report(args.runs_dir)
+    else:
+        runs = load_runs()
+        if args.name not in runs:
+            raise SystemExit(f"unknown run {args.name!r}; runs: {', '.join(runs)}")
+        keys = dict(runs[args.name])
+        if keys.get("scheme") == "search":
+            keys["scheme"] = search_scheme(args.runs_dir)
+        print(shlex.join(["mait", *train_command(args.name, keys, args.runs_dir)[3:]]))
+
+
+if __name__ == "__main__":
+    main()
