@@ -95,3 +95,8 @@ def test_every_preset_loads() -> None:
 def test_default_config_is_the_builtin_digits_job() -> None:
     config = TrainConfig()
     assert (config.model, config.data) == ("mait_nano4_8", "digits")
+
+
+def test_digits_preset_is_the_builtin_default() -> None:
+    """configs/small/digits.yaml writes out exactly what `mait train` does with no flags."""
+    assert load_config(CONFIGS / "small" / "digits.yaml") == TrainConfig()

@@ -35,6 +35,10 @@ def _alpha_tensor(alpha: AlphaLike, heads: int, like: torch.Tensor) -> torch.Ten
     if not isinstance(alpha, torch.Tensor):
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float, list, tuple)):
             raise TypeError(f"alpha must be a float, a sequence of floats or a tensor, got {type(alpha).__name__}")
+        if isinstance(alpha, (int, float)):      # the common case: checked without a tensor round trip
+            if not 0.0 <= alpha <= 1.0:
+                raise ValueError(f"alpha must lie in [0, 1] (0 hard mask, 1 unmasked), got {alpha}")
+            return torch.full((heads,), float(alpha), dtype=like.dtype, device=like.device)
         alpha = torch.tensor(alpha, dtype=like.dtype)
     if alpha.dim() == 0:
         alpha = alpha.expand(heads)
@@ -98,6 +102,10 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid_
                          f"tokens (expected {num_prefix_tokens + grid[0] * grid[1]})")
     alpha_t = _alpha_tensor(alpha, heads, q)
     _check_mode(mode, alpha_t)
+    # A plain number gives every head the same, statically known kind (no host sync in ``auto``).
+    head_kinds = None
+    if isinstance(alpha, (int, float)):
+        head_kinds = ("hard" if alpha == 0 else "none" if alpha == 1 else "soft",) * heads
     if mask is None:
         keep = _local_mask_on(grid, mask_size, num_prefix_tokens, str(q.device))
     else:
@@ -108,7 +116,8 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid_
         keep = mask.to(q.device)
     call = AttentionCall(q, k, v, keep=keep, alpha=alpha_t, mode=mode, grid_size=grid, mask_size=mask_size,
                          num_prefix_tokens=num_prefix_tokens, custom_mask=mask is not None,
-                         scale=q.shape[-1] ** -0.5 if scale is None else float(scale), dropout_p=float(dropout_p))
+                         scale=q.shape[-1] ** -0.5 if scale is None else float(scale), dropout_p=float(dropout_p),
+                         head_kinds=head_kinds)
     return _run(call, backend)
 
 

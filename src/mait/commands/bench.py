@@ -261,9 +261,10 @@ def bench_attention(args: argparse.Namespace, device: torch.device) -> dict:
             for _ in range(args.warmup):
                 fn()
         times: dict[str, list[float]] = {method: [] for method in fns}
-        for _ in range(args.repeats):
-            for method, fn in fns.items():
-                times[method].append(_timed(fn, device))
+        methods = list(fns)
+        for round_ in range(args.repeats):      # rotate the order: no method always follows the dense one
+            for method in methods[round_ % len(methods):] + methods[:round_ % len(methods)]:
+                times[method].append(_timed(fns[method], device))
         for method in ATTENTION_METHODS:
             row[f"{method}_ms"] = round(1e3 * statistics.median(times[method]), 3) if method in fns else None
             if not args.no_memory:
