@@ -100,3 +100,10 @@ def test_default_config_is_the_builtin_digits_job() -> None:
 def test_digits_preset_is_the_builtin_default() -> None:
     """configs/small/digits.yaml writes out exactly what `mait train` does with no flags."""
     assert load_config(CONFIGS / "small" / "digits.yaml") == TrainConfig()
+
+
+def test_scheme_none_is_the_unmasked_scheme_not_unset() -> None:
+    """`--scheme none` must train the unmasked baseline, not fall back to the model's default scheme."""
+    assert load_config(None, {"scheme": "none"}).scheme == "none"
+    assert load_config(None, {"scheme": "null"}).scheme is None
+    assert load_config(None, {"teacher": "none"}).teacher is None

@@ -83,3 +83,14 @@ def test_resume_without_checkpoint_is_one_line_error(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0
     assert "no checkpoint there" in proc.stderr and str(tmp_path) in proc.stderr
+
+
+def test_resume_accepts_the_same_folder_spelled_differently(tmp_path: Path) -> None:
+    """`--resume DIR --output DIR` (relative vs absolute) is one folder; another --output is refused."""
+    same = os.path.relpath(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "mait", "train", "--resume", str(tmp_path), "--output", same],
+                          env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "no checkpoint there" in proc.stderr, proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "mait", "train", "--resume", str(tmp_path), "--output",
+                           str(tmp_path / "other")], env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "drop --output" in proc.stderr, proc.stderr

@@ -131,7 +131,7 @@ def run_study(patterns: list[str], jobs: int, threads: int, run_dir: Path) -> No
             folder = run_dir / name
             command = train_command(name, keys, run_dir)
             if (folder / "last.state.pt").is_file():
-                command = command[:4] + ["--resume", str(folder)] + command[4:]
+                command = command[:4] + ["--resume", command[command.index("--output") + 1]] + command[4:]
             folder.mkdir(parents=True, exist_ok=True)
             log = open(folder / "train.log", "a")
             print(f"[study] {time.strftime('%H:%M:%S')} start {name}: {shlex.join(command[1:])}", flush=True)

@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     config_file = args.config
     if args.resume:
         folder = Path(args.resume)
-        if overrides.get("output", str(folder)) != str(folder):
+        if Path(overrides.get("output", folder)).resolve() != folder.resolve():
             raise UserError(f"--resume {folder} continues that folder; drop --output {overrides['output']}")
         overrides["output"] = str(folder)
         if config_file is None and (folder / "config.yaml").is_file():

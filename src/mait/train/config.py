@@ -114,6 +114,10 @@ def _closest(key: str, valid: list[str]) -> str:
     return f" (did you mean {match[0]!r}?)" if match else f"; valid keys: {', '.join(valid)}"
 
 
+# Keys for which the word "none" is a real value, not "unset" (``scheme: none`` = no masked head).
+NONE_IS_A_VALUE = frozenset({"scheme"})
+
+
 def coerce(key: str, value: Any, hint: Any) -> Any:
     """Convert ``value`` (from YAML or a command-line string) to the field type, or raise naming the key."""
     args = typing.get_args(hint)
@@ -121,7 +125,8 @@ def coerce(key: str, value: Any, hint: Any) -> Any:
     target = next((a for a in args if a is not type(None)), hint) if optional else hint
     if isinstance(value, str) and target is not str:
         value = yaml.safe_load(value) if value.strip() else None
-    if value is None or (optional and value in ("none", "None", "null")):
+    unset = ("null",) if key in NONE_IS_A_VALUE else ("none", "None", "null")
+    if value is None or (optional and value in unset):
         if optional:
             return None
         raise UserError(f"config key {key!r} needs a value of type {target.__name__}, got none")
