@@ -32,7 +32,7 @@ class TrainConfig:
     mask_size: Optional[int] = None             # odd window size R; None = the model's (3)
     model_kwargs: dict = field(default_factory=dict)   # extra timm.create_model kwargs
     img_size: Optional[int] = None              # None = the model's (the digits are always 8)
-    drop_path: float = 0.0
+    drop_path: float = 0.1
     init_from: Optional[str] = None             # .safetensors to fine-tune from (head reset on class mismatch)
 
     # data
@@ -55,7 +55,7 @@ class TrainConfig:
     cutmix: float = 0.0
     mixup_prob: float = 1.0
     mixup_switch_prob: float = 0.5
-    smoothing: float = 0.0                      # label smoothing
+    smoothing: float = 0.1                      # label smoothing
 
     # recipe (timm's optimizer/scheduler/EMA factories)
     epochs: int = 60
