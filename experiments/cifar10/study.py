@@ -185,22 +185,25 @@ def variant_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if not group:
             continue
         accs = [r["acc1"] for r in group]
+        baseline = {r["seed"]: r["acc1"] for r in rows if r["variant"] == "none"}
+        paired = [r["acc1"] - baseline[r["seed"]] for r in group if r["seed"] in baseline]
         table.append({"variant": variant, "scheme": group[0]["scheme"], "mask_size": group[0]["mask_size"],
                       "depth": group[0]["depth"], "seeds": len(group), "acc1_mean": statistics.mean(accs),
                       "acc1_std": statistics.stdev(accs) if len(accs) > 1 else float("nan"), "acc1_all": accs,
-                      "params_m": group[0]["params_m"], "gmacs": group[0]["gmacs"],
+                      "delta_vs_none": paired, "params_m": group[0]["params_m"], "gmacs": group[0]["gmacs"],
                       "train_min": statistics.mean(r["train_min"] for r in group)})
     return table
 
 
 def markdown_table(table: list[dict[str, Any]]) -> str:
-    lines = ["| variant | scheme | R | layers | seeds | val top-1 (mean ± std) | per seed | params (M) | MMACs | train time (min) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | scheme | R | layers | seeds | val top-1 (mean ± std) | per seed | Δ vs none, same seed | "
+             "params (M) | MMACs | train time (min) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for t in table:
         std = "" if t["acc1_std"] != t["acc1_std"] else f" ± {t['acc1_std']:.2f}"
         seeds = " / ".join(f"{a:.2f}" for a in t["acc1_all"])
+        delta = " / ".join(f"{d:+.2f}" for d in t["delta_vs_none"]) if t["variant"] != "none" else ""
         lines.append(f"| {t['variant']} | `{t['scheme']}` | {t['mask_size']} | {t['depth']} | {t['seeds']} | "
-                     f"{t['acc1_mean']:.2f}{std} | {seeds} | {t['params_m']:.3f} | {t['gmacs'] * 1e3:.1f} | "
+                     f"{t['acc1_mean']:.2f}{std} | {seeds} | {delta} | {t['params_m']:.3f} | {t['gmacs'] * 1e3:.1f} | "
                      f"{t['train_min']:.1f} |")
     return "\n".join(lines)
 
@@ -224,9 +227,11 @@ def plot_accuracy(table: list[dict[str, Any]], path: Path) -> None:
 def plot_als_by_layer(als: dict[str, list[list[float]]], path: Path) -> None:
     """ALS of every head against depth, one panel per variant (does locality fade with depth?)."""
     from matplotlib.figure import Figure
-    fig = Figure(figsize=(4.0 * len(als), 3.6), layout="constrained")
+    cols = min(3, len(als))
+    rows = -(-len(als) // cols)
+    fig = Figure(figsize=(4.0 * cols, 3.2 * rows), layout="constrained")
     for i, (variant, table) in enumerate(als.items()):
-        ax = fig.add_subplot(1, len(als), i + 1)
+        ax = fig.add_subplot(rows, cols, i + 1)
         for head in range(len(table[0])):
             ax.plot(range(len(table)), [layer[head] for layer in table], marker="o", label=f"head {head}")
         ax.set_ylim(0, 1)

@@ -179,7 +179,7 @@ def bench_models(args: argparse.Namespace, device: torch.device) -> dict:
                     model(images)
         runs.append({"spec": spec, "step": step, "times": [],
                      "params_m": sum(p.numel() for p in model.parameters()) / 1e6})
-    with tqdm(total=(args.warmup + args.repeats) * len(runs), desc="bench", unit="pass", leave=False) as progress:
+    with tqdm(total=(args.warmup + args.repeats) * len(runs), desc="bench", unit="pass", leave=False, disable=None) as progress:
         for run in runs:
             for _ in range(args.warmup):
                 run["step"]()
