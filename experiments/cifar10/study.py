@@ -8,7 +8,8 @@
 Each run is ``mait train --config base.yaml`` plus the keys of its entry in ``runs.yaml``,
 written to ``runs/cifar10-study/<name>`` (a killed run is resumed).  ``scheme: search`` is
 the scheme the quick empirical search (§4.3) derives from the ALS of run ``sch1-s0``.
-``report`` reads only the run folders and writes ``experiments/cifar10/results/``.
+``report`` reads the run folders and writes ``experiments/cifar10/results/``; runs of the
+last report whose folders are gone (a fresh machine) keep that report's figures.
 """
 
 from __future__ import annotations
@@ -243,8 +244,9 @@ def plot_als_by_layer(als: dict[str, list[list[float]]], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def analyse(run_dir: Path, out: Path) -> dict[str, Any]:
-    """ALS of the seed-0 models, α of the soft models, similarity of the deeper pair."""
+def analyse(run_dir: Path, out: Path, earlier: dict[str, Any]) -> dict[str, Any]:
+    """ALS of the seed-0 models, α of the soft models, similarity of the deeper pair
+    (``earlier`` holds the last report's values, kept for runs whose folders are gone)."""
     import torch
     from mait.analysis import (last_layers_similarity, measure_als, measure_similarity, model_scheme,
                                read_alphas, save_report)
@@ -257,7 +259,7 @@ def analyse(run_dir: Path, out: Path) -> dict[str, Any]:
         loader, info = held_out_images(config, images, batch_size=250)
         return load_model(config, info, checkpoint), loader
 
-    found: dict[str, Any] = {"als": {}, "alphas": {}, "similarity": {}}
+    found: dict[str, Any] = {key: dict(earlier.get(key) or {}) for key in ("als", "alphas", "similarity")}
     with torch.inference_mode():
         for variant in ["none", "sch1", "mixed", "soft", "random", "search"]:
             name = f"{variant}-s0"
@@ -291,9 +293,28 @@ def analyse(run_dir: Path, out: Path) -> dict[str, Any]:
     return found
 
 
+def earlier_record() -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Rows and analyses of the last report (``results/``), for runs whose folders are gone."""
+    summary = RESULTS / "summary.json"
+    if not summary.is_file():
+        return [], {}
+    record = json.loads(summary.read_text())
+    return record.get("runs", []), {k: record.get(k) for k in ("als", "alphas", "similarity", "search")}
+
+
 def report(run_dir: Path) -> None:
+    """Tables and figures from the run folders; runs reported before whose folders are gone
+    (a fresh machine) keep the figures of the last report, so partial re-runs add to it."""
     RESULTS.mkdir(parents=True, exist_ok=True)
+    old_rows, old_found = earlier_record()
     rows = run_rows(run_dir)
+    fresh = {r["run"] for r in rows}
+    kept = [r for r in old_rows if r["run"] not in fresh]
+    if kept:
+        print(f"[study] keeping the last report's figures for {len(kept)} runs not in {run_dir}: "
+              f"{', '.join(r['run'] for r in kept)}", flush=True)
+    order = list(load_runs())
+    rows = sorted(rows + kept, key=lambda r: order.index(r["run"]) if r["run"] in order else len(order))
     if not rows:
         raise SystemExit(f"no finished run in {run_dir}; run the study first")
     table = variant_table(rows)
@@ -302,9 +323,9 @@ def report(run_dir: Path) -> None:
         writer.writeheader()
         writer.writerows(rows)
     plot_accuracy(table, RESULTS / "accuracy.png")
-    found = analyse(run_dir, RESULTS)
+    found = analyse(run_dir, RESULTS, old_found)
     search = run_dir / "search" / "search.json"
-    found["search"] = json.loads(search.read_text()) if search.is_file() else None
+    found["search"] = json.loads(search.read_text()) if search.is_file() else old_found.get("search")
     (RESULTS / "summary.json").write_text(json.dumps({"variants": table, "runs": rows, **found}, indent=1) + "\n")
     text = ["# CIFAR-10 study: results (written by `study.py report`)", "", markdown_table(table), ""]
     for variant, values in found["similarity"].items():
