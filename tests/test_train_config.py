@@ -67,7 +67,7 @@ PAPER = {
     "mait_xt24": ("mait_xt24_224", 1e-3, 0.0), "mait_t24": ("mait_t24_224", 1e-3, 0.0),
     "mait_xs24": ("mait_xs24_224", 5e-4, 0.1), "mait_s24": ("mait_s24_224", 5e-4, 0.1),
     "mait_t12": ("mait_t12_224", 1e-3, 0.0), "mait_s12": ("mait_s12_224", 5e-4, 0.1),
-    "mait_xt24_distilled": ("mait_xt24_distilled_224", 1e-3, 0.0),
+    "mait_xt24_distilled": ("mait_xt24_distilled_224", 1e-3, 0.0), "mait_t36": ("mait_t36_224", 1e-3, 0.0),
     "mait_cait_xxs24": ("mait_cait_xxs24_224", 5e-4, 0.05), "mait_cait_s24": ("mait_cait_s24_224", 5e-4, 0.1),
 }
 

@@ -21,6 +21,7 @@ import csv
 import json
 import os
 import platform
+import random
 import statistics
 import tempfile
 import time
@@ -261,9 +262,13 @@ def bench_attention(args: argparse.Namespace, device: torch.device) -> dict:
             for _ in range(args.warmup):
                 fn()
         times: dict[str, list[float]] = {method: [] for method in fns}
-        methods = list(fns)
-        for round_ in range(args.repeats):      # rotate the order: no method always follows the dense one
-            for method in methods[round_ % len(methods):] + methods[:round_ % len(methods)]:
+        methods, order = list(fns), random.Random(grid)
+        for _ in range(args.repeats):
+            # A fresh order each round, and one untimed call right before each timed one: a timed
+            # call never pays for the allocator and cache state the previous method left behind
+            # (after the dense map, the next method otherwise re-faults its memory).
+            for method in order.sample(methods, len(methods)):
+                fns[method]()
                 times[method].append(_timed(fns[method], device))
         for method in ATTENTION_METHODS:
             row[f"{method}_ms"] = round(1e3 * statistics.median(times[method]), 3) if method in fns else None
@@ -286,10 +291,10 @@ def bench_attention(args: argparse.Namespace, device: torch.device) -> dict:
 def _attention_line(row: dict) -> str:
     def ms(key: str) -> str:
         return f"{row[key]:>10.2f}" if row.get(key) is not None else f"{'skipped':>10}"
-    ratio = f"{row['dense_over_linear']:>8.1f}x" if row["dense_over_linear"] else f"{'-':>9}"
+    ratio = f"{row['dense_over_linear']:>10.1f}x" if row["dense_over_linear"] else f"{'-':>11}"
     memory = f"  mem dense/linear {row['dense_mem_over_linear']:.0f}x" if row.get("dense_mem_over_linear") else ""
     return (f"{row['grid']:>4}x{row['grid']:<4}{row['tokens']:>7}{ms('dense_ms')}{ms('linear_ms')}{ms('auto_ms')}"
-            f"{ms('sdpa_ms')}{ratio}{row['sdpa_over_linear']:>8.1f}x{row['auto_over_best']:>8.2f}x{memory}")
+            f"{ms('sdpa_ms')}{ratio}{row['sdpa_over_linear']:>10.1f}x{row['auto_over_best']:>10.2f}x{memory}")
 
 
 def _attention_header(args: argparse.Namespace) -> str:
@@ -297,7 +302,7 @@ def _attention_header(args: argparse.Namespace) -> str:
             f"prefix {args.prefix}, {'forward + backward' if args.train else 'inference'}, median of "
             f"{args.repeats}, {torch.get_num_threads()} threads (times in ms)\n"
             f"{'grid':<9}{'tokens':>7}{'dense':>10}{'linear':>10}{'auto':>10}{'sdpa':>10}"
-            f"{'dense/lin':>9}{'sdpa/lin':>9}{'auto/best':>9}")
+            f"{'dense/lin':>11}{'sdpa/lin':>11}{'auto/best':>11}")
 
 
 def _plot_attention(result: dict, path: str) -> None:
