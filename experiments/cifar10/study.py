@@ -179,15 +179,21 @@ def run_rows(run_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def is_baseline(variant: str) -> bool:
+    """The unmasked runs (``none``, ``deep-none``) every run of the same depth and seed is paired with."""
+    return variant == "none" or variant.endswith("-none")
+
+
 def variant_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per variant: accuracy over seeds and the paired difference to the unmasked run."""
+    baseline = {(r["depth"], r["seed"]): r["acc1"] for r in rows if is_baseline(r["variant"])}
     table = []
     for variant in dict.fromkeys([*VARIANTS, *(r["variant"] for r in rows)]):
         group = [r for r in rows if r["variant"] == variant]
         if not group:
             continue
         accs = [r["acc1"] for r in group]
-        baseline = {r["seed"]: r["acc1"] for r in rows if r["variant"] == "none"}
-        paired = [r["acc1"] - baseline[r["seed"]] for r in group if r["seed"] in baseline]
+        paired = [r["acc1"] - baseline[r["depth"], r["seed"]] for r in group if (r["depth"], r["seed"]) in baseline]
         table.append({"variant": variant, "scheme": group[0]["scheme"], "mask_size": group[0]["mask_size"],
                       "depth": group[0]["depth"], "seeds": len(group), "acc1_mean": statistics.mean(accs),
                       "acc1_std": statistics.stdev(accs) if len(accs) > 1 else float("nan"), "acc1_all": accs,
@@ -197,12 +203,12 @@ def variant_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def markdown_table(table: list[dict[str, Any]]) -> str:
-    lines = ["| variant | scheme | R | layers | seeds | val top-1 (mean ± std) | per seed | Δ vs none, same seed | "
+    lines = ["| variant | scheme | R | layers | seeds | val top-1 (mean ± std) | per seed | Δ vs unmasked (same seed, depth) | "
              "params (M) | MMACs | train time (min) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for t in table:
         std = "" if t["acc1_std"] != t["acc1_std"] else f" ± {t['acc1_std']:.2f}"
         seeds = " / ".join(f"{a:.2f}" for a in t["acc1_all"])
-        delta = " / ".join(f"{d:+.2f}" for d in t["delta_vs_none"]) if t["variant"] != "none" else ""
+        delta = "" if is_baseline(t["variant"]) else " / ".join(f"{d:+.2f}" for d in t["delta_vs_none"])
         lines.append(f"| {t['variant']} | `{t['scheme']}` | {t['mask_size']} | {t['depth']} | {t['seeds']} | "
                      f"{t['acc1_mean']:.2f}{std} | {seeds} | {delta} | {t['params_m']:.3f} | {t['gmacs'] * 1e3:.1f} | "
                      f"{t['train_min']:.1f} |")
@@ -214,7 +220,7 @@ def plot_accuracy(table: list[dict[str, Any]], path: Path) -> None:
     fig = Figure(figsize=(7.5, 4.0), layout="constrained")
     ax = fig.add_subplot()
     for i, t in enumerate(table):
-        ax.bar(i, t["acc1_mean"], color="tab:blue" if t["variant"] != "none" else "tab:gray", alpha=0.6)
+        ax.bar(i, t["acc1_mean"], color="tab:gray" if is_baseline(t["variant"]) else "tab:blue", alpha=0.6)
         ax.scatter([i] * len(t["acc1_all"]), t["acc1_all"], color="black", s=14, zorder=3)
     ax.set_xticks(range(len(table)), [f"{t['variant']}\n({t['depth']} layers)" if t["depth"] != table[0]["depth"]
                                       else t["variant"] for t in table], fontsize=8)
