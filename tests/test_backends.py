@@ -96,10 +96,11 @@ def test_auto_mixed_heads_match_reference(grid, alpha):
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
 
 
-def test_auto_mixed_heads_gradients():
+@pytest.mark.parametrize("alpha", [[0.0, 1.0, 0.4], [0.0, 1.0, 0.0]])   # contiguous / interleaved head groups
+def test_auto_mixed_heads_gradients(alpha):
     grid, prefix = (12, 12), 1
     inputs = [t.requires_grad_() for t in _qkv(grid, prefix, heads=3, seed=11)]
-    alpha = torch.tensor([0.0, 1.0, 0.4], dtype=torch.float64)
+    alpha = torch.tensor(alpha, dtype=torch.float64)
     grads = []
     for backend in ("reference", "auto"):
         out = mait.masked_attention(*inputs, grid_size=grid, num_prefix_tokens=prefix, alpha=alpha, backend=backend)

@@ -137,11 +137,17 @@ def _grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs: object
                  for kind in dict.fromkeys(kinds)]
     outs = [_group_backend(kind, part.q, part.k, part.v, part.kwargs()).fn(part.q, part.k, part.v, **part.kwargs())
             for part, kind in parts]
+    # The groups are written into a (B, T, heads, d) buffer seen as (B, heads, T, d), the layout
+    # SDPA returns: the attention module's transpose back to (B, T, heads * d) is then a free view
+    # instead of one more copy of the output.
+    batch, heads, tokens, dim = v.shape
+    out = v.new_empty(batch, tokens, heads, dim).transpose(1, 2)
     if contiguous:
-        return torch.cat(outs, dim=1)
-    out = torch.empty_like(v)
-    for (part, kind), part_out in zip(parts, outs):
-        out[:, [h for h, k in enumerate(kinds) if k == kind]] = part_out
+        for (start, stop, _), part_out in zip(runs, outs):
+            out[:, start:stop] = part_out
+    else:
+        for (part, kind), part_out in zip(parts, outs):
+            out[:, [h for h, k in enumerate(kinds) if k == kind]] = part_out
     return out
 
 

@@ -123,12 +123,14 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid_s
     qg = (q[:, :, p:] * scale).reshape(batch, heads, h, w, dim)
     kg = k[:, :, p:].reshape(batch, heads, h, w, dim)
     vg = v[:, :, p:].reshape(batch, heads, h, w, dim)
-    out = _LocalRows.apply(qg, kg, vg, k[:, :, :p], v[:, :, :p], mask_size, mode == "zero")
-    out = out.reshape(batch, heads, h * w, dim)
-    if p:
-        # Prefix rows are unmasked in every mode: one dense row each.
-        head = F.scaled_dot_product_attention(q[:, :, :p], k, v, scale=scale)
-        out = torch.cat([head, out], dim=2)
+    rows = _LocalRows.apply(qg, kg, vg, k[:, :, :p], v[:, :, :p], mask_size, mode == "zero")
+    if not p:
+        return rows.reshape(batch, heads, h * w, v.shape[-1])
+    # Prefix rows are unmasked in every mode: one dense row each.  Rows land in a (B, T, heads, d)
+    # buffer seen as (B, heads, T, d), SDPA's layout, so the caller's transpose to (B, T, C) is free.
+    out = v.new_empty(batch, tokens, heads, v.shape[-1]).transpose(1, 2)
+    out[:, :, :p] = F.scaled_dot_product_attention(q[:, :, :p], k, v, scale=scale)
+    out[:, :, p:] = rows.reshape(batch, heads, h * w, v.shape[-1])
     return out
 
 
