@@ -10,11 +10,11 @@ mkdir -p "$OUT"
 run() { local name=$1; shift; echo "+ mait bench $*" | tee "$OUT/$name.txt"; python -m mait bench "$@" --threads "$T" --out "$OUT/$name" 2>&1 | grep -v -E '^(USDT|ERROR:)' | tee -a "$OUT/$name.txt"; }
 
 # 1. the op alone: dense masked vs linear vs auto vs unmasked SDPA (56x56 + cls, R 3, 3 heads, d 32, batch 4)
-run attention --attention --grids 7 14 28 56 112 --batch-size 4 --repeats 5
+run attention --attention --grids 7 14 28 56 112 --batch-size 4 --repeats 9
 # 2. peak memory at 112x112 (dense needs ~1.8 GiB per head and image, so one of each)
 run attention_112_memory --attention --grids 112 --batch-size 1 --heads 1 --max-dense-gib 8 --warmup 0 --repeats 1
 # 3. the op in training (forward + backward)
-run attention_train --attention --train --grids 7 14 28 56 --batch-size 4 --repeats 7 --no-memory
+run attention_train --attention --train --grids 7 14 28 56 --batch-size 4 --repeats 9 --no-memory
 # 4. whole models, inference, batch 64 at 224 px, interleaved rounds
 run models --models swin_tiny_patch4_window7_224 hmait_tiny_224 mait_xs24_224 deit_small_patch16_224 \
     swin_small_patch4_window7_224 mait_s24_224 hmait_small_224 cait_xxs24_224 \
