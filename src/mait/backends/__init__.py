@@ -137,11 +137,7 @@ def _grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs: object
                  for kind in dict.fromkeys(kinds)]
     outs = [_group_backend(kind, part.q, part.k, part.v, part.kwargs()).fn(part.q, part.k, part.v, **part.kwargs())
             for part, kind in parts]
-    # The groups are written into a (B, T, heads, d) buffer seen as (B, heads, T, d), the layout
-    # SDPA returns: the attention module's transpose back to (B, T, heads * d) is then a free view
-    # instead of one more copy of the output.
-    batch, heads, tokens, dim = v.shape
-    out = v.new_empty(batch, tokens, heads, dim).transpose(1, 2)
+    out = local.empty_sdpa_layout(v)       # not torch.cat: keeps the module's transpose a free view
     if contiguous:
         for (start, stop, _), part_out in zip(runs, outs):
             out[:, start:stop] = part_out

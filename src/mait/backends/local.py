@@ -110,6 +110,13 @@ class _LocalRows(torch.autograd.Function):
         return dq, dkpad[:, :, r:r + h, r:r + w], dvg, dkp, dvp, None, None
 
 
+def empty_sdpa_layout(v: torch.Tensor) -> torch.Tensor:
+    """An empty ``(B, heads, T, d)`` output stored as ``(B, T, heads, d)``, the layout SDPA returns:
+    the attention module's transpose back to ``(B, T, heads * d)`` is then a free view."""
+    batch, heads, tokens, dim = v.shape
+    return v.new_empty(batch, tokens, heads, dim).transpose(1, 2)
+
+
 def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid_size: tuple[int, int],
                     mask_size: int, num_prefix_tokens: int, mode: str = "zero", scale: Optional[float] = None,
                     **_: object) -> torch.Tensor:
@@ -124,13 +131,13 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid_s
     kg = k[:, :, p:].reshape(batch, heads, h, w, dim)
     vg = v[:, :, p:].reshape(batch, heads, h, w, dim)
     rows = _LocalRows.apply(qg, kg, vg, k[:, :, :p], v[:, :, :p], mask_size, mode == "zero")
+    rows = rows.reshape(batch, heads, h * w, dim)
     if not p:
-        return rows.reshape(batch, heads, h * w, v.shape[-1])
-    # Prefix rows are unmasked in every mode: one dense row each.  Rows land in a (B, T, heads, d)
-    # buffer seen as (B, heads, T, d), SDPA's layout, so the caller's transpose to (B, T, C) is free.
-    out = v.new_empty(batch, tokens, heads, v.shape[-1]).transpose(1, 2)
+        return rows
+    # Prefix rows are unmasked in every mode: one dense row each.
+    out = empty_sdpa_layout(v)
     out[:, :, :p] = F.scaled_dot_product_attention(q[:, :, :p], k, v, scale=scale)
-    out[:, :, p:] = rows.reshape(batch, heads, h * w, v.shape[-1])
+    out[:, :, p:] = rows
     return out
 
 
