@@ -16,12 +16,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .backends import AttentionCall, reference, select_backend
+from .learned import add_predictor, learned_heads_forward
 from .masks import GridSize, check_mask_size, check_num_prefix_tokens, local_mask, random_mask, to_grid
 from .schemes import HeadKind
 
 MODES = ("zero", "neg_inf")
 # How the backends see each kind of head (random heads are hard heads with a custom mask).
-_BACKEND_KIND = {HeadKind.HARD: "hard", HeadKind.RANDOM: "hard", HeadKind.SOFT: "soft", HeadKind.NONE: "none"}
+# Learned heads run as unmasked heads here and are replaced by mait.learned's output.
+_BACKEND_KIND = {HeadKind.HARD: "hard", HeadKind.RANDOM: "hard", HeadKind.SOFT: "soft", HeadKind.NONE: "none",
+                 HeadKind.LEARNED: "none"}
 AlphaLike = Union[float, int, torch.Tensor, Sequence[float]]
 
 
@@ -128,6 +131,9 @@ class MaskedAttention(nn.Module):
     checkpoints load.  Each head is hard-masked (α = 0), soft-masked (learnable α =
     sigmoid(``alpha_logit``) in (0, 1)), a random-mask control, or unmasked (α = 1), given by
     ``head_kinds`` (default: every head hard).  The boolean mask is a non-persistent buffer.
+    Learned heads (``l``) need ``keep_rate``: the layer then holds a connectivity predictor
+    (``predictor``) and runs those heads through :func:`mait.learned.learned_attention`
+    (``learned_mode`` ``"neg_inf"`` or ``"zero"``; no attention dropout on them).
 
     Set ``capture_attention = True`` to keep the last attention probabilities in
     ``last_attention`` (``(B, heads, T, T)``, detached) for analysis; off by default so the
@@ -139,7 +145,7 @@ class MaskedAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int = 8, *, grid_size: GridSize, mask_size: int = 3,
                  num_prefix_tokens: int = 1, head_kinds: Optional[Sequence[Union[HeadKind, str]]] = None,
                  soft_alpha_init: float = 0.5, mask_seed: int = 0, mode: str = "zero", backend: str = "auto",
-                 qkv_bias: bool = False, qk_norm: bool = False, proj_bias: bool = True,
+                 keep_rate: Optional[float] = None, learned_mode: str = "neg_inf", qkv_bias: bool = False, qk_norm: bool = False, proj_bias: bool = True,
                  attn_drop: float = 0.0, proj_drop: float = 0.0, norm_layer: Optional[type[nn.Module]] = None,
                  **_: object) -> None:
         super().__init__()
@@ -155,7 +161,7 @@ class MaskedAttention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
         self._setup_masking(grid_size, mask_size, num_prefix_tokens, head_kinds, soft_alpha_init, mask_seed,
-                            mode, backend)
+                            mode, backend, keep_rate, learned_mode)
 
     @classmethod
     def from_attention(cls, attn: nn.Module, **masking: object) -> "MaskedAttention":
@@ -174,7 +180,8 @@ class MaskedAttention(nn.Module):
 
     def _setup_masking(self, grid_size: GridSize, mask_size: int = 3, num_prefix_tokens: int = 1,
                        head_kinds: Optional[Sequence[Union[HeadKind, str]]] = None, soft_alpha_init: float = 0.5,
-                       mask_seed: int = 0, mode: str = "zero", backend: str = "auto") -> None:
+                       mask_seed: int = 0, mode: str = "zero", backend: str = "auto",
+                       keep_rate: Optional[float] = None, learned_mode: str = "neg_inf") -> None:
         heads = self.num_heads
         kinds = tuple(HeadKind(k) for k in (head_kinds if head_kinds is not None else "h" * heads))
         if len(kinds) != heads:
@@ -203,7 +210,7 @@ class MaskedAttention(nn.Module):
                 if kind is HeadKind.RANDOM:
                     keep[h] = random_mask(self.grid_size, mask_size, num_prefix_tokens, seed=mask_seed * 1009 + h)
         self.register_buffer("mask", keep, persistent=False)
-        fixed = torch.tensor([1.0 if k is HeadKind.NONE else 0.0 for k in kinds])
+        fixed = torch.tensor([1.0 if k in (HeadKind.NONE, HeadKind.LEARNED) else 0.0 for k in kinds])
         self.register_buffer("alpha_fixed", fixed, persistent=False)
         soft = [h for h, k in enumerate(kinds) if k is HeadKind.SOFT]
         self.register_buffer("soft_index", torch.tensor(soft, dtype=torch.long), persistent=False)
@@ -211,6 +218,7 @@ class MaskedAttention(nn.Module):
         self.alpha_logit = nn.Parameter(init_logit.repeat(len(soft))) if soft else None
         self.unmasked = all(k is HeadKind.NONE for k in kinds)
         self._backend_kinds = tuple(_BACKEND_KIND[k] for k in kinds)
+        add_predictor(self, keep_rate, learned_mode)
 
     @property
     def alpha(self) -> torch.Tensor:
@@ -242,6 +250,8 @@ class MaskedAttention(nn.Module):
         alpha = self.alpha
         if self.unmasked:
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+        elif self.all_learned:
+            out = None
         else:
             call = AttentionCall(q, k, v, keep=self.mask, alpha=alpha, mode=self.mode, grid_size=self.grid_size,
                                  mask_size=self.mask_size, num_prefix_tokens=self.num_prefix_tokens,
@@ -251,5 +261,7 @@ class MaskedAttention(nn.Module):
         if self.capture_attention:
             self.last_attention = reference.attention_probs(
                 q.detach(), k.detach(), keep=self.mask, alpha=alpha.detach(), mode=self.mode, scale=self.scale)
+        if self.predictor is not None:
+            out = learned_heads_forward(self, q, k, v, out)
         x = out.transpose(1, 2).reshape(batch, tokens, channels)
         return self.proj_drop(self.proj(x))

@@ -5,8 +5,10 @@ outputs x in/groups x kernel area).  Attention maps follow paper Table 1: ``q k�
 ``A v`` cost ``2·N²·D`` for full attention, ``2·M²·N·D`` for Swin windows of ``M x M`` and
 ``2·R²·N·D`` for a masked head (a row attends to ``R²`` neighbours plus the prefix tokens;
 prefix rows are dense).  Soft-masked heads need every logit, so they count as full heads;
-so do masked talking-heads layers (CaiT mixes heads before the softmax).  Norms,
-activations and softmax are not counted, as in the paper and fvcore.
+so do masked talking-heads layers (CaiT mixes heads before the softmax).  A learned
+(Sparsifiner) head costs its kept pairs, ``2·d·(P·T + (T-P)·k)``, plus its connectivity
+predictor (counted apart, in ``predictor``; see :func:`mait.learned.predictor_macs`).  Norms,
+activations, softmax and top-k are not counted, as in the paper and fvcore.
 
 :func:`count_macs` runs one forward pass with hooks and reports MACs per layer and per
 stage; :func:`block_macs` is the closed form for one transformer block.
@@ -25,6 +27,7 @@ from timm.models.swin_transformer import WindowAttention
 from timm.models.vision_transformer import Attention
 
 from .attention import MaskedAttention
+from .learned import ConnectivityPredictor, learned_map_macs, predictor_macs
 from .models.cait import MaskedTalkingHeadAttn
 from .schemes import HeadKind
 
@@ -54,8 +57,15 @@ def _masked(module: MaskedAttention, x: torch.Tensor) -> int:
     if isinstance(module, MaskedTalkingHeadAttn):
         return attention_map_macs(x.shape[1], x.shape[2])
     masked = sum(kind in (HeadKind.HARD, HeadKind.RANDOM) for kind in module.head_kinds)
-    return attention_map_macs(x.shape[1], x.shape[2], num_heads=module.num_heads, masked_heads=masked,
-                              mask_size=module.mask_size, num_prefix_tokens=module.num_prefix_tokens)
+    learned = sum(kind is HeadKind.LEARNED for kind in module.head_kinds)
+    fixed = attention_map_macs(x.shape[1], x.shape[2], num_heads=module.num_heads, masked_heads=masked,
+                               mask_size=module.mask_size, num_prefix_tokens=module.num_prefix_tokens)
+    if not learned:
+        return fixed
+    head_dim = x.shape[2] // module.num_heads
+    dense_head = 2 * x.shape[1] * x.shape[1] * head_dim
+    return fixed - learned * dense_head + learned * learned_map_macs(
+        x.shape[1], head_dim, module.predictor.kept, module.num_prefix_tokens)
 
 
 def _full(module: nn.Module, x: torch.Tensor) -> int:
@@ -86,10 +96,16 @@ class LayerCost:
     params: int = 0
     dense: int = 0            # linear and convolution MACs
     attention_map: int = 0    # q kᵀ and A v MACs
+    predictor: int = 0        # learned-mask connectivity predictors (Sparsifiner)
 
     @property
     def macs(self) -> int:
-        return self.dense + self.attention_map
+        return self.dense + self.attention_map + self.predictor
+
+    @property
+    def mhsa(self) -> int:
+        """The MHSA cost Sparsifiner reports: attention maps plus connectivity predictor."""
+        return self.attention_map + self.predictor
 
 
 @dataclass
@@ -109,6 +125,15 @@ class CostReport:
         return sum(layer.attention_map for layer in self.layers)
 
     @property
+    def predictor(self) -> int:
+        return sum(layer.predictor for layer in self.layers)
+
+    @property
+    def mhsa(self) -> int:
+        """Attention maps plus connectivity predictors (the MHSA cost Sparsifiner reports)."""
+        return self.attention_map + self.predictor
+
+    @property
     def params(self) -> int:
         return sum(layer.params for layer in self.layers)
 
@@ -119,6 +144,7 @@ class CostReport:
             total.params += layer.params
             total.dense += layer.dense
             total.attention_map += layer.attention_map
+            total.predictor += layer.predictor
         return list(totals.values())
 
     def table(self, per_layer: bool = True) -> str:
@@ -138,6 +164,21 @@ class CostReport:
             members = [layer for layer in self.layers if layer.stage == stage.name]
             if per_layer and len(members) > 1:
                 lines.extend(row(layer, "  ") for layer in members)
+        return "\n".join(lines)
+
+
+    def mhsa_table(self, dense: "CostReport") -> str:
+        """Per-layer MHSA MACs (attention maps + predictor) against ``dense`` (the same model, every head full)."""
+        lines = [f"MHSA (attention maps + connectivity predictor) against full attention, per image:",
+                 f"{'layer':<28}{'full MMACs':>12}{'kept MMACs':>12}{'pred MMACs':>12}{'reduction':>11}"]
+        full = {layer.name: layer for layer in dense.layers}
+        for layer in self.layers + [LayerCost("total", "", attention_map=self.attention_map,
+                                              predictor=self.predictor)]:
+            base = full[layer.name].attention_map if layer.name in full else dense.attention_map
+            if not base:
+                continue
+            lines.append(f"{layer.name:<28}{base / 1e6:>12.3f}{layer.attention_map / 1e6:>12.3f}"
+                         f"{layer.predictor / 1e6:>12.3f}{100 * (1 - layer.mhsa / base):>10.1f}%")
         return "\n".join(lines)
 
 
@@ -182,6 +223,13 @@ def count_macs(model: nn.Module, input_size: Optional[Sequence[int]] = None, nam
         return layers[layer_name]
 
     def hook_for(module_name: str, module: nn.Module) -> Optional[Callable]:
+        if isinstance(module, ConnectivityPredictor):
+            def predictor(mod, inputs, output):
+                batch, heads, tokens, head_dim = inputs[0].shape
+                layer(module_name).predictor += batch * heads * predictor_macs(mod, head_dim)
+            return predictor
+        if ".predictor." in f"{module_name}.":        # its linear maps are in predictor_macs
+            return None
         if isinstance(module, nn.Linear):
             def linear(mod, inputs, output):
                 layer(module_name).dense += output.numel() // output.shape[-1] * mod.in_features * mod.out_features

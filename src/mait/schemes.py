@@ -10,7 +10,8 @@ groups::
                                                   s soft mask (learnable α in (0, 1))
                                                   r random-mask control (hard, random positions)
                                                   u unmasked (α = 1)
-             | <k>h | <k>s | <k>r               the first k heads hard / soft / random, rest unmasked
+                                                  l learned top-k mask (Sparsifiner)
+             | <k>h | <k>s | <k>r | <k>l        the first k heads hard / soft / random / learned, rest unmasked
              | 0 | none                         no masked head
              | all | soft                       every head hard / every head soft
 
@@ -38,6 +39,7 @@ class HeadKind(str, Enum):
     SOFT = "s"      # learnable α in (0, 1)
     RANDOM = "r"    # α = 0 with a random mask of the same kept fraction (§5.6 control)
     NONE = "u"      # α = 1: plain attention
+    LEARNED = "l"   # instance-dependent top-k mask from a connectivity predictor (mait.learned)
 
     @property
     def is_masked(self) -> bool:
@@ -45,8 +47,8 @@ class HeadKind(str, Enum):
 
 
 HeadsSpec = Union[int, Sequence[int]]
-_SHORTHAND = re.compile(r"^(\d+)([hsr])$")
-_PATTERN = re.compile(r"^[hsru]+$")
+_SHORTHAND = re.compile(r"^(\d+)([hsrl])$")
+_PATTERN = re.compile(r"^[hsrul]+$")
 
 
 def _builtin_texts(depth: int) -> dict[str, Callable[[int], str]]:
@@ -149,6 +151,10 @@ class MaskingScheme:
         return sum(kind.is_masked for kind in self.layer(index))
 
     @property
+    def has_learned(self) -> bool:
+        return any(kind is HeadKind.LEARNED for layer in self.layers for kind in layer)
+
+    @property
     def has_soft(self) -> bool:
         return any(kind is HeadKind.SOFT for layer in self.layers for kind in layer)
 
@@ -167,7 +173,7 @@ class MaskingScheme:
         lines = []
         for start, stop, pattern in self._runs():
             layers = f"{start}" if start == stop else f"{start}-{stop}"
-            kinds = " ".join({"h": "hard", "s": "soft", "r": "random", "u": "-"}[k.value] for k in pattern)
+            kinds = " ".join({"h": "hard", "s": "soft", "r": "random", "l": "learned", "u": "-"}[k.value] for k in pattern)
             lines.append(f"  layers {layers:>7}: {kinds}")
         return "\n".join(lines)
 
@@ -237,8 +243,8 @@ def _parse_heads(text: str, heads: int, layer: int) -> tuple[HeadKind, ...]:
             raise ValueError(f"head pattern {text!r} for layer {layer} names {len(text)} heads, "
                              f"but the layer has {heads} heads (0-{heads - 1})")
         return tuple(HeadKind(c) for c in text)
-    raise ValueError(f"head spec {text!r} for layer {layer} is not one of: a pattern of h/s/r/u letters "
-                     f"(one per head), '<k>h', '<k>s', '<k>r', '0', 'none', 'all', 'soft'")
+    raise ValueError(f"head spec {text!r} for layer {layer} is not one of: a pattern of h/s/r/u/l letters "
+                     f"(one per head), '<k>h', '<k>s', '<k>r', '<k>l', '0', 'none', 'all', 'soft'")
 
 
 def _format_heads(pattern: tuple[HeadKind, ...]) -> str:

@@ -1,4 +1,8 @@
-"""``mait show-mask``: the paper's Fig. 1, which patches one patch token attends to at full strength."""
+"""``mait show-mask``: the paper's Fig. 1, which patches one patch token attends to at full strength.
+
+With ``--checkpoint`` it draws a trained model's *learned* (Sparsifiner) mask instead: the keys
+that patch ``--query`` keeps in learned layer ``--layer`` for one image, over that image.
+"""
 
 from __future__ import annotations
 
@@ -29,11 +33,53 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--random", action="store_true", help="show the random-mask control (§5.6) instead")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random mask (with --random)")
     parser.add_argument("--output", type=Path, default=None, help="PNG path (default: mask_<H>x<W>_r<R>_p<token>.png)")
+    learned = parser.add_argument_group("learned masks (a trained model with 'l' heads)")
+    learned.add_argument("--checkpoint", type=Path, default=None, help="weights written by `mait train` (config.yaml beside)")
+    learned.add_argument("--image", type=Path, default=None,
+                         help="image file (default: the first held-out image of the run's data)")
+    learned.add_argument("--layer", type=int, default=0, help="learned layer, 0-based among layers with 'l' heads")
+    learned.add_argument("--query", type=int, default=None, help="query patch, row-major from 0 (default: the centre)")
+
+
+def _image(path: Path, config, info) -> "torch.Tensor":
+    """The image as the model sees it: the run's eval transform (digits: grey 8x8, scaled and normalised)."""
+    from PIL import Image
+    from ..train.data import DIGITS_MEAN, DIGITS_STD, build_transforms
+    if not path.is_file():
+        raise UserError(f"--image {path} does not exist")
+    picture = Image.open(path)
+    if info.img_size is not None:                  # tensor data (the digits): no timm transform
+        grey = picture.convert("L").resize((info.img_size, info.img_size), Image.BILINEAR)
+        pixels = torch.tensor(list(grey.getdata()), dtype=torch.float32).view(1, info.img_size, info.img_size)
+        return (pixels / 255.0 - DIGITS_MEAN[0]) / DIGITS_STD[0]
+    _, transform = build_transforms(config, info)
+    return transform(picture.convert("RGB" if info.in_chans == 3 else "L"))
+
+
+def _learned(args: argparse.Namespace) -> int:
+    from ..analysis.learned_masks import plot_query_keys, query_keys
+    from ..analysis.runs import held_out_images, load_model, run_config
+    config = run_config(args.checkpoint)
+    loader, info = held_out_images(config, 1, batch_size=1)
+    model = load_model(config, info, args.checkpoint)
+    image = _image(args.image, config, info) if args.image is not None else next(iter(loader))[0][0]
+    grid = tuple(model.patch_embed.grid_size)
+    query = args.query if args.query is not None else (grid[0] // 2) * grid[1] + grid[1] // 2
+    keep, name = query_keys(model, image, args.layer, query)
+    title = f"{config.model}, {name}: keys kept by patch {query} (star)"
+    output = args.output or args.checkpoint.parent / "analysis" / f"learned_mask_l{args.layer}_q{query}.png"
+    print(title)
+    for head, row in enumerate(keep):
+        print(f"head {head}: {int(row.sum())} of {row.numel()} patch keys kept")
+    print(f"wrote {plot_query_keys(image, keep, grid, query, output, title)}")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
     from ..analysis.plots import plot_mask_row  # matplotlib only when drawing
 
+    if args.checkpoint is not None:
+        return _learned(args)
     h, w = args.grid
     check_mask_size(args.mask_size)
     if not 0 <= args.token < h * w:

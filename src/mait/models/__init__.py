@@ -3,6 +3,6 @@
 from .cait import MaskedCait, MaskedTalkingHeadAttn
 from .hmait import HMaiT
 from .mait import MaiT, MaiTDistilled
-from . import small  # noqa: F401  (registers the small models)
+from . import small, sparsifiner  # noqa: F401  (register the small and Sparsifiner models)
 
 __all__ = ["HMaiT", "MaiT", "MaiTDistilled", "MaskedCait", "MaskedTalkingHeadAttn"]

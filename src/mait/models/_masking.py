@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Sequence, Union
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -23,12 +23,14 @@ def check_image_size(img_size: Union[int, Sequence[int]], patch_size: Union[int,
 def apply_masking(blocks: Iterable[nn.Module], *, scheme: Union[str, MaskingScheme], depth: int,
                   num_heads: HeadsSpec, grid_size: Sequence[int], num_prefix_tokens: int, mask_size: int = 3,
                   soft_alpha_init: float = 0.5, mask_seed: int = 0, attention_mode: str = "zero",
-                  attention_backend: str = "auto",
-                  wrap: Callable[..., nn.Module] = MaskedAttention.from_attention) -> MaskingScheme:
+                  attention_backend: str = "auto", keep_rate: Optional[float] = None,
+                  learned_mode: str = "neg_inf", wrap: Callable[..., nn.Module] = MaskedAttention.from_attention) -> MaskingScheme:
     """Replace ``block.attn`` of every block by a masked layer configured from ``scheme``.
 
     Unmasked layers are converted too (their α is 1 and they run plain SDPA), so every layer
-    exposes the same ``alpha`` / ``head_kinds`` / ``capture_attention`` interface.
+    exposes the same ``alpha`` / ``head_kinds`` / ``capture_attention`` interface.  Learned
+    (``l``) heads get a connectivity predictor keeping ``keep_rate`` of the keys (a model that
+    passes no ``keep_rate`` cannot hold learned heads).
     """
     resolved = resolve_scheme(scheme, depth, num_heads)
     check_mask_size(mask_size)
@@ -36,11 +38,15 @@ def apply_masking(blocks: Iterable[nn.Module], *, scheme: Union[str, MaskingSche
     if mask_size > limit and any(resolved.num_masked(i) for i in range(depth)):
         raise ValueError(f"mask_size {mask_size} is larger than the {grid_size[0]}x{grid_size[1]} patch grid needs "
                          f"(R = {limit} already covers it, so masked heads would be unmasked); use R <= {limit}")
+    learned = dict(keep_rate=keep_rate, learned_mode=learned_mode) if resolved.has_learned else {}
+    if resolved.has_learned and keep_rate is None:
+        raise ValueError(f"scheme {str(resolved)!r} has learned heads ('l'), but this model builds no connectivity "
+                         f"predictor; use a MaiT / Sparsifiner model (keep_rate=...)")
     for index, block in enumerate(blocks):
         block.attn = wrap(block.attn, grid_size=tuple(grid_size), mask_size=mask_size,
                           num_prefix_tokens=num_prefix_tokens, head_kinds=resolved.layer(index),
                           soft_alpha_init=soft_alpha_init, mask_seed=mask_seed + index, mode=attention_mode,
-                          backend=attention_backend)
+                          backend=attention_backend, **learned)
     return resolved
 
 

@@ -30,7 +30,8 @@ class _MaskedViTMixin:
 
     def __init__(self, *, scheme: Union[str, MaskingScheme] = "sch1", mask_size: int = 3,
                  soft_alpha_init: float = 0.5, mask_seed: int = 0, attention_mode: str = "zero",
-                 attention_backend: str = "auto", **kwargs: Any) -> None:
+                 attention_backend: str = "auto", keep_rate: float = 0.25, learned_mode: str = "neg_inf",
+                 **kwargs: Any) -> None:
         if kwargs.get("dynamic_img_size"):
             raise ValueError("MaiT masks are built for one patch grid; dynamic_img_size is not supported")
         check_image_size(kwargs.get("img_size", 224), kwargs.get("patch_size", 16))
@@ -41,7 +42,7 @@ class _MaskedViTMixin:
             self.blocks, scheme=scheme, depth=depth, num_heads=self.blocks[0].attn.num_heads,
             grid_size=self.patch_embed.grid_size, num_prefix_tokens=self.num_prefix_tokens, mask_size=mask_size,
             soft_alpha_init=soft_alpha_init, mask_seed=mask_seed, attention_mode=attention_mode,
-            attention_backend=attention_backend)
+            attention_backend=attention_backend, keep_rate=keep_rate, learned_mode=learned_mode)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:
@@ -62,6 +63,8 @@ class MaiT(_MaskedViTMixin, VisionTransformer):
         mask_seed: seed of the random-mask control heads (``r``).
         attention_mode: ``"zero"`` (paper) or ``"neg_inf"`` (strict neighbourhood ablation).
         attention_backend: backend of :func:`mait.masked_attention` (``"auto"``).
+        keep_rate: fraction of keys a learned (``l``) head keeps per patch query (see :mod:`mait.learned`).
+        learned_mode: ``"neg_inf"`` (Sparsifiner) or ``"zero"`` (MaiT's semantics) for learned heads.
     """
 
 

@@ -75,7 +75,9 @@ class TrainConfig:
     # DeiT hard distillation (models with a distillation token)
     teacher: Optional[str] = None
     teacher_checkpoint: Optional[str] = None
+    teacher_kwargs: dict = field(default_factory=dict)  # timm.create_model kwargs of the teacher (e.g. scheme)
     distillation_alpha: float = 0.5             # λ in (1-λ)·CE(cls) + λ·CE(dist, teacher argmax)
+    reconstruction_weight: float = 1.0          # weight of learned-mask heads' attention-reconstruction loss
 
     # run
     output: Optional[str] = None                # None = runs/<model>-<data>-<time>

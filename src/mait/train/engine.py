@@ -34,6 +34,7 @@ from tqdm import tqdm
 import mait  # noqa: F401  (registers the MaiT models in timm)
 
 from ..cli import UserError
+from ..learned import reconstruction_loss
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .data import DataInfo, Loaders, build_loaders, per_rank_batch
@@ -81,14 +82,18 @@ def build_model(config: TrainConfig, info: DataInfo) -> nn.Module:
 
 
 class DistillationLoss(nn.Module):
-    """DeiT hard distillation: ``(1-λ)·base(cls head) + λ·CE(dist head, teacher argmax)``."""
+    """DeiT hard distillation: ``(1-λ)·base(cls head) + λ·CE(dist head, teacher argmax)``.
+
+    A model without a distillation token gives one output, used for both terms (hard
+    distillation on the class token, as when fine-tuning a sparse model from its dense teacher).
+    """
 
     def __init__(self, base: nn.Module, teacher: nn.Module, alpha: float) -> None:
         super().__init__()
         self.base, self.teacher, self.alpha = base, teacher, alpha
 
     def forward(self, images: torch.Tensor, outputs: Any, targets: torch.Tensor) -> torch.Tensor:
-        cls_out, dist_out = outputs
+        cls_out, dist_out = outputs if isinstance(outputs, (tuple, list)) else (outputs, outputs)
         with torch.no_grad():
             teacher_labels = self.teacher(images).argmax(dim=1)
         return (1 - self.alpha) * self.base(cls_out, targets) + self.alpha * F.cross_entropy(dist_out, teacher_labels)
@@ -105,13 +110,10 @@ def build_criterion(config: TrainConfig, mixup_on: bool) -> nn.Module:
 def build_teacher(config: TrainConfig, info: DataInfo, model: nn.Module) -> Optional[nn.Module]:
     if config.teacher is None:
         return None
-    if not hasattr(model, "set_distilled_training"):
-        raise UserError(f"--teacher needs a model with a distillation token; {config.model} has none "
-                        f"(e.g. mait_xt24_distilled_224)")
     if not config.teacher_checkpoint:
         raise UserError("--teacher needs --teacher-checkpoint (a .safetensors of the trained teacher)")
     teacher_config = TrainConfig.from_dict({"model": config.teacher, "scheme": None, "mask_size": None,
-                                            "model_kwargs": {}, "drop_path": 0.0}, base=config)
+                                            "model_kwargs": config.teacher_kwargs, "drop_path": 0.0}, base=config)
     teacher = build_model(teacher_config, info)
     ckpt.load_weights(teacher, Path(config.teacher_checkpoint))
     return teacher.eval().requires_grad_(False)
@@ -188,12 +190,13 @@ class _Run:
         self.amp_dtype = _amp_dtype(config, env.device)
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=self.amp_dtype == torch.float16)
         self.epoch, self.step, self.history = 0, 0, []
-        self.loss_sum, self.loss_count = 0.0, 0
+        self.loss_sum, self.loss_count, self.recon_sum = 0.0, 0, 0.0
         self.best_acc1, self.best_epoch = -1.0, 0
 
     def save(self) -> None:
         """Write weights + training state (all ranks take part in gathering; rank 0 writes)."""
-        per_rank = _gather({"rng": ckpt.rng_states(), "loss": (self.loss_sum, self.loss_count)}, self.env)
+        per_rank = _gather({"rng": ckpt.rng_states(), "loss": (self.loss_sum, self.loss_count),
+                            "recon": self.recon_sum}, self.env)
         if not self.env.is_main:
             return
         ckpt.save_weights(self.model, self.output / ckpt.LAST, {"model": self.config.model, "epoch": str(self.epoch)})
@@ -217,6 +220,7 @@ class _Run:
         mine = state["ranks"][self.env.rank]
         ckpt.set_rng_states(mine["rng"])
         self.loss_sum, self.loss_count = mine["loss"]
+        self.recon_sum = mine.get("recon", 0.0)
         self.epoch, self.step, self.history = state["epoch"], state["step"], state["history"]
         self.best_acc1, self.best_epoch = state["best"]
 
@@ -263,7 +267,8 @@ def _train(config: TrainConfig, resume: bool, env: Dist, start: float) -> TrainR
         config.save(output / "config.yaml")
     if teacher is not None:
         teacher.to(env.device)
-        model.set_distilled_training(True)
+        if hasattr(model, "set_distilled_training"):
+            model.set_distilled_training(True)
     net = DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None) \
         if env.enabled else model
     criterion = build_criterion(config, loaders.mixup is not None)
@@ -289,7 +294,7 @@ def _train_epoch(run: _Run, net: nn.Module, criterion: nn.Module, loss_fn: Optio
                  batch: int) -> None:
     config, env, loaders = run.config, run.env, run.loaders
     if run.step == 0:
-        run.loss_sum, run.loss_count = 0.0, 0
+        run.loss_sum, run.loss_count, run.recon_sum = 0.0, 0, 0.0
     loaders.sampler.start_at(run.epoch, run.step * batch)
     loaders.train_set.epoch = run.epoch
     net.train()
@@ -304,6 +309,10 @@ def _train_epoch(run: _Run, net: nn.Module, criterion: nn.Module, loss_fn: Optio
         with torch.autocast(env.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
             outputs = net(images)
             loss = loss_fn(images, outputs, targets) if loss_fn is not None else criterion(outputs, targets)
+            recon = reconstruction_loss(run.model)       # learned-mask heads only (mait.learned)
+            if recon is not None:
+                loss = loss + config.reconstruction_weight * recon
+                run.recon_sum += recon.item()
         if not math.isfinite(loss.item()):
             raise RuntimeError(f"loss is {loss.item()} at epoch {run.epoch + 1}, step {run.step}; "
                                f"lower the learning rate or enable clip_grad")
@@ -333,11 +342,13 @@ def _train_epoch(run: _Run, net: nn.Module, criterion: nn.Module, loss_fn: Optio
 
 def _end_epoch(run: _Run, log: RunLog) -> None:
     config, env = run.config, run.env
-    loss_sum, loss_count = all_sum([run.loss_sum, run.loss_count], env)
+    loss_sum, loss_count, recon_sum = all_sum([run.loss_sum, run.loss_count, run.recon_sum], env)
     metrics = evaluate(run.model, run.loaders.val, env, run.amp_dtype)
     row = {"epoch": run.epoch + 1, "train_loss": loss_sum / max(loss_count, 1), "val_loss": metrics["loss"],
            "val_acc1": metrics["acc1"], "val_acc5": metrics["acc5"], "lr": run.optimizer.param_groups[0]["lr"],
            "epoch_time": time.perf_counter() - run.epoch_start}
+    if recon_sum:
+        row["train_recon_loss"] = recon_sum / max(loss_count, 1)
     if run.ema is not None:
         row["ema_acc1"] = evaluate(run.ema.module, run.loaders.val, env, run.amp_dtype)["acc1"]
     run.history.append(row)

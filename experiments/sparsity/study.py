@@ -1,0 +1,204 @@
+"""The sparsity head-to-head of docs/sparsity.md: MaiT's fixed local masks against Sparsifiner's learned masks.
+
+    python experiments/sparsity/study.py run                    # every digits run not finished yet
+    python experiments/sparsity/study.py run 'sp25*' --shard 0/2  # a subset, half of it (two processes)
+    python experiments/sparsity/study.py report                 # table + ALS figure from the saved runs
+
+Each run is ``mait train --config configs/small/digits.yaml`` with a shorter schedule
+(``EPOCHS``) plus the keys of its variant below, at one thread, written to
+``runs/sparsity-study/<variant>-s<seed>`` (a finished run is skipped).  The fine-tuned
+Sparsifiner variants (``*ft``) follow the published recipe: start from the dense run of the
+same seed (``--init-from``), train with the reconstruction loss and DeiT hard distillation
+from that dense model, ``FT_EPOCHS`` epochs.  ``report`` writes ``experiments/sparsity/results/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+RUN_DIR = ROOT / "runs" / "sparsity-study"
+RESULTS = HERE / "results"
+BASE = ROOT / "configs" / "small" / "digits.yaml"
+SEEDS = (0, 1, 2)
+EPOCHS, WARMUP = 10, 2
+FT_EPOCHS = 5
+R3_KEEP = 0.13          # kept fraction of a 3x3 window on the 8x8 grid + class token: 8.56 of 65 keys
+
+# variant -> (label, config keys); the order is the table's.
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "dense": ("dense (no mask)", dict(model="mait_nano4_8", scheme="none")),
+    "all": ("MaiT, every head hard (`all`)", dict(model="mait_nano4_8", scheme="all")),
+    "sch1": ("MaiT Sch.1 (one hard head)", dict(model="mait_nano4_8", scheme="sch1")),
+    "random": ("random masks, every head (`*:rrrr`)", dict(model="mait_nano4_8", scheme="*:rrrr")),
+    "sp13": ("Sparsifiner keep 0.13 (= 3x3 kept fraction)",
+             dict(model="sparsifiner_nano4_8", model_kwargs={"keep_rate": R3_KEEP})),
+    "sp25": ("Sparsifiner keep 0.25", dict(model="sparsifiner_nano4_8", model_kwargs={"keep_rate": 0.25})),
+    "sp50": ("Sparsifiner keep 0.5", dict(model="sparsifiner_nano4_8", model_kwargs={"keep_rate": 0.5})),
+    "hybrid": ("hybrid `*:hllu` (1 local, 2 learned at 0.25, 1 unmasked)",
+               dict(model="mait_nano4_8", scheme="*:hllu", model_kwargs={"keep_rate": 0.25})),
+    "sp25ft": ("Sparsifiner keep 0.25, fine-tuned from dense + distillation",
+               dict(model="sparsifiner_nano4_8", model_kwargs={"keep_rate": 0.25}, finetune=True)),
+}
+
+
+def run_names() -> list[str]:
+    # Seed-major, dense first: fine-tuned runs need the dense run of their seed.
+    return [f"{variant}-s{seed}" for seed in SEEDS for variant in VARIANTS]
+
+
+def config_of(name: str) -> dict[str, Any]:
+    variant, seed = name.rsplit("-s", 1)
+    keys = dict(VARIANTS[variant][1])
+    config = dict(yaml.safe_load(BASE.read_text()), epochs=EPOCHS, warmup_epochs=WARMUP, seed=int(seed),
+                  output=str(RUN_DIR / name), progress=False)
+    if keys.pop("finetune", False):
+        dense = RUN_DIR / f"dense-s{seed}" / "last.safetensors"
+        config.update(init_from=str(dense), teacher="mait_nano4_8", teacher_checkpoint=str(dense),
+                      teacher_kwargs={"scheme": "none"}, epochs=FT_EPOCHS, warmup_epochs=1, lr=5e-4)
+    config.update(keys)
+    return config
+
+
+def throughput(model: Any, images: Any, rounds: int = 3) -> float:
+    """Best-of-``rounds`` inference images/s over ``images`` (one batch), one thread."""
+    import torch
+    model.eval()
+    best = 0.0
+    with torch.inference_mode():
+        model(images[:8])
+        for _ in range(rounds):
+            start = time.perf_counter()
+            model(images)
+            best = max(best, len(images) / (time.perf_counter() - start))
+    return best
+
+
+def run(patterns: list[str], shard: str) -> None:
+    import torch
+    torch.set_num_threads(1)
+    from mait.train import TrainConfig, train
+    from mait.train.checkpoint import load_weights
+    from mait.train.data import build_loaders
+    from mait.train.engine import build_model
+    index, count = (int(x) for x in shard.split("/"))
+    names = [n for n in run_names() if not patterns or any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    for position, name in enumerate(names):
+        if position % count != index or (RUN_DIR / name / "result.json").is_file():
+            continue
+        config = TrainConfig.from_dict(config_of(name))
+        if config.init_from and not Path(config.init_from).is_file():
+            print(f"skip {name}: its dense run is not finished", flush=True)
+            continue
+        print(f"run {name}", flush=True)
+        result = train(config)
+        loaders = build_loaders(config)
+        model = build_model(config, loaders.info)
+        load_weights(model, result.last_checkpoint)
+        images = torch.cat([batch for batch, _ in loaders.val])
+        record = {"name": name, "acc1": result.final_acc1, "best_acc1": result.best_acc1,
+                  "img_s": throughput(model, images), "wall_s": result.wall_time,
+                  "recon_first": result.history[0].get("train_recon_loss"),
+                  "recon_last": result.history[-1].get("train_recon_loss")}
+        (RUN_DIR / name / "result.json").write_text(json.dumps(record, indent=1))
+        print(f"done {name}: {record}", flush=True)
+
+
+def mhsa_mmacs(config: dict[str, Any]) -> float:
+    """MHSA MACs per image (attention maps + connectivity predictor), in millions."""
+    import timm
+    from mait.cost import count_macs
+    model = timm.create_model(config["model"], **({"scheme": config["scheme"]} if "scheme" in config else {}),
+                              **config.get("model_kwargs", {}))
+    report = count_macs(model)
+    return (report.attention_map + report.predictor) / 1e6
+
+
+def report() -> None:
+    import torch
+    from mait.analysis import measure_als
+    from mait.analysis.runs import held_out_images, load_model, run_config
+    from mait.learned import measure_mask_locality
+    RESULTS.mkdir(exist_ok=True)
+    rows = ["| variant | runs | top-1 % (mean ± std) | MHSA MMACs (incl. predictor) | img/s (1 thread) |",
+            "|---|---|---|---|---|"]
+    records: dict[str, list[dict[str, Any]]] = {}
+    for name in run_names():
+        path = RUN_DIR / name / "result.json"
+        if path.is_file():
+            records.setdefault(name.rsplit("-s", 1)[0], []).append(json.loads(path.read_text()))
+    for variant, (label, _) in VARIANTS.items():
+        found = records.get(variant, [])
+        if not found:
+            continue
+        accs = [r["acc1"] for r in found]
+        std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        speed = statistics.median(r["img_s"] for r in found)
+        rows.append(f"| {label} | {len(found)} | {statistics.mean(accs):.2f} ± {std:.2f} | "
+                    f"{mhsa_mmacs(config_of(variant + '-s0')):.3f} | {speed:.0f} |")
+    table = "\n".join(rows)
+    (RESULTS / "digits_table.md").write_text(table + "\n")
+    print(table)
+    # Locality: learned-mask ALS by layer (Sparsifiner keep 0.13 / 0.25) against the dense model's attention ALS.
+    als: dict[str, list[float]] = {}
+    for variant in ("dense", "sp13", "sp25", "sp25ft"):
+        checkpoint = RUN_DIR / f"{variant}-s0" / "last.safetensors"
+        if not checkpoint.is_file():
+            continue
+        config = run_config(checkpoint)
+        loader, info = held_out_images(config, 360, batch_size=120)
+        model = load_model(config, info, checkpoint)
+        with torch.inference_mode():
+            if variant == "dense":
+                als["dense attention ALS"] = [float(a.mean()) for a in measure_als(model, loader)]
+            else:
+                als[f"{variant} mask ALS"] = [float(a.mean()) for a in measure_mask_locality(model, loader)]
+    (RESULTS / "als_by_layer.json").write_text(json.dumps(als, indent=1))
+    lines = ["| layer | " + " | ".join(als) + " |", "|---" * (len(als) + 1) + "|"]
+    depth = max((len(v) for v in als.values()), default=0)
+    for layer in range(depth):
+        lines.append(f"| {layer} | " + " | ".join(f"{v[layer]:.3f}" for v in als.values()) + " |")
+    (RESULTS / "als_by_layer.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    if als:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        figure, axis = plt.subplots(figsize=(6, 4))
+        for label, values in als.items():
+            axis.plot(range(len(values)), values, marker="o", label=label)
+        axis.axhline(8.56 / 65, color="grey", linestyle=":", label="uniform over all keys (3x3 share)")
+        axis.set(xlabel="layer", ylabel="ALS (R = 3), mean over heads", title="Do learned masks become local? (digits)")
+        axis.legend(fontsize=8)
+        axis.grid(alpha=0.3)
+        figure.tight_layout()
+        figure.savefig(RESULTS / "als_by_layer.png", dpi=100)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run_parser = sub.add_parser("run")
+    run_parser.add_argument("patterns", nargs="*", help="run names or globs (default: all)")
+    run_parser.add_argument("--shard", default="0/1", help="i/n: run every n-th pending run from the i-th")
+    sub.add_parser("report")
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        run(args.patterns, args.shard)
+    else:
+        report()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
