@@ -17,7 +17,7 @@ from PIL import Image
 import mait  # noqa: F401
 from mait.cli import UserError
 from mait.train import TrainConfig, build_loaders, build_model, evaluate, load_config, load_weights, save_weights, train
-from mait.train.engine import DistillationLoss
+from mait.train.engine import DistillationLoss, build_teacher
 
 TINY = {"model_kwargs": {"depth": 1, "embed_dim": 16, "num_heads": 2}, "epochs": 2, "batch_size": 32,
         "train_subset": 128, "val_subset": 64, "warmup_epochs": 1, "progress": False}
@@ -171,8 +171,17 @@ def test_distillation_run_and_averaged_heads_at_eval(digits_run, tmp_path: Path)
         torch.testing.assert_close(model(x), (cls_logits + dist_logits) / 2)
 
 
-def test_teacher_needs_a_distillation_token(tmp_path: Path) -> None:
-    config = TrainConfig.from_dict(dict(TINY, teacher="mait_nano4_8", teacher_checkpoint="x.safetensors",
-                                        output=str(tmp_path / "r")))
-    with pytest.raises(UserError, match="needs a model with a distillation token"):
-        train(config)
+def test_teacher_without_a_distillation_token_distils_into_the_class_head(tmp_path: Path) -> None:
+    teacher = train(TrainConfig.from_dict(dict(TINY, epochs=1, output=str(tmp_path / "teacher"))))
+    config = TrainConfig.from_dict(dict(TINY, epochs=1, teacher="mait_nano4_8", output=str(tmp_path / "r"),
+                                        teacher_checkpoint=str(teacher.last_checkpoint),
+                                        teacher_kwargs=TINY["model_kwargs"]))
+    torch.manual_seed(0)
+    info = build_loaders(config).info
+    student, teacher_model = build_model(config, info).eval(), build_teacher(config, info, build_model(config, info))
+    images, targets = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])
+    loss = DistillationLoss(torch.nn.CrossEntropyLoss(), teacher_model, 0.5)(images, student(images), targets)
+    logits = student(images)
+    want = 0.5 * F.cross_entropy(logits, targets) + 0.5 * F.cross_entropy(logits, teacher_model(images).argmax(1))
+    torch.testing.assert_close(loss, want)
+    assert train(config).final_acc1 >= 0

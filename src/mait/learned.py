@@ -122,11 +122,12 @@ def _gather(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tens
 def gather_is_faster(tokens: int, kept: int) -> bool:
     """Rule of ``backend="auto"``: the gather path beats the dense one for this shape.
 
-    Measured on CPU (``benchmarks/learned_attention.py``, results in ``benchmarks/README.md``):
-    gathering costs several times more per (query, key) than a dense matmul, so it only wins
-    on long sequences with a small kept fraction.
+    Measured on CPU, one thread (``benchmarks/learned_attention.py``, see docs/sparsity.md):
+    a gathered (query, key) pair costs 5-10x a dense one, so the dense path wins at every
+    ViT size (2-10x faster up to 1601 tokens at keep 0.05-0.25); the gather path first wins
+    at 3137 tokens keeping 2 % of the keys (1.07x) and still loses keeping 5 % (0.47x).
     """
-    return tokens >= 1024 and kept * 8 <= tokens
+    return tokens >= 3000 and kept * 40 <= tokens
 
 
 def learned_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor, *,

@@ -85,7 +85,11 @@ def _mismatch_message(path: Path, missing: list[str], unexpected: list[str], sha
         if keys:
             shown = ", ".join(keys[:6]) + (f", ... ({len(keys)} in all)" if len(keys) > 6 else "")
             parts.append(f"{label}: {shown}")
-    return f"checkpoint {path} does not fit this model ({'; '.join(parts)})"
+    hint = ""
+    if missing and not unexpected and not shapes and all(".predictor." in key for key in missing):
+        hint = ("; only the learned-mask predictor is missing: a dense checkpoint, which a Sparsifiner model "
+                "starts from with --init-from")
+    return f"checkpoint {path} does not fit this model ({'; '.join(parts)}){hint}"
 
 
 def load_weights(model: nn.Module, path: Path, *, allow_head_reset: bool = False, strict: bool = True) -> list[str]:
