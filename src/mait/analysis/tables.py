@@ -9,7 +9,7 @@ import torch
 
 from ..schemes import MaskingScheme
 
-_KIND_MARK = {"h": "H", "s": "S", "r": "R", "u": " "}
+_KIND_MARK = {"h": "H", "s": "S", "r": "R", "l": "L", "u": " "}
 
 
 def format_table(values: Sequence[torch.Tensor], scheme: Optional[MaskingScheme] = None) -> str:
@@ -25,7 +25,7 @@ def format_table(values: Sequence[torch.Tensor], scheme: Optional[MaskingScheme]
         cells += [" " * 9] * (width - len(layer))
         lines.append(f"{i:>5} " + "".join(cells) + f"{layer.float().mean().item():>9.3f}")
     if scheme is not None:
-        lines.append("(H hard-masked, S soft-masked, R random-mask control, blank unmasked)")
+        lines.append("(H hard-masked, S soft-masked, R random-mask control, L learned mask, blank unmasked)")
     return "\n".join(lines)
 
 

@@ -7,6 +7,7 @@ import argparse
 from ..analysis import measure_als, model_scheme, save_report
 from ..analysis.runs import add_model_arguments, prepare
 from ..attention import MaskedAttention
+from ..learned import learned_layers, measure_mask_locality
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,4 +26,10 @@ def run(args: argparse.Namespace) -> int:
     print(save_report(als, output, "als", title=title, colorbar_label="ALS (attention on the neighbourhood)",
                       scheme=model_scheme(model) if masked else None))
     print(f"wrote als.txt, als.csv and als.png in {output}")
+    if learned_layers(model):       # learned (Sparsifiner) heads: how much of each mask is local
+        locality = measure_mask_locality(model, loader, mask_size=window)
+        print(save_report(locality, output, "mask_als", colorbar_label="share of kept keys in the window",
+                          title=f"Learned-mask ALS (R = {window}): share of kept keys inside the window\n"
+                                f"{config.model}, {len(loader.dataset)} held-out images"))
+        print(f"wrote mask_als.txt, mask_als.csv and mask_als.png in {output}")
     return 0
