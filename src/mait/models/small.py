@@ -23,6 +23,17 @@ from .mait import MaiT, _cfg, _model
 __all__ = ["mait_nano4_8", "mait_micro4_32", "mait_mini6_32"]
 
 PIXEL_POS_EMBED_STD = 0.5
+# Backbone shapes shared with the Sparsifiner variants (models/sparsifiner.py).
+NANO4_8 = dict(img_size=8, patch_size=1, in_chans=1, num_classes=10, embed_dim=64, depth=4, num_heads=4,
+               mlp_ratio=2.0)
+MINI6_32 = dict(img_size=32, patch_size=4, num_classes=10, embed_dim=96, depth=6, num_heads=3)
+
+
+def pixel_pos_embed(model: MaiT, pretrained: bool) -> MaiT:
+    """Pixel tokens: start the position embedding at the pixel embedding's scale (see the module docstring)."""
+    if not pretrained:
+        nn.init.trunc_normal_(model.pos_embed, std=PIXEL_POS_EMBED_STD)
+    return model
 
 default_cfgs = generate_default_cfgs({
     "mait_nano4_8": _cfg(num_classes=10, input_size=(1, 8, 8), crop_pct=1.0, mean=(0.3053,), std=(0.3760,),
@@ -37,12 +48,7 @@ default_cfgs = generate_default_cfgs({
 @register_model
 def mait_nano4_8(pretrained: bool = False, **kwargs: Any) -> MaiT:
     """Digits default: 8x8 grayscale, patch 1, D=64, 4 heads, 4 layers, MLP ratio 2, Sch.1."""
-    args = dict(img_size=8, patch_size=1, in_chans=1, num_classes=10, embed_dim=64, depth=4, num_heads=4,
-                mlp_ratio=2.0, scheme="sch1")
-    model = _model("mait_nano4_8", pretrained, args, kwargs)
-    if not pretrained:
-        nn.init.trunc_normal_(model.pos_embed, std=PIXEL_POS_EMBED_STD)
-    return model
+    return pixel_pos_embed(_model("mait_nano4_8", pretrained, dict(NANO4_8, scheme="sch1"), kwargs), pretrained)
 
 
 @register_model
@@ -56,5 +62,4 @@ def mait_micro4_32(pretrained: bool = False, **kwargs: Any) -> MaiT:
 @register_model
 def mait_mini6_32(pretrained: bool = False, **kwargs: Any) -> MaiT:
     """CIFAR-10 study: 32x32 RGB, patch 4 (8x8 grid), D=96, 3 heads of 32, 6 layers, MLP ratio 4, Sch.1 (0.68 M)."""
-    args = dict(img_size=32, patch_size=4, num_classes=10, embed_dim=96, depth=6, num_heads=3, scheme="sch1")
-    return _model("mait_mini6_32", pretrained, args, kwargs)
+    return _model("mait_mini6_32", pretrained, dict(MINI6_32, scheme="sch1"), kwargs)

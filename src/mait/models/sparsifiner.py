@@ -19,12 +19,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch.nn as nn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import checkpoint_filter_fn
 
 from .mait import MaiT, _cfg
-from .small import PIXEL_POS_EMBED_STD, default_cfgs as small_cfgs
+from .small import MINI6_32, NANO4_8, default_cfgs as small_cfgs, pixel_pos_embed
 
 __all__ = ["sparsifiner_deit_tiny_224", "sparsifiner_deit_small_224", "sparsifiner_nano4_8", "sparsifiner_mini6_32"]
 
@@ -66,16 +65,10 @@ def sparsifiner_deit_small_224(pretrained: bool = False, **kwargs: Any) -> MaiT:
 @register_model
 def sparsifiner_nano4_8(pretrained: bool = False, **kwargs: Any) -> MaiT:
     """Digits: ``mait_nano4_8``'s shape (8x8 pixel tokens, D=64, 4 heads, 4 layers) with every head learned."""
-    args = dict(img_size=8, patch_size=1, in_chans=1, num_classes=10, embed_dim=64, depth=4, num_heads=4,
-                mlp_ratio=2.0)
-    model = _create("sparsifiner_nano4_8", pretrained, args, kwargs)
-    if not pretrained:
-        nn.init.trunc_normal_(model.pos_embed, std=PIXEL_POS_EMBED_STD)
-    return model
+    return pixel_pos_embed(_create("sparsifiner_nano4_8", pretrained, NANO4_8, kwargs), pretrained)
 
 
 @register_model
 def sparsifiner_mini6_32(pretrained: bool = False, **kwargs: Any) -> MaiT:
     """CIFAR-10: ``mait_mini6_32``'s shape (32 px, patch 4, D=96, 3 heads, 6 layers) with every head learned."""
-    args = dict(img_size=32, patch_size=4, num_classes=10, embed_dim=96, depth=6, num_heads=3)
-    return _create("sparsifiner_mini6_32", pretrained, args, kwargs)
+    return _create("sparsifiner_mini6_32", pretrained, MINI6_32, kwargs)
