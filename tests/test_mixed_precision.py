@@ -86,3 +86,14 @@ def test_whole_model_compiles_in_one_graph(scheme):
         eager = model(x)
         compiled = torch.compile(model, backend="eager", fullgraph=True)
         torch.testing.assert_close(compiled(x), eager)
+
+
+def test_masks_cached_in_inference_mode_serve_training():
+    """A mask first built under ``torch.inference_mode`` is cached as a normal tensor: training later works."""
+    layer = _layer("hs", grid=(3, 5), prefix=2)
+    x = torch.randn(1, 17, 32)
+    with torch.inference_mode():
+        layer(x)
+    fresh = _layer("hs", grid=(3, 5), prefix=2)
+    fresh(x).sum().backward()
+    assert fresh.qkv.weight.grad is not None

@@ -27,8 +27,11 @@ AlphaLike = Union[float, int, torch.Tensor, Sequence[float]]
 
 @lru_cache(maxsize=32)
 def _local_mask_on(grid: tuple[int, int], mask_size: int, num_prefix_tokens: int, device: str) -> torch.Tensor:
-    """The ``(T, T)`` local keep mask on a device, built once per geometry (only backends that read it ask)."""
-    return local_mask(grid, mask_size, num_prefix_tokens, device=device)
+    """The ``(T, T)`` local keep mask on a device, built once per geometry (only backends that read it ask).
+
+    Built outside inference mode even when first asked for inside it, so training can use it later."""
+    with torch.inference_mode(False):
+        return local_mask(grid, mask_size, num_prefix_tokens, device=device)
 
 
 def _alpha_tensor(alpha: AlphaLike, heads: int, like: torch.Tensor) -> torch.Tensor:

@@ -49,6 +49,12 @@ def grid_constants(grid: tuple[int, int], mask_size: int, prefix: int, device: s
     ``rest_count`` is ``c_i`` per token (0 for prefix rows: ``log c = -inf``, weight 1);
     ``dtype`` is the precision the identity combines in (float32, or float64 for float64 inputs).
     """
+    with torch.inference_mode(False):     # cached: usable by later calls in any mode
+        return _grid_constants(grid, mask_size, prefix, device, dtype)
+
+
+def _grid_constants(grid: tuple[int, int], mask_size: int, prefix: int, device: str,
+                    dtype: torch.dtype) -> tuple[Any, torch.Tensor, torch.Tensor]:
     tokens = prefix + grid[0] * grid[1]
     near = neighbour_test(grid[1], (mask_size - 1) // 2, prefix)
     block_mask = create_block_mask(lambda b, h, q_idx, kv_idx: near(q_idx, kv_idx), None, None, tokens, tokens,

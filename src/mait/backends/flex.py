@@ -87,7 +87,8 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, alpha: torch.Tenso
         dtype = torch.get_autocast_dtype(q.device.type)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     fn = compiled() if q.is_cuda else fused_masked_attention
-    args = (q, k, v, alpha.float(), table, float(scale), call.grid_size[1], (call.mask_size - 1) // 2,
+    alpha = alpha if alpha.dtype == torch.float64 else alpha.float()     # float32 on GPUs: one kernel per dtype
+    args = (q, k, v, alpha, table, float(scale), call.grid_size[1], (call.mask_size - 1) // 2,
             call.num_prefix_tokens, call.mode == "neg_inf")
     if q.is_cuda:
         return fn(*args)
