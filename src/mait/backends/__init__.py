@@ -102,22 +102,17 @@ def local_is_faster(grid_size: tuple[int, int], mask_size: int) -> bool:
     return patches >= max(128, 8 * mask_size * mask_size)
 
 
-# GPU shape rules (H200 measurements in benchmarks/README.md): the fused dense kernel wins up
-# to a few thousand tokens; the block-sparse identity wins above that for inference, and the
-# linear backend for training on larger grids (the fused kernel is O(T²)).
+# GPU shape rule (H200 measurements in benchmarks/README.md): the fused dense kernel wins up
+# to a couple of thousand tokens, the block-sparse identity (O(T·R²·d)) above that.
 BLOCKSPARSE_MIN_TOKENS = 2048
-FUSED_TRAIN_MAX_TOKENS = 4096
 
 
 def _gpu_whole_layer(call: AttentionCall) -> Optional[Backend]:
     """The one backend that runs a whole CUDA layer, or None to fall back to per-kind groups."""
     if call.kinds() == {HeadKind.NONE} and sdpa.can_run(call) is None:
         return BACKENDS["sdpa"]
-    big = call.num_tokens >= BLOCKSPARSE_MIN_TOKENS
-    if big and blocksparse.can_run(call) is None:
+    if call.num_tokens >= BLOCKSPARSE_MIN_TOKENS and blocksparse.can_run(call) is None:
         return BACKENDS["blocksparse"]
-    if call.needs_grad and call.num_tokens > FUSED_TRAIN_MAX_TOKENS and local.can_run(call) is None:
-        return BACKENDS["local"]
     if flex.can_run(call) is None:
         return BACKENDS["flex"]
     return None
@@ -195,7 +190,7 @@ def plan_attention(call: AttentionCall, backend: str = "auto") -> AttentionPlan:
     """The plan for ``call``: one named backend for every head, or ``auto``'s choice.
 
     ``auto`` on CUDA runs a whole layer in one kernel (SDPA when no head is masked, the
-    block-sparse identity for long all-hard inference, the fused FlexAttention kernel
+    block-sparse identity for long all-hard layers, the fused FlexAttention kernel
     otherwise); on the CPU, and wherever no single fast backend fits, it groups heads by
     kind: unmasked heads on SDPA, hard heads on the linear backend when
     :func:`local_is_faster` (always on CUDA), the rest on the dense reference.

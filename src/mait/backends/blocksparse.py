@@ -14,8 +14,14 @@ plus the prefix values; prefix rows have ``c_i = 0`` and ``w_i = 1``.  Every per
 constant (the block mask, ``log c`` and ``1 / c``) is built once per (grid, R, prefix,
 device) on the device itself, in O(T) memory: no host work and no T x T tensor per call.
 
-Inference only: training routes to the fused kernel or the linear backend (the backward
-through FlexAttention's lse is not exact in every torch release).
+Training: FlexAttention's own backward does not give the gradient through ``lse`` exactly in
+every torch release, so :class:`_NeighbourhoodAttention` supplies it.  With ``P`` the strict
+neighbourhood probabilities, ``∂lse_i/∂S_ij = P_ij``, so an upstream ``g_i = ∂L/∂lse_i`` adds
+``scale · g_i · Σ_j P_ij k_j`` to ``dq_i`` and ``scale · Σ_i g_i P_ij q_i`` to ``dk_j``: one more
+block-sparse call with the keys as values (its output is ``Σ_j P_ij k_j``, its value gradient the
+second sum).  Everything after ``(local, lse)`` — weights, box filter, rest bucket — is plain
+autograd.  The math is checked on the CPU with a dense stand-in for FlexAttention
+(``tests/test_backends_flex.py``) and on the GPU by ``benchmarks/gpu.sh``.
 """
 
 from __future__ import annotations
@@ -64,17 +70,70 @@ def _grid_constants(grid: tuple[int, int], mask_size: int, prefix: int, device: 
     return block_mask, torch.log(rest), 1.0 / rest.clamp(min=1)
 
 
+NeighbourhoodFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def flex_neighbourhood(block_mask: Any, scale: float, flex: Optional[Callable[..., Any]] = None) -> NeighbourhoodFn:
+    """``(q, k, v) -> (out, lse)`` of strict neighbourhood attention: block-sparse FlexAttention
+    (``flex``: a compiled ``flex_attention``, default the eager one)."""
+    flex = flex or flex_attention
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if AuxRequest is None:
+            return flex(q, k, v, block_mask=block_mask, scale=scale, return_lse=True)
+        out, aux = flex(q, k, v, block_mask=block_mask, scale=scale, return_aux=AuxRequest(lse=True))
+        return out, aux.lse
+
+    return attend
+
+
+class _NeighbourhoodAttention(torch.autograd.Function):
+    """``(out, lse)`` of strict neighbourhood attention whose backward includes the lse gradient."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, attend: NeighbourhoodFn, scale: float):  # type: ignore[override]
+        with torch.no_grad():
+            out, lse = attend(q, k, v)
+        ctx.save_for_backward(q, k, v)
+        ctx.attend, ctx.scale = attend, scale
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):  # type: ignore[override]
+        q, k, v = ctx.saved_tensors
+        attend, scale = ctx.attend, ctx.scale
+        with torch.enable_grad():
+            q_, k_, v_ = (t.detach().requires_grad_() for t in (q, k, v))
+            out, _ = attend(q_, k_, v_)
+            grad_out = torch.zeros_like(out) if grad_out is None else grad_out.to(out.dtype)
+            dq, dk, dv = torch.autograd.grad(out, (q_, k_, v_), grad_out)
+            if grad_lse is not None:
+                # lse path: dq_i += scale g_i Σ_j P_ij k_j, dk_j += scale Σ_i g_i P_ij q_i
+                keys = k.detach().requires_grad_()
+                k_mean, _ = attend(q.detach(), k.detach(), keys)
+                acc = torch.promote_types(q.dtype, torch.float32)
+                g = grad_lse.unsqueeze(-1).to(acc) * scale
+                (dk_lse,) = torch.autograd.grad(k_mean, keys, (g * q.to(acc)).to(k_mean.dtype))
+                dq = dq + (g * k_mean.to(acc)).to(dq.dtype)
+                dk = dk + dk_lse
+        return dq, dk, dv, None, None
+
+
 def identity(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: Any, log_rest: torch.Tensor,
              inv_rest: torch.Tensor, scale: float, grid: tuple[int, int], mask_size: int, prefix: int,
-             zero: bool) -> torch.Tensor:
-    """Hard-masked attention of every head from one block-sparse FlexAttention call (module doc)."""
+             zero: bool, attend: Optional[NeighbourhoodFn] = None) -> torch.Tensor:
+    """Hard-masked attention of every head from block-sparse FlexAttention plus the rest bucket (module doc).
+
+    ``attend`` replaces FlexAttention by another strict neighbourhood attention (tests).
+    """
     batch, heads, tokens, dim = q.shape
     h, w = grid
-    if AuxRequest is None:
-        local, lse = flex_attention(q, k, v, block_mask=block_mask, scale=scale, return_lse=True)
+    attend = attend or flex_neighbourhood(block_mask, scale)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        local, lse = _NeighbourhoodAttention.apply(q, k, v, attend, scale)
     else:
-        local, aux = flex_attention(q, k, v, block_mask=block_mask, scale=scale, return_aux=AuxRequest(lse=True))
-        lse = aux.lse
+        local, lse = attend(q, k, v)
     if not zero:
         return local
     acc = log_rest.dtype                              # float32 (float64 for float64 inputs)
@@ -91,8 +150,14 @@ def identity(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: Any,
 
 @lru_cache(maxsize=1)
 def compiled() -> Callable[..., torch.Tensor]:
-    """The compiled :func:`identity` (one per process; dynamo caches per geometry and dtype)."""
+    """The compiled :func:`identity` for inference (one per process; dynamo caches per geometry and dtype)."""
     return torch.compile(identity, dynamic=False)
+
+
+@lru_cache(maxsize=1)
+def compiled_flex() -> Callable[..., Any]:
+    """Compiled ``flex_attention`` for training, where the identity runs eagerly around it."""
+    return torch.compile(flex_attention, dynamic=False)
 
 
 def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, call: Any, scale: float, **_: Any) -> torch.Tensor:
@@ -103,6 +168,8 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, call: Any, scale: 
                                                     str(q.device), torch.promote_types(q.dtype, torch.float32))
     args = (q, k, v, block_mask, log_rest, inv_rest, float(scale), call.grid_size, call.mask_size,
             call.num_prefix_tokens, call.mode == "zero")
+    if q.is_cuda and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return identity(*args, attend=flex_neighbourhood(block_mask, float(scale), compiled_flex()))
     if q.is_cuda:
         return compiled()(*args)
     with warnings.catch_warnings():       # eager FlexAttention warns that it is unfused
@@ -111,7 +178,7 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, call: Any, scale: 
 
 
 def can_run(call: Any) -> Optional[str]:
-    """Hard heads on the local window, inference only."""
+    """Hard heads on the local window (training on CUDA only: FlexAttention has no CPU backward)."""
     if not available():
         return "torch.nn.attention.flex_attention is not available in this torch"
     if call.custom_mask:
@@ -121,8 +188,8 @@ def can_run(call: Any) -> Optional[str]:
     if set(call.head_kinds) != {HeadKind.HARD}:
         return (f"every head must be hard-masked (alpha a constant 0), got head kinds "
                 f"{''.join(k.value for k in call.head_kinds)!r}")
-    if call.needs_grad:
-        return "it runs inference only (training uses the 'flex' or 'local' backend)"
+    if call.needs_grad and call.device_type != "cuda":
+        return "FlexAttention has no backward on the CPU (use the local backend to train there)"
     if call.device_type == "cuda":
         if call.dtype not in GPU_DTYPES:
             return f"FlexAttention's GPU kernels take float16, bfloat16 or float32, not {call.dtype}"

@@ -240,29 +240,49 @@ def bench_models(args: argparse.Namespace, device: torch.device) -> dict:
     with tqdm(total=(args.warmup + args.repeats) * len(runs), desc="bench", unit="pass", leave=False, disable=None) as progress:
         for run in runs:
             for _ in range(args.warmup):
-                run["step"]()
+                _attempt(run, lambda run=run: run["step"]())
                 progress.update()
         for _ in range(args.repeats):               # interleaved rounds: every model once per round
             for run in runs:
-                run["times"].append(_timed(run["step"], device))
+                _attempt(run, lambda run=run: run["times"].append(_timed(run["step"], device)))
                 progress.update()
     rows = []
     for run in runs:
-        median = statistics.median(run["times"])
-        rows.append({"model": run["spec"], "params_m": round(run["params_m"], 2), "batch": batch,
-                     "median_s": round(median, 4), "images_per_s": round(batch / median, 2)})
+        row = {"model": run["spec"], "params_m": round(run["params_m"], 2), "batch": batch}
+        if "error" in run:
+            row.update(median_s=None, images_per_s=None, error=run["error"])
+        else:
+            median = statistics.median(run["times"])
+            row.update(median_s=round(median, 4), images_per_s=round(batch / median, 2))
+        rows.append(row)
     base = next(row for row in rows if row["model"] == baseline)
     for row in rows:
-        row["ratio"] = round(row["images_per_s"] / base["images_per_s"], 3)
+        ok = row["images_per_s"] is not None and base["images_per_s"] is not None
+        row["ratio"] = round(row["images_per_s"] / base["images_per_s"], 3) if ok else None
     mode = "training step (forward + backward)" if args.train else "inference"
     print(f"{mode}, batch {batch}, {precision(args, device)}{', compiled' if args.compile else ''}, median of "
           f"{args.repeats} interleaved rounds after {args.warmup} warm-up, {_where(device)}")
     print(f"{'model':<48}{'params (M)':>11}{'images/s':>11}{'ratio':>8}")
     for row in rows:
-        print(f"{row['model']:<48}{row['params_m']:>11.2f}{row['images_per_s']:>11.2f}{row['ratio']:>7.2f}x")
+        if row["images_per_s"] is None:
+            print(f"{row['model']:<48}{row['params_m']:>11.2f}  failed: {row['error']}")
+        else:
+            ratio = f"{row['ratio']:>7.2f}x" if row["ratio"] is not None else f"{'-':>8}"
+            print(f"{row['model']:<48}{row['params_m']:>11.2f}{row['images_per_s']:>11.2f}{ratio}")
     print(f"(ratio = images/s over {baseline})")
     return {"kind": "models", "mode": "train" if args.train else "inference", "baseline": baseline,
             "precision": precision(args, device), "compiled": args.compile, "warmup": args.warmup, "repeats": args.repeats, "environment": environment(device), "rows": rows}
+
+
+def _attempt(run: dict, fn: Callable[[], Any]) -> None:
+    """Run one pass of a model unless it failed before; a failure is kept and reported in its row
+    (one model that cannot run on this device must not hide the others' figures)."""
+    if "error" in run:
+        return
+    try:
+        fn()
+    except (RuntimeError, ValueError, NotImplementedError, AssertionError) as error:
+        run["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''}"
 
 
 def _where(device: torch.device) -> str:
@@ -277,9 +297,10 @@ def _plot_models(result: dict, path: str) -> None:
     import matplotlib.pyplot as plt
     rows = result["rows"]
     fig, ax = plt.subplots(figsize=(8, 0.5 * len(rows) + 1.5))
-    ax.barh([r["model"] for r in rows], [r["images_per_s"] for r in rows], color="tab:blue")
+    ax.barh([r["model"] for r in rows], [r["images_per_s"] or 0 for r in rows], color="tab:blue")
     for i, row in enumerate(rows):
-        ax.text(row["images_per_s"], i, f" {row['ratio']:.2f}x", va="center")
+        ax.text(row["images_per_s"] or 0, i, f" {row['ratio']:.2f}x" if row["ratio"] is not None else " failed",
+                va="center")
     ax.invert_yaxis()
     ax.set_xlabel(f"images/s ({result['mode']}, batch {rows[0]['batch']}; ratio to {result['baseline']})")
     fig.tight_layout()
@@ -294,10 +315,10 @@ METHOD_BACKENDS = {"dense": "reference", "linear": "local", "auto": "auto", "fle
                    "blocksparse": "blocksparse"}
 
 
-def attention_methods(device: torch.device, train: bool) -> tuple[str, ...]:
+def attention_methods(device: torch.device) -> tuple[str, ...]:
     if device.type != "cuda":
         return ATTENTION_METHODS
-    return ATTENTION_METHODS + (("flex",) if train else GPU_METHODS)    # block-sparse is inference only
+    return ATTENTION_METHODS + GPU_METHODS
 
 
 def _attention_fn(method: str, q, k, v, grid: int, args: argparse.Namespace) -> Callable[[], torch.Tensor]:
@@ -310,7 +331,7 @@ def _attention_fn(method: str, q, k, v, grid: int, args: argparse.Namespace) -> 
 def bench_attention(args: argparse.Namespace, device: torch.device) -> dict:
     batch = args.batch_size or 4
     dtype = getattr(torch, args.dtype) if amp_enabled(args, device) else torch.float32
-    methods_here = attention_methods(device, args.train)
+    methods_here = attention_methods(device)
     generator = torch.Generator().manual_seed(0)
     rows = []
     for grid in args.grids:
@@ -377,7 +398,7 @@ def _attention_line(row: dict) -> str:
 
 def _attention_header(args: argparse.Namespace, device: torch.device) -> str:
     dtype = args.dtype if amp_enabled(args, device) else "float32"
-    gpu = "".join(f"{m:>10}" for m in attention_methods(device, args.train) if m in GPU_METHODS)
+    gpu = "".join(f"{m:>10}" for m in attention_methods(device) if m in GPU_METHODS)
     return (f"attention op, batch {args.batch_size or 4}, {args.heads} heads, d {args.head_dim}, R {args.mask_size}, "
             f"prefix {args.prefix}, {dtype}, {'forward + backward' if args.train else 'inference'}, median of "
             f"{args.repeats}, {_where(device)} (times in ms)\n"
