@@ -1,4 +1,4 @@
-"""Every fast backend against the dense reference (DESIGN §1-2) on random inputs of many shapes."""
+"""Every fast backend against the dense reference (docs/semantics.md) on random inputs of many shapes."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import mait
-from mait.backends import BACKENDS, AttentionCall, local_is_faster, reference, select_backend
+from mait import HeadKind
+from mait.backends import BACKENDS, AttentionCall, local_is_faster, plan_attention, reference
 from mait.backends.local import local_attention
 from mait.masks import local_mask
 
@@ -131,39 +132,89 @@ def test_alpha_gradient_is_kept():
     torch.testing.assert_close(grads[1], grads[0])
 
 
-def _call(grid=(14, 14), size=3, prefix=1, alpha=(0.0, 0.0), custom=False, dropout=0.0, grad=False):
-    q, k, v = _qkv(grid, prefix, heads=len(alpha), batch=1, dim=4)
-    a = torch.tensor(alpha, dtype=torch.float64, requires_grad=grad)
-    keep = local_mask(grid, size, prefix)
-    return AttentionCall(q, k, v, keep=keep, alpha=a, mode="zero", grid_size=grid, mask_size=size,
-                         num_prefix_tokens=prefix, custom_mask=custom, scale=0.5, dropout_p=dropout)
+def _call(grid=(14, 14), size=3, prefix=1, kinds="hh", custom=False, dropout=False, grad=False, device="cpu",
+          dtype=torch.float32, head_dim=32, mode="zero"):
+    return AttentionCall(grid, size, prefix, tuple(HeadKind(k) for k in kinds), mode=mode, custom_mask=custom,
+                         device_type=device, dtype=dtype, head_dim=head_dim, needs_grad=grad, dropout=dropout)
 
 
-def test_auto_choice():
+def _steps(plan):
+    return [(step.backend.name, step.heads) for step in plan.steps]
+
+
+def test_cpu_plans():
     assert not local_is_faster((7, 7), 3) and local_is_faster((14, 14), 3) and local_is_faster((56, 56), 3)
     assert not local_is_faster((14, 14), 7) and local_is_faster((56, 56), 7)
-    assert select_backend(_call(custom=True)).name == "reference"
-    assert select_backend(_call(dropout=0.1)).name == "reference"
-    assert select_backend(_call(grad=True)).name == "reference"
-    assert select_backend(_call()).name == "auto"
+    assert _steps(plan_attention(_call())) == [("local", (0, 1))]
+    assert _steps(plan_attention(_call(grid=(7, 7)))) == [("reference", (0, 1))]
+    assert _steps(plan_attention(_call(custom=True))) == [("reference", (0, 1))]
+    assert _steps(plan_attention(_call(dropout=True))) == [("reference", (0, 1))]
+    assert _steps(plan_attention(_call(kinds="ss", grad=True))) == [("reference", (0, 1))]
+    assert _steps(plan_attention(_call(kinds="uu", grad=True))) == [("sdpa", (0, 1))]
+    assert _steps(plan_attention(_call(kinds="hsuh"))) == [("local", (0, 3)), ("reference", (1,)), ("sdpa", (2,))]
+    # on a small grid hard and soft heads share the dense reference: one step, not two
+    assert _steps(plan_attention(_call(grid=(7, 7), kinds="hsu"))) == [("reference", (0, 1)), ("sdpa", (2,))]
+
+
+def test_gpu_plans():
+    """CUDA policy (decided from the call alone, so it is tested without a GPU)."""
+    gpu = dict(device="cuda", dtype=torch.bfloat16)
+    assert _steps(plan_attention(_call(kinds="uuu", **gpu))) == [("sdpa", (0, 1, 2))]
+    for kinds in ("hhh", "hsu", "sss", "hu"):
+        for grad in (False, True):
+            assert _steps(plan_attention(_call(kinds=kinds, grad=grad, **gpu))) == [("flex", tuple(range(len(kinds))))]
+    assert _steps(plan_attention(_call(kinds="hhh", custom=True, **gpu))) == [("flex", (0, 1, 2))]
+    # long all-hard sequences: the block-sparse identity, for inference and training
+    for grad in (False, True):
+        assert _steps(plan_attention(_call(grid=(56, 56), kinds="hhh", grad=grad, **gpu))) == [("blocksparse",
+                                                                                                (0, 1, 2))]
+    assert _steps(plan_attention(_call(grid=(56, 56), kinds="hhu", **gpu))) == [("flex", (0, 1, 2))]
+    # what FlexAttention's GPU kernels cannot take falls back to per-kind groups
+    assert _steps(plan_attention(_call(kinds="hsu", dropout=True, **gpu))) == [("reference", (0, 1)), ("sdpa", (2,))]
+    assert _steps(plan_attention(_call(kinds="hu", head_dim=8, **gpu))) == [("local", (0,)), ("sdpa", (1,))]
+    assert _steps(plan_attention(_call(kinds="hu", device="cuda", dtype=torch.float64))) == [("local", (0,)),
+                                                                                          ("sdpa", (1,))]
 
 
 @pytest.mark.parametrize("backend,call,needle", [
-    ("local", dict(alpha=(0.0, 0.5)), "hard-masked"),
+    ("local", dict(kinds="hs"), "hard-masked"),
     ("local", dict(custom=True), "custom mask"),
-    ("local", dict(dropout=0.1), "dropout"),
-    ("local", dict(grad=True), "requires grad"),
-    ("sdpa", dict(alpha=(1.0, 0.0)), "unmasked"),
+    ("local", dict(dropout=True), "dropout"),
+    ("sdpa", dict(kinds="uh"), "unmasked"),
+    ("flex", dict(dropout=True), "dropout"),
+    ("flex", dict(grad=True), "no backward on the CPU"),
+    ("flex", dict(device="cuda", head_dim=8), "head_dim >= 16"),
+    ("blocksparse", dict(grad=True), "no backward on the CPU"),
+    ("blocksparse", dict(kinds="hu"), "hard-masked"),
 ])
 def test_named_backend_refuses_what_it_cannot_run(backend, call, needle):
     with pytest.raises(ValueError, match=needle):
-        select_backend(_call(**call), backend)
+        plan_attention(_call(**call), backend)
 
 
 def test_unknown_backend():
     with pytest.raises(ValueError, match="unknown attention backend 'nope'"):
-        select_backend(_call(), "nope")
-    assert {"reference", "local", "sdpa"} <= set(BACKENDS)
+        plan_attention(_call(), "nope")
+    assert {"reference", "local", "sdpa", "flex", "blocksparse"} <= set(BACKENDS)
+
+
+def test_plan_is_decided_once_and_logged(caplog):
+    layer = mait.MaskedAttention(48, 4, grid_size=(12, 12), num_prefix_tokens=1, head_kinds="hsuh")
+    x = torch.randn(2, 145, 48)
+    with caplog.at_level("DEBUG", logger="mait"):
+        with torch.no_grad():
+            layer(x)
+            layer(x)
+        layer(x).sum().backward()
+    plans = [r.getMessage() for r in caplog.records if "plan:" in r.getMessage()]
+    assert len(plans) == 2, plans                        # inference and training: one plan each
+    assert "heads 0,3 (hh) -> local" in plans[0] and "heads 1 (s) -> reference" in plans[0]
+    assert "heads 2 (u) -> sdpa" in plans[0] and "train" in plans[1]
+    layer.backend = "reference"                          # a new backend choice re-plans
+    with caplog.at_level("DEBUG", logger="mait"):
+        with torch.no_grad():
+            layer(x)
+    assert "heads 0-3 (hsuh) -> reference" in caplog.records[-1].getMessage()
 
 
 def test_module_uses_fast_path_and_matches_reference():

@@ -54,3 +54,17 @@ def test_peak_memory_counts_temporaries():
     x = torch.ones(256, 256)
     peak = peak_extra_memory(lambda: (x @ x).exp().sum(), torch.device("cpu"))
     assert peak >= 2 * 256 * 256 * 4          # the product and its exp are alive together
+
+
+def test_gpu_check_script_runs_its_smoke_mode(capsys):
+    """``benchmarks/gpu.sh --smoke``: the GPU check's correctness part runs on the CPU and passes."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    assert gpu_check.main(["--smoke", "--skip", "attention", "models", "train"]) == 0
+    out = capsys.readouterr().out
+    assert "correctness: 6 of 6 checks within tolerance" in out and "backend=flex" in out

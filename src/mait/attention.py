@@ -1,9 +1,12 @@
 """Masked attention: the functional op :func:`masked_attention` and the module :class:`MaskedAttention`.
 
-Semantics (DESIGN §1, paper Eq. 2): ``A = softmax(Mα ⊙ (q kᵀ / √d))``, ``out = A v`` where
-``Mα`` is 1 on prefix rows/columns and on spatial neighbours within the ``R x R`` window and
-the head's α elsewhere.  α = 0 is the paper's hard mask (non-neighbour logits become 0, *not*
--inf), 0 < α < 1 a soft mask, α = 1 plain attention.
+Semantics (docs/semantics.md, paper Eq. 2): ``A = softmax(Mα ⊙ (q kᵀ / √d))``, ``out = A v``
+where ``Mα`` is 1 on prefix rows/columns and on spatial neighbours within the ``R x R``
+window and the head's α elsewhere.  α = 0 is the paper's hard mask (non-neighbour logits
+become 0, *not* -inf), 0 < α < 1 a soft mask, α = 1 plain attention.
+
+Both run through an attention plan (:func:`mait.backends.plan_attention`): which backend
+runs which heads, decided once per call shape and cached.
 """
 
 from __future__ import annotations
@@ -13,24 +16,23 @@ from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .backends import AttentionCall, reference, select_backend
+from .backends import AttentionCall, AttentionPlan, logger, plan_attention, reference
 from .learned import add_predictor, learned_heads_forward
 from .masks import GridSize, check_mask_size, check_num_prefix_tokens, local_mask, random_mask, to_grid
 from .schemes import HeadKind
 
 MODES = ("zero", "neg_inf")
-# How the backends see each kind of head (random heads are hard heads with a custom mask).
-# Learned heads run as unmasked heads here and are replaced by mait.learned's output.
-_BACKEND_KIND = {HeadKind.HARD: "hard", HeadKind.RANDOM: "hard", HeadKind.SOFT: "soft", HeadKind.NONE: "none",
-                 HeadKind.LEARNED: "none"}
 AlphaLike = Union[float, int, torch.Tensor, Sequence[float]]
 
 
-@lru_cache(maxsize=128)
+@lru_cache(maxsize=32)
 def _local_mask_on(grid: tuple[int, int], mask_size: int, num_prefix_tokens: int, device: str) -> torch.Tensor:
-    return local_mask(grid, mask_size, num_prefix_tokens, device=device)
+    """The ``(T, T)`` local keep mask on a device, built once per geometry (only backends that read it ask).
+
+    Built outside inference mode even when first asked for inside it, so training can use it later."""
+    with torch.inference_mode(False):
+        return local_mask(grid, mask_size, num_prefix_tokens, device=device)
 
 
 def _alpha_tensor(alpha: AlphaLike, heads: int, like: torch.Tensor) -> torch.Tensor:
@@ -55,6 +57,17 @@ def _alpha_tensor(alpha: AlphaLike, heads: int, like: torch.Tensor) -> torch.Ten
     return alpha.to(device=like.device)
 
 
+def _head_kinds(alpha: AlphaLike, alpha_t: torch.Tensor) -> tuple[HeadKind, ...]:
+    """Head kinds of a functional call: from a plain number without a host sync, else from α's values."""
+    if isinstance(alpha, (int, float)):
+        values = [float(alpha)] * alpha_t.shape[0]
+    elif alpha_t.requires_grad:
+        return (HeadKind.SOFT,) * alpha_t.shape[0]      # every head needs its α gradient
+    else:
+        values = alpha_t.detach().tolist()               # one host sync; the α vector is tiny
+    return tuple(HeadKind.HARD if a == 0 else HeadKind.NONE if a == 1 else HeadKind.SOFT for a in values)
+
+
 def _check_mode(mode: str, alpha: torch.Tensor) -> None:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -65,8 +78,8 @@ def _check_mode(mode: str, alpha: torch.Tensor) -> None:
                              f"got soft α {alpha.detach().tolist()}")
 
 
-def _run(call: AttentionCall, backend: str) -> torch.Tensor:
-    return select_backend(call, backend).fn(call.q, call.k, call.v, **call.kwargs())
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid_size: GridSize,
@@ -105,23 +118,20 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid_
                          f"tokens (expected {num_prefix_tokens + grid[0] * grid[1]})")
     alpha_t = _alpha_tensor(alpha, heads, q)
     _check_mode(mode, alpha_t)
-    # A plain number gives every head the same, statically known kind (no host sync in ``auto``).
-    head_kinds = None
-    if isinstance(alpha, (int, float)):
-        head_kinds = ("hard" if alpha == 0 else "none" if alpha == 1 else "soft",) * heads
-    if mask is None:
-        keep = _local_mask_on(grid, mask_size, num_prefix_tokens, str(q.device))
-    else:
-        if mask.dtype != torch.bool or mask.shape[-2:] != (tokens, tokens) or mask.dim() not in (2, 3) or (
-                mask.dim() == 3 and mask.shape[0] != heads):
-            raise ValueError(f"mask must be a bool tensor of shape (T, T) or (heads, T, T) = ({heads}, {tokens}, "
-                             f"{tokens}); got {mask.dtype} {tuple(mask.shape)}")
-        keep = mask.to(q.device)
-    call = AttentionCall(q, k, v, keep=keep, alpha=alpha_t, mode=mode, grid_size=grid, mask_size=mask_size,
-                         num_prefix_tokens=num_prefix_tokens, custom_mask=mask is not None,
-                         scale=q.shape[-1] ** -0.5 if scale is None else float(scale), dropout_p=float(dropout_p),
-                         head_kinds=head_kinds)
-    return _run(call, backend)
+    if mask is not None and (mask.dtype != torch.bool or mask.shape[-2:] != (tokens, tokens)
+                             or mask.dim() not in (2, 3) or (mask.dim() == 3 and mask.shape[0] != heads)):
+        raise ValueError(f"mask must be a bool tensor of shape (T, T) or (heads, T, T) = ({heads}, {tokens}, "
+                         f"{tokens}); got {mask.dtype} {tuple(mask.shape)}")
+    call = AttentionCall(grid, mask_size, num_prefix_tokens, _head_kinds(alpha, alpha_t), mode=mode,
+                         custom_mask=mask is not None, device_type=q.device.type, dtype=q.dtype,
+                         head_dim=q.shape[-1], needs_grad=_needs_grad(q, k, v, alpha_t), dropout=dropout_p > 0.0)
+    plan = plan_attention(call, backend)
+    keep = None
+    if plan.needs_keep:
+        keep = mask.to(q.device) if mask is not None else _local_mask_on(grid, mask_size, num_prefix_tokens,
+                                                                         str(q.device))
+    return plan.run(q, k, v, alpha=alpha_t, keep=keep, scale=q.shape[-1] ** -0.5 if scale is None else float(scale),
+                    dropout_p=float(dropout_p))
 
 
 class MaskedAttention(nn.Module):
@@ -145,7 +155,8 @@ class MaskedAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int = 8, *, grid_size: GridSize, mask_size: int = 3,
                  num_prefix_tokens: int = 1, head_kinds: Optional[Sequence[Union[HeadKind, str]]] = None,
                  soft_alpha_init: float = 0.5, mask_seed: int = 0, mode: str = "zero", backend: str = "auto",
-                 keep_rate: Optional[float] = None, learned_mode: str = "neg_inf", qkv_bias: bool = False, qk_norm: bool = False, proj_bias: bool = True,
+                 keep_rate: Optional[float] = None, learned_mode: str = "neg_inf", qkv_bias: bool = False,
+                 qk_norm: bool = False, proj_bias: bool = True,
                  attn_drop: float = 0.0, proj_drop: float = 0.0, norm_layer: Optional[type[nn.Module]] = None,
                  **_: object) -> None:
         super().__init__()
@@ -198,18 +209,17 @@ class MaskedAttention(nn.Module):
         self.num_tokens = self.num_prefix_tokens + self.grid_size[0] * self.grid_size[1]
         self.head_kinds = kinds
         self.mode = mode
-        self.backend = backend
         self.capture_attention = False
         self.last_attention: Optional[torch.Tensor] = None
 
-        keep = local_mask(self.grid_size, mask_size, num_prefix_tokens)
+        # Only random-mask heads need a stored mask; the local one is built on demand (``mask``).
         self.custom_mask = HeadKind.RANDOM in kinds
         if self.custom_mask:
-            keep = keep.expand(heads, -1, -1).clone()
+            keep = local_mask(self.grid_size, mask_size, num_prefix_tokens).expand(heads, -1, -1).clone()
             for h, kind in enumerate(kinds):
                 if kind is HeadKind.RANDOM:
                     keep[h] = random_mask(self.grid_size, mask_size, num_prefix_tokens, seed=mask_seed * 1009 + h)
-        self.register_buffer("mask", keep, persistent=False)
+            self.register_buffer("custom_keep", keep, persistent=False)
         fixed = torch.tensor([1.0 if k in (HeadKind.NONE, HeadKind.LEARNED) else 0.0 for k in kinds])
         self.register_buffer("alpha_fixed", fixed, persistent=False)
         soft = [h for h, k in enumerate(kinds) if k is HeadKind.SOFT]
@@ -217,8 +227,53 @@ class MaskedAttention(nn.Module):
         init_logit = torch.logit(torch.tensor(soft_alpha_init))
         self.alpha_logit = nn.Parameter(init_logit.repeat(len(soft))) if soft else None
         self.unmasked = all(k is HeadKind.NONE for k in kinds)
-        self._backend_kinds = tuple(_BACKEND_KIND[k] for k in kinds)
+        # What the backends see: random heads are hard heads whose window is the stored mask; learned heads
+        # run as unmasked heads and are replaced by mait.learned's output.
+        self._call_kinds = tuple(HeadKind.HARD if k is HeadKind.RANDOM else HeadKind.NONE if k is HeadKind.LEARNED
+                                 else k for k in kinds)
         add_predictor(self, keep_rate, learned_mode)
+        self.backend = backend
+
+    @property
+    def backend(self) -> str:
+        """The attention backend of this layer (``"auto"`` or a registered name); setting it re-plans."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        self._backend = name
+        self._plans: dict[tuple, tuple[AttentionPlan, Optional[torch.Tensor]]] = {}
+
+    def _apply(self, *args: object, **kwargs: object) -> "MaskedAttention":
+        self._plans = {}                 # plans hold masks on the old device / dtype: decide again
+        return super()._apply(*args, **kwargs)  # type: ignore[arg-type]
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """Boolean keep mask, ``(T, T)`` local window or ``(heads, T, T)`` with random-mask heads."""
+        if self.custom_mask:
+            return self.custom_keep
+        return _local_mask_on(self.grid_size, self.mask_size, self.num_prefix_tokens, str(self.alpha_fixed.device))
+
+    def plan(self, q: torch.Tensor, dropout: bool = False) -> AttentionPlan:
+        """The layer's attention plan for inputs like ``q``; decided once per device, dtype and grad."""
+        return self._plan_and_keep(q, dropout)[0]
+
+    def _plan_and_keep(self, q: torch.Tensor, dropout: bool) -> tuple[AttentionPlan, Optional[torch.Tensor]]:
+        """The plan and, for backends that read it, the keep mask on ``q``'s device (cached with the plan,
+        so a compiled model sees it as a constant)."""
+        needs_grad = _needs_grad(q) or (self.alpha_logit is not None and _needs_grad(self.alpha_logit))
+        key = (q.device, q.dtype, needs_grad, dropout)
+        entry = self._plans.get(key)
+        if entry is None:
+            call = AttentionCall(self.grid_size, self.mask_size, self.num_prefix_tokens, self._call_kinds,
+                                 mode=self.mode, custom_mask=self.custom_mask, device_type=q.device.type,
+                                 dtype=q.dtype, head_dim=self.head_dim, needs_grad=needs_grad, dropout=dropout)
+            plan = plan_attention(call, self.backend)
+            entry = self._plans[key] = (plan, self.mask.to(q.device) if plan.needs_keep else None)
+            logger.debug("%s(%s) plan: %s", type(self).__name__, "".join(k.value for k in self.head_kinds),
+                         plan.describe())
+        return entry
 
     @property
     def alpha(self) -> torch.Tensor:
@@ -248,16 +303,11 @@ class MaskedAttention(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         dropout_p = self.attn_drop.p if self.training else 0.0
         alpha = self.alpha
-        if self.unmasked:
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
-        elif self.all_learned:
+        if self.all_learned:
             out = None
         else:
-            call = AttentionCall(q, k, v, keep=self.mask, alpha=alpha, mode=self.mode, grid_size=self.grid_size,
-                                 mask_size=self.mask_size, num_prefix_tokens=self.num_prefix_tokens,
-                                 custom_mask=self.custom_mask, scale=self.scale, dropout_p=dropout_p,
-                                 head_kinds=self._backend_kinds)
-            out = _run(call, self.backend)
+            plan, keep = self._plan_and_keep(q, dropout_p > 0.0)
+            out = plan.run(q, k, v, alpha=alpha, keep=keep, scale=self.scale, dropout_p=dropout_p)
         if self.capture_attention:
             self.last_attention = reference.attention_probs(
                 q.detach(), k.detach(), keep=self.mask, alpha=alpha.detach(), mode=self.mode, scale=self.scale)

@@ -78,10 +78,25 @@ def local_mask(grid_size: GridSize, mask_size: int = 3, num_prefix_tokens: int =
     return mask.to(device) if device is not None else mask
 
 
+def window_counts(grid_size: GridSize, mask_size: int = 3,
+                  device: torch.device | str | None = None) -> torch.Tensor:
+    """Number of spatial neighbours of each patch, ``(H*W,)`` int64, in O(H*W) memory on ``device``.
+
+    A truncated window spans ``min(row + r, H - 1) - max(row - r, 0) + 1`` rows, likewise columns.
+    """
+    h, w = to_grid(grid_size)
+    r = (check_mask_size(mask_size) - 1) // 2
+
+    def span(n: int) -> torch.Tensor:
+        index = torch.arange(n, device=device)
+        return (index + r).clamp(max=n - 1) - (index - r).clamp(min=0) + 1
+
+    return (span(h)[:, None] * span(w)[None, :]).reshape(-1)
+
+
 def neighbour_counts(grid_size: GridSize, mask_size: int = 3) -> torch.Tensor:
     """Number of spatial neighbours of each patch (border windows are truncated)."""
-    h, w = to_grid(grid_size)
-    return _patch_neighbours(h, w, check_mask_size(mask_size)).sum(-1)
+    return window_counts(grid_size, mask_size)
 
 
 def random_mask(grid_size: GridSize, mask_size: int = 3, num_prefix_tokens: int = 1, seed: int = 0) -> torch.Tensor:

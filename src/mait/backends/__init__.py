@@ -1,88 +1,97 @@
 """Interchangeable backends for :func:`mait.masked_attention` (the NATTEN pattern).
 
-Every backend computes exactly the same function (DESIGN §1) and takes the same keyword
-arguments (see :class:`AttentionCall`); ``reference`` is the truth the others are tested
-against.  :func:`select_backend` resolves ``backend="auto"`` to the best one that supports
-a call.
+Every backend computes exactly the same function (docs/semantics.md) for the calls it
+accepts; ``reference`` is the truth the others are tested against.  A backend is one file
+with two functions and a registration here:
+
+* ``can_run(call) -> None | str``: ``None`` when it can run the :class:`AttentionCall`,
+  else a short reason.  ``auto`` and an explicitly named backend use the same check.
+* ``run(q, k, v, *, alpha, keep, call, scale, dropout_p) -> Tensor``.
+
+An :class:`AttentionCall` describes a call without its tensors (geometry, head kinds,
+device, dtype, gradient, dropout), so it is hashable: :func:`plan_attention` turns it into
+an :class:`AttentionPlan` (which backend runs which heads) once, and the plan is cached.
+A :class:`~mait.MaskedAttention` layer decides its plan on its first call per device,
+dtype and training state, and logs it to the ``mait`` logger (``MAIT_LOG_LEVEL=debug``).
 """
 
 from __future__ import annotations
 
-import itertools
+import logging
 from dataclasses import dataclass, replace
-from typing import Callable, Iterator, Optional, Union
+from functools import lru_cache
+from typing import Callable, Optional, Sequence
 
 import torch
 
-import torch.nn.functional as F
+from ..schemes import HeadKind
+from . import blocksparse, flex, local, reference, sdpa
 
-from . import flex, local, reference
+logger = logging.getLogger("mait")
+
+RunFn = Callable[..., torch.Tensor]
 
 
 @dataclass(frozen=True)
 class AttentionCall:
-    """Everything a backend needs to know about one call, validated by the front end."""
+    """One masked-attention call as the backends see it: everything but the tensors.
 
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
-    keep: torch.Tensor              # bool (T, T) or (heads, T, T): True = full-strength logit
-    alpha: torch.Tensor             # (heads,) in [0, 1]
-    mode: str                       # "zero" (paper) or "neg_inf" (strict neighbourhood)
+    ``head_kinds`` holds :class:`HeadKind.HARD`, ``SOFT`` or ``NONE`` per head: a head is
+    ``HARD`` when its α is a constant 0, ``NONE`` when a constant 1 and ``SOFT`` otherwise
+    (any α that needs a gradient).  ``custom_mask`` says that the keep mask is a given
+    tensor (random-mask heads, a user mask) rather than the local ``R x R`` window.
+    """
+
     grid_size: tuple[int, int]
     mask_size: int
     num_prefix_tokens: int
-    custom_mask: bool               # True when ``keep`` is not the local R x R mask
-    scale: float
-    dropout_p: float
-    # Per-head "hard" / "soft" / "none" when known without reading α (a module knows its
-    # heads statically); lets ``auto`` group heads without a host sync or a data-dependent
-    # branch, so models stay exportable and GPU calls stay asynchronous.
-    head_kinds: Optional[tuple[str, ...]] = None
+    head_kinds: tuple[HeadKind, ...]
+    mode: str = "zero"
+    custom_mask: bool = False
+    device_type: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    head_dim: int = 64
+    needs_grad: bool = False
+    dropout: bool = False
 
-    def kwargs(self) -> dict:
-        return {f: getattr(self, f) for f in self.__dataclass_fields__ if f not in ("q", "k", "v")}
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prefix_tokens + self.grid_size[0] * self.grid_size[1]
+
+    def kinds(self) -> set[HeadKind]:
+        return set(self.head_kinds)
+
+    def subset(self, heads: Sequence[int]) -> "AttentionCall":
+        return replace(self, head_kinds=tuple(self.head_kinds[h] for h in heads))
 
 
 @dataclass(frozen=True)
 class Backend:
     name: str
-    fn: Callable[..., torch.Tensor]
-    # Returns None when the backend can run the call, else a short reason why not.
-    unsupported: Callable[[AttentionCall], Optional[str]]
+    run: RunFn
+    can_run: Callable[[AttentionCall], Optional[str]]
+    needs_keep: Callable[[AttentionCall], bool]   # whether ``run`` reads the boolean keep mask
 
 
 BACKENDS: dict[str, Backend] = {}
 
 
-def register_backend(name: str, fn: Callable[..., torch.Tensor],
-                     unsupported: Callable[[AttentionCall], Optional[str]] = lambda call: None) -> None:
-    BACKENDS[name] = Backend(name, fn, unsupported)
+def register_backend(name: str, run: RunFn, can_run: Callable[[AttentionCall], Optional[str]],
+                     needs_keep: Callable[[AttentionCall], bool] = lambda call: False) -> None:
+    """Make a backend selectable by name (and by ``auto`` once :data:`AUTO_ORDER` lists it)."""
+    BACKENDS[name] = Backend(name, run, can_run, needs_keep)
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, dropout_p: float = 0.0,
-          **_: object) -> torch.Tensor:
-    """Unmasked heads (α = 1): plain ``scaled_dot_product_attention``."""
-    return F.scaled_dot_product_attention(q, k, v, scale=scale, dropout_p=dropout_p)
+register_backend("reference", reference.run, reference.can_run, lambda call: True)
+register_backend("sdpa", sdpa.run, sdpa.can_run)
+register_backend("local", local.run, local.can_run)
+register_backend("flex", flex.run, flex.can_run, lambda call: call.custom_mask)
+register_backend("blocksparse", blocksparse.run, blocksparse.can_run)
 
 
-def _sdpa_unsupported(call: AttentionCall) -> Optional[str]:
-    alpha = call.alpha.detach()
-    if call.alpha.requires_grad:
-        return "alpha requires grad; plain SDPA has no gradient with respect to alpha"
-    if not bool((alpha == 1).all()):
-        return f"every head must be unmasked (alpha 1), got alpha {alpha.tolist()}"
-    return None
-
-
-register_backend("reference", reference.masked_attention)
-register_backend("local", local.local_attention, local.unsupported)
-register_backend("sdpa", _sdpa, _sdpa_unsupported)
-register_backend("flex", flex.flex_local_attention, flex.unsupported)
-
-
+# ------------------------------------------------------------------------------ auto's rules
 def local_is_faster(grid_size: tuple[int, int], mask_size: int) -> bool:
-    """Shape rule of ``auto`` for hard heads: the linear backend beats the dense one on this grid.
+    """CPU shape rule for hard heads: the linear backend beats the dense one on this grid.
 
     The linear backend costs about 5x more per (query, window slot) than the dense one per
     (query, key) and has a fixed overhead per window offset, so it wins once the grid holds
@@ -93,91 +102,123 @@ def local_is_faster(grid_size: tuple[int, int], mask_size: int) -> bool:
     return patches >= max(128, 8 * mask_size * mask_size)
 
 
-def _hard_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid_size: tuple[int, int],
-                  mask_size: int) -> Backend:
-    # FlexAttention's backward through its lse could not be verified here (no GPU): training
-    # stays on the pure-PyTorch linear backend, which runs on CUDA too.
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if q.is_cuda and flex.available() and not needs_grad:
+# GPU shape rule (H200 measurements in benchmarks/README.md): the fused dense kernel wins up
+# to a couple of thousand tokens, the block-sparse identity (O(T·R²·d)) above that.
+BLOCKSPARSE_MIN_TOKENS = 2048
+
+
+def _gpu_whole_layer(call: AttentionCall) -> Optional[Backend]:
+    """The one backend that runs a whole CUDA layer, or None to fall back to per-kind groups."""
+    if call.kinds() == {HeadKind.NONE} and sdpa.can_run(call) is None:
+        return BACKENDS["sdpa"]
+    if call.num_tokens >= BLOCKSPARSE_MIN_TOKENS and blocksparse.can_run(call) is None:
+        return BACKENDS["blocksparse"]
+    if flex.can_run(call) is None:
         return BACKENDS["flex"]
-    return BACKENDS["local" if local_is_faster(grid_size, mask_size) else "reference"]
+    return None
 
 
-def _group_backend(kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kwargs: dict) -> Backend:
-    if kind == "hard":
-        return _hard_backend(q, k, v, kwargs["grid_size"], kwargs["mask_size"])
-    return BACKENDS["sdpa" if kind == "none" else "reference"]
+def _group_backend(call: AttentionCall) -> Backend:
+    """Backend for a group of heads of one kind (the CPU policy; CUDA's fallback)."""
+    kind = call.head_kinds[0]
+    if kind is HeadKind.NONE and sdpa.can_run(call) is None:
+        return BACKENDS["sdpa"]
+    if kind is HeadKind.HARD and local.can_run(call) is None and (
+            call.device_type == "cuda" or local_is_faster(call.grid_size, call.mask_size)):
+        return BACKENDS["local"]
+    return BACKENDS["reference"]
 
 
-def _subset(call: AttentionCall, heads: Union[torch.Tensor, slice]) -> AttentionCall:
-    """The same call restricted to some heads (the local mask is shared by every head)."""
-    kinds = call.head_kinds
-    if kinds is not None:
-        kinds = kinds[heads] if isinstance(heads, slice) else tuple(kinds[h] for h in heads.tolist())
-    return replace(call, q=call.q[:, heads], k=call.k[:, heads], v=call.v[:, heads], alpha=call.alpha[heads],
-                   head_kinds=kinds)
+# ------------------------------------------------------------------------------ plans
+@dataclass(frozen=True)
+class PlanStep:
+    backend: Backend
+    heads: tuple[int, ...]
+    call: AttentionCall
+
+    @property
+    def index(self) -> slice | list[int]:
+        """The step's heads as a slice when contiguous (a view), else an index list."""
+        first, last = self.heads[0], self.heads[-1]
+        if last - first + 1 == len(self.heads):
+            return slice(first, last + 1)
+        return list(self.heads)
 
 
-def _grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs: object) -> torch.Tensor:
-    """``auto``: run hard, unmasked and soft heads each on their best backend, then reassemble."""
-    kinds = kwargs.get("head_kinds")
-    if kinds is None:
-        alpha = kwargs["alpha"].detach().tolist()      # one host sync; the α vector is tiny
-        kinds = ["hard" if a == 0 else "none" if a == 1 else "soft" for a in alpha]
-    kinds = list(kinds)
-    if len(set(kinds)) == 1:
-        return _group_backend(kinds[0], q, k, v, kwargs).fn(q, k, v, **kwargs)
-    call = AttentionCall(q, k, v, **kwargs)  # type: ignore[arg-type]
-    runs = list(_runs(kinds))
-    contiguous = len(runs) == len(set(kinds))   # each kind is one block of heads (the usual "first k heads")
-    if contiguous:
-        parts = [(_subset(call, slice(a, b)), kind) for a, b, kind in runs]
-    else:
-        parts = [(_subset(call, torch.tensor([h for h, k in enumerate(kinds) if k == kind], device=q.device)), kind)
-                 for kind in dict.fromkeys(kinds)]
-    outs = [_group_backend(kind, part.q, part.k, part.v, part.kwargs()).fn(part.q, part.k, part.v, **part.kwargs())
-            for part, kind in parts]
-    out = local.empty_sdpa_layout(v)       # not torch.cat: keeps the module's transpose a free view
-    if contiguous:
-        for (start, stop, _), part_out in zip(runs, outs):
-            out[:, start:stop] = part_out
-    else:
-        for (part, kind), part_out in zip(parts, outs):
-            out[:, [h for h, k in enumerate(kinds) if k == kind]] = part_out
-    return out
+@dataclass(frozen=True)
+class AttentionPlan:
+    """Which backend runs which heads of one call; decided once per :class:`AttentionCall`."""
+
+    call: AttentionCall
+    steps: tuple[PlanStep, ...]
+
+    @property
+    def needs_keep(self) -> bool:
+        return any(step.backend.needs_keep(step.call) for step in self.steps)
+
+    def describe(self) -> str:
+        call = self.call
+        parts = ", ".join(f"heads {_span(step.heads)} ({''.join(k.value for k in step.call.head_kinds)}) -> "
+                          f"{step.backend.name}" for step in self.steps)
+        return (f"grid {call.grid_size[0]}x{call.grid_size[1]} R {call.mask_size} prefix {call.num_prefix_tokens} "
+                f"{call.mode} on {call.device_type}/{str(call.dtype).replace('torch.', '')}"
+                f"{' train' if call.needs_grad else ''}: {parts}")
+
+    def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, alpha: torch.Tensor,
+            keep: Optional[torch.Tensor], scale: float, dropout_p: float = 0.0) -> torch.Tensor:
+        if len(self.steps) == 1:
+            step = self.steps[0]
+            return step.backend.run(q, k, v, alpha=alpha, keep=keep, call=step.call, scale=scale,
+                                    dropout_p=dropout_p)
+        out = local.empty_sdpa_layout(v)        # not torch.cat: keeps the module's transpose a free view
+        for step in self.steps:
+            index = step.index
+            step_keep = keep[index] if keep is not None and keep.dim() == 3 else keep
+            out[:, index] = step.backend.run(q[:, index], k[:, index], v[:, index], alpha=alpha[index],
+                                             keep=step_keep, call=step.call, scale=scale, dropout_p=dropout_p)
+        return out
 
 
-def _runs(kinds: list[str]) -> Iterator[tuple[int, int, str]]:
-    """``(start, stop, kind)`` for each maximal run of equal kinds."""
-    start = 0
-    for kind, group in itertools.groupby(kinds):
-        stop = start + len(list(group))
-        yield start, stop, kind
-        start = stop
+def _span(heads: tuple[int, ...]) -> str:
+    if len(heads) > 1 and heads[-1] - heads[0] + 1 == len(heads):
+        return f"{heads[0]}-{heads[-1]}"
+    return ",".join(map(str, heads))
 
 
-_AUTO = Backend("auto", _grouped, lambda call: None)
+@lru_cache(maxsize=512)
+def plan_attention(call: AttentionCall, backend: str = "auto") -> AttentionPlan:
+    """The plan for ``call``: one named backend for every head, or ``auto``'s choice.
 
-
-def _auto_is_reference(call: AttentionCall) -> bool:
-    """Calls only the dense reference can run as a whole (custom masks, dropout, gradient for α)."""
-    return call.custom_mask or call.dropout_p > 0.0 or call.alpha.requires_grad
-
-
-def select_backend(call: AttentionCall, backend: str = "auto") -> Backend:
-    """Return the backend to run ``call`` with; a named backend that cannot run it is an error.
-
-    ``auto`` runs custom masks, attention dropout and calls that need a gradient for α on
-    the reference; otherwise it groups heads by α: unmasked heads on SDPA, hard heads on
-    FlexAttention plus the identity on CUDA (inference), else on the linear backend when
-    :func:`local_is_faster` says so (else on the reference), soft heads on the reference.
+    ``auto`` on CUDA runs a whole layer in one kernel (SDPA when no head is masked, the
+    block-sparse identity for long all-hard layers, the fused FlexAttention kernel
+    otherwise); on the CPU, and wherever no single fast backend fits, it groups heads by
+    kind: unmasked heads on SDPA, hard heads on the linear backend when
+    :func:`local_is_faster` (always on CUDA), the rest on the dense reference.
+    A named backend that cannot run the call is an error naming the reason.
     """
-    if backend == "auto":
-        return BACKENDS["reference"] if _auto_is_reference(call) else _AUTO
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r}; expected 'auto' or one of {sorted(BACKENDS)}")
-    chosen = BACKENDS[backend]
-    reason = chosen.unsupported(call)
-    if reason is not None:
-        raise ValueError(f"backend {backend!r} cannot run this call: {reason}")
-    return chosen
+    heads = tuple(range(len(call.head_kinds)))
+    if backend != "auto":
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown attention backend {backend!r}; expected 'auto' or one of {sorted(BACKENDS)}")
+        chosen = BACKENDS[backend]
+        reason = chosen.can_run(call)
+        if reason is not None:
+            raise ValueError(f"backend {backend!r} cannot run this call: {reason}")
+        return AttentionPlan(call, (PlanStep(chosen, heads, call),))
+    if call.device_type == "cuda":
+        whole = _gpu_whole_layer(call)
+        if whole is not None:
+            return AttentionPlan(call, (PlanStep(whole, heads, call),))
+    groups: dict[str, list[int]] = {}
+    for kind in dict.fromkeys(call.head_kinds):
+        members = [h for h in heads if call.head_kinds[h] is kind]
+        groups.setdefault(_group_backend(call.subset(members)).name, []).extend(members)
+    if len(groups) == 1:
+        return AttentionPlan(call, (PlanStep(BACKENDS[next(iter(groups))], heads, call),))
+    steps = tuple(PlanStep(BACKENDS[name], tuple(sorted(members)), call.subset(sorted(members)))
+                  for name, members in groups.items())
+    return AttentionPlan(call, steps)
+
+
+__all__ = ["AttentionCall", "AttentionPlan", "BACKENDS", "Backend", "PlanStep", "local_is_faster",
+           "plan_attention", "register_backend"]

@@ -1,18 +1,23 @@
-"""GPU path for hard-masked heads: FlexAttention over the neighbourhood plus the DESIGN §2 identity.
+"""The fused GPU backend: one FlexAttention call per layer for any mix of head kinds.
 
-FlexAttention skips the blocks a ``mask_mod`` excludes, which is the strict (``-inf``)
-neighbourhood attention.  The paper's zero-logit mask adds the non-neighbours back as a
-"rest" bucket: each of the ``c_i = T - n_i`` non-neighbours has logit 0 (weight ``e^0``), so
-with ``Z_i = e^{lse_i}`` the neighbourhood normaliser returned by FlexAttention::
+FlexAttention applies a ``score_mod`` to every logit inside a fused, FlashAttention-style
+kernel.  The paper's mask is exactly such a modification::
 
-    out_i = (Z_i · local_i + rest_i) / (Z_i + c_i) = w_i · local_i + (1 - w_i) · rest_i / c_i
-    w_i   = sigmoid(lse_i - log c_i),   rest_i = Σ_all v - Σ_{Nb(i)} v
+    score_mod(s, b, h, q, kv) = s            if q, kv are neighbours (or either is a prefix token)
+                                α[h] · s     otherwise              (mode "zero")
+                                -inf         otherwise, hard head   (mode "neg_inf")
 
-``Σ_{Nb(i)} v`` is a box filter on the grid (zero padded, so border windows are truncated)
-plus the prefix values; prefix rows have ``c_i = 0`` and ``w_i = 1``.  On CUDA the
-FlexAttention call is compiled (fused, block-sparse: O(T·R²·d) work); elsewhere it runs
-eagerly (dense, for tests only).  Import-safe without FlexAttention: :func:`available`
-says whether it can run.
+so hard (α = 0), soft (learnable α), random-mask (neighbourhood read from a boolean lookup
+table instead of the window) and unmasked (α = 1) heads run together in one kernel, forward
+and backward, with the gradient for α.  It is dense — O(T²·d) work, O(T·d) memory — which
+is the fastest exact choice for ViT sequence lengths (a few hundred to a few thousand
+tokens); see ``blocksparse`` for long sequences.
+
+Compile discipline: α and the lookup table are *inputs* of the compiled function, the
+geometry is passed as plain ints, so every layer with the same (grid, R, prefix, mode,
+dtype, gradient) shares one compiled kernel whatever its α.  On CUDA the function is
+compiled once per process (``torch.compile``, static shapes); elsewhere FlexAttention runs
+eagerly (unfused, forward only: a CPU reference for tests).
 """
 
 from __future__ import annotations
@@ -22,91 +27,87 @@ from functools import lru_cache
 from typing import Any, Callable, Optional
 
 import torch
-import torch.nn.functional as F
-
-from ..masks import neighbour_counts
 
 try:  # FlexAttention appeared in torch 2.5
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import flex_attention
 except ImportError:  # pragma: no cover - depends on the installed torch
-    create_block_mask = flex_attention = None
-try:  # torch >= 2.9 asks for the lse through AuxRequest (return_lse is deprecated)
-    from torch.nn.attention.flex_attention import AuxRequest
-except ImportError:  # pragma: no cover - depends on the installed torch
-    AuxRequest = None
+    flex_attention = None
+
+GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def available() -> bool:
     return flex_attention is not None
 
 
-def _mask_mod(grid: tuple[int, int], mask_size: int, prefix: int) -> Callable[..., torch.Tensor]:
-    width, r = grid[1], (mask_size - 1) // 2
+def neighbour_test(width: int, radius: int, prefix: int) -> Callable[..., torch.Tensor]:
+    """``near(q_idx, kv_idx)``: True on prefix rows/columns and within the ``R x R`` window."""
 
-    def neighbours(b: Any, h: Any, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+    def near(q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
         qp, kp = q_idx - prefix, kv_idx - prefix
-        near = ((qp // width - kp // width).abs() <= r) & ((qp % width - kp % width).abs() <= r)
-        return (q_idx < prefix) | (kv_idx < prefix) | near
+        window = ((qp // width - kp // width).abs() <= radius) & ((qp % width - kp % width).abs() <= radius)
+        return (q_idx < prefix) | (kv_idx < prefix) | window
 
-    return neighbours
-
-
-@lru_cache(maxsize=32)
-def _block_mask(grid: tuple[int, int], mask_size: int, prefix: int, device: str) -> Any:
-    tokens = prefix + grid[0] * grid[1]
-    return create_block_mask(_mask_mod(grid, mask_size, prefix), None, None, tokens, tokens, device=device)
+    return near
 
 
-@lru_cache(maxsize=4)
-def _compiled_flex() -> Callable[..., Any]:
-    return torch.compile(flex_attention, dynamic=False)
+def fused_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor,
+                           table: Optional[torch.Tensor], scale: float, width: int, radius: int, prefix: int,
+                           neg_inf: bool) -> torch.Tensor:
+    """One FlexAttention call computing ``softmax(Mα ⊙ S) v`` for every head (see the module doc).
+
+    ``alpha`` is ``(heads,)`` float32; ``table`` an optional ``(heads, T, T)`` bool keep mask
+    that replaces the local window (random-mask heads, user masks).
+    """
+    near_window = neighbour_test(width, radius, prefix)
+
+    def score_mod(score: torch.Tensor, b: Any, h: Any, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        near = table[h, q_idx, kv_idx] if table is not None else near_window(q_idx, kv_idx)
+        if neg_inf:
+            far = torch.where(alpha[h] == 0, torch.full_like(score, float("-inf")), score)
+        else:
+            far = score * alpha[h]
+        return torch.where(near, score, far)
+
+    return flex_attention(q, k, v, score_mod=score_mod, scale=scale)
 
 
-def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: Any,
-          scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out, lse)`` of FlexAttention: compiled on CUDA, eager (unfused, warning silenced) elsewhere."""
-    fn = _compiled_flex() if q.is_cuda else flex_attention
-    with warnings.catch_warnings():
+@lru_cache(maxsize=1)
+def compiled() -> Callable[..., torch.Tensor]:
+    """The compiled :func:`fused_masked_attention` (one per process; dynamo caches per geometry)."""
+    return torch.compile(fused_masked_attention, dynamic=False)
+
+
+def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, alpha: torch.Tensor, keep: Optional[torch.Tensor],
+        call: Any, scale: float, **_: Any) -> torch.Tensor:
+    table = None
+    if call.custom_mask:
+        table = keep if keep.dim() == 3 else keep.expand(q.shape[1], -1, -1)
+    if torch.is_autocast_enabled(q.device.type):         # FlexAttention is not an autocast op
+        dtype = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    fn = compiled() if q.is_cuda else fused_masked_attention
+    alpha = alpha if alpha.dtype == torch.float64 else alpha.float()     # float32 on GPUs: one kernel per dtype
+    args = (q, k, v, alpha, table, float(scale), call.grid_size[1], (call.mask_size - 1) // 2,
+            call.num_prefix_tokens, call.mode == "neg_inf")
+    if q.is_cuda:
+        return fn(*args)
+    with warnings.catch_warnings():       # eager FlexAttention warns that it is unfused
         warnings.simplefilter("ignore", UserWarning)
-        if AuxRequest is None:
-            return fn(q, k, v, block_mask=block_mask, scale=scale, return_lse=True)
-        out, aux = fn(q, k, v, block_mask=block_mask, scale=scale, return_aux=AuxRequest(lse=True))
-        return out, aux.lse
+        return fn(*args)
 
 
-def flex_local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid_size: tuple[int, int],
-                         mask_size: int, num_prefix_tokens: int, mode: str = "zero", scale: Optional[float] = None,
-                         **_: object) -> torch.Tensor:
-    """Hard-masked attention (every head α = 0) with FlexAttention; same result as the reference."""
-    batch, heads, tokens, dim = q.shape
-    p, (h, w), size = num_prefix_tokens, grid_size, mask_size
-    scale = dim ** -0.5 if scale is None else scale
-    block_mask = _block_mask(grid_size, size, p, str(q.device))
-    local, lse = _flex(q, k, v, block_mask, scale)
-    if mode != "zero":
-        return local
-    # Non-neighbour count c_i and value sum rest_i of every row (prefix rows: 0 and 0).
-    counts = neighbour_counts(grid_size, size).to(device=q.device, dtype=lse.dtype)
-    rest_count = F.pad(h * w - counts, (p, 0))                                      # (T,)
-    grid_v = v[:, :, p:].reshape(batch * heads, h, w, dim).permute(0, 3, 1, 2)
-    window_sum = F.avg_pool2d(grid_v, size, stride=1, padding=(size - 1) // 2, count_include_pad=True) * size ** 2
-    window_sum = window_sum.permute(0, 2, 3, 1).reshape(batch, heads, h * w, dim)
-    rest = v[:, :, p:].sum(2, keepdim=True) - window_sum                            # Σ_all v - Σ_Nb v
-    rest = F.pad(rest, (0, 0, p, 0))
-    weight = torch.sigmoid(lse - torch.log(rest_count)).unsqueeze(-1).to(v.dtype)   # c = 0 -> weight 1
-    return weight * local + (1 - weight) * rest / rest_count.clamp(min=1).unsqueeze(-1).to(v.dtype)
-
-
-def unsupported(call: Any) -> Optional[str]:
-    """Why :func:`flex_local_attention` cannot run ``call`` (None when it can)."""
+def can_run(call: Any) -> Optional[str]:
+    """Any head kinds and masks; no attention dropout; a GPU kernel (CPU: forward only)."""
     if not available():
         return "torch.nn.attention.flex_attention is not available in this torch"
-    if call.custom_mask:
-        return "it only implements the local R x R mask, not a custom mask"
-    if call.dropout_p > 0.0:
-        return "attention dropout needs the dense probabilities (use dropout_p=0 or the reference backend)"
-    if call.alpha.requires_grad:
-        return "alpha requires grad; the flex backend has no gradient with respect to alpha"
-    if not bool((call.alpha.detach() == 0).all()):
-        return f"every head must be hard-masked (alpha 0), got alpha {call.alpha.detach().tolist()}"
+    if call.dropout:
+        return "FlexAttention has no attention dropout (use dropout_p=0 or the reference backend)"
+    if call.device_type != "cuda" and call.needs_grad:
+        return "FlexAttention has no backward on the CPU (use the reference or local backend to train there)"
+    if call.device_type == "cuda":
+        if call.dtype not in GPU_DTYPES:
+            return f"FlexAttention's GPU kernels take float16, bfloat16 or float32, not {call.dtype}"
+        if call.head_dim < 16:
+            return f"FlexAttention's GPU kernels need head_dim >= 16, got {call.head_dim}"
     return None

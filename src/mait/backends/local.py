@@ -1,4 +1,4 @@
-"""The exact linear-time backend for hard-masked heads (DESIGN §2).
+"""The exact linear-time backend for hard-masked heads (docs/semantics.md, "linear-time identity").
 
 With α = 0 every non-neighbour logit is exactly 0, so each patch row of the softmax only
 needs its ``R x R`` window and the prefix columns; the other ``T - n_i`` columns all weigh
@@ -17,15 +17,22 @@ everything and run through ``scaled_dot_product_attention``.
 Time and memory are O(T·R²·d).  The backward pass is explicit (:class:`_LocalRows`): the
 standard softmax gradient restricted to the window and prefix logits (the zero logits
 depend on nothing), with every value also receiving ``Σ_i rest_i dout_i``.
+
+Under ``torch.autocast`` the inputs are cast to the autocast dtype once and the kernel runs
+with autocast off in both passes (its element-wise sums must not mix dtypes), so it works
+the same under bf16/fp16 on CUDA and bf16 on the CPU.
 """
 
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Optional
+from contextlib import nullcontext
+from typing import Any, ContextManager, Optional
 
 import torch
 import torch.nn.functional as F
+
+from ..schemes import HeadKind
 
 
 @lru_cache(maxsize=64)
@@ -53,6 +60,11 @@ class _LocalRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qg, kg, vg, kp, vp, size: int, zero: bool):  # type: ignore[override]
+        with _no_autocast(qg):
+            return _LocalRows._forward(ctx, qg, kg, vg, kp, vp, size, zero)
+
+    @staticmethod
+    def _forward(ctx, qg, kg, vg, kp, vp, size: int, zero: bool):  # type: ignore[no-untyped-def]
         batch, heads, h, w, dim = qg.shape
         r, n, p = (size - 1) // 2, h * w, kp.shape[2]
         pad = (0, 0, r, r, r, r)
@@ -83,11 +95,16 @@ class _LocalRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
+        with _no_autocast(grad):
+            return _LocalRows._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx, grad):  # type: ignore[no-untyped-def]
         qg, kpad, vpad, kp, vp, probs, prefix_probs, rest, out = ctx.saved_tensors
         size = ctx.size
         batch, heads, h, w, dim = qg.shape
         r, n, p = (size - 1) // 2, h * w, kp.shape[2]
-        grad = grad.contiguous()
+        grad = grad.contiguous().to(qg.dtype)
         delta = (grad * out).sum(-1, keepdim=True)                       # Σ_j P_ij dP_ij
         dq = torch.zeros_like(qg)
         dkpad, dvpad = torch.zeros_like(kpad), torch.zeros_like(vpad)
@@ -110,6 +127,23 @@ class _LocalRows(torch.autograd.Function):
         return dq, dkpad[:, :, r:r + h, r:r + w], dvg, dkp, dvp, None, None
 
 
+def _no_autocast(like: torch.Tensor) -> ContextManager[Any]:
+    """Autocast off for ``like``'s device type (a no-op context where autocast is not on)."""
+    device_type = like.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return nullcontext()
+
+
+def autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Cast tensors to the active autocast dtype of their device (unchanged when autocast is off)."""
+    device_type = tensors[0].device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t.is_floating_point() else t for t in tensors)
+
+
 def empty_sdpa_layout(v: torch.Tensor) -> torch.Tensor:
     """An empty ``(B, heads, T, d)`` output stored as ``(B, T, heads, d)``, the layout SDPA returns:
     the attention module's transpose back to ``(B, T, heads * d)`` is then a free view."""
@@ -124,6 +158,7 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid_s
 
     ``q, k, v`` are ``(B, heads, T, d)`` with ``T = num_prefix_tokens + H * W``.
     """
+    q, k, v = autocast_inputs(q, k, v)
     batch, heads, tokens, dim = q.shape
     p, (h, w) = num_prefix_tokens, grid_size
     scale = dim ** -0.5 if scale is None else scale
@@ -141,15 +176,18 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid_s
     return out
 
 
-def unsupported(call: "object") -> Optional[str]:
-    """Why :func:`local_attention` cannot run ``call`` (None when it can)."""
+def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, call: Any, scale: float, **_: Any) -> torch.Tensor:
+    return local_attention(q, k, v, grid_size=call.grid_size, mask_size=call.mask_size,
+                           num_prefix_tokens=call.num_prefix_tokens, mode=call.mode, scale=scale)
+
+
+def can_run(call: Any) -> Optional[str]:
+    """Hard heads on the local window, without attention dropout."""
     if call.custom_mask:
         return "it only implements the local R x R mask, not a custom mask"
-    if call.dropout_p > 0.0:
+    if call.dropout:
         return "attention dropout needs the dense probabilities (use dropout_p=0 or the reference backend)"
-    alpha = call.alpha.detach()
-    if call.alpha.requires_grad:
-        return "alpha requires grad; the linear backend has no gradient with respect to alpha"
-    if not bool((alpha == 0).all()):
-        return f"every head must be hard-masked (alpha 0), got alpha {alpha.tolist()}"
+    if set(call.head_kinds) != {HeadKind.HARD}:
+        return (f"every head must be hard-masked (alpha a constant 0), got head kinds "
+                f"{''.join(k.value for k in call.head_kinds)!r}")
     return None

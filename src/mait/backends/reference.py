@@ -1,4 +1,4 @@
-"""The reference backend: the dense definition of DESIGN §1, the one function that is the truth.
+"""The reference backend: the dense definition (docs/semantics.md), the one function that is the truth.
 
 Every other backend is tested against this one.  It materialises the ``(B, heads, T, T)``
 score matrix, so it is O(T²) in time and memory, works for every α, mode, custom mask
@@ -7,6 +7,8 @@ probabilities themselves.
 """
 
 from __future__ import annotations
+
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -44,3 +46,13 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, keep:
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p, training=True)
     return probs @ v
+
+
+def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, alpha: torch.Tensor, keep: torch.Tensor,
+        call: Any, scale: float, dropout_p: float = 0.0) -> torch.Tensor:
+    return masked_attention(q, k, v, keep=keep, alpha=alpha, mode=call.mode, scale=scale, dropout_p=dropout_p)
+
+
+def can_run(call: Any) -> Optional[str]:
+    """The reference runs every call."""
+    return None

@@ -1,0 +1,99 @@
+"""Every backend under ``torch.autocast`` (bf16 on the CPU) against the float64 reference, and
+the attention module inside ``torch.compile`` of a whole model."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+import mait
+from mait.backends import flex
+
+BF16_TOL = dict(rtol=3e-2, atol=3e-2)
+
+
+def _layer(kinds, grid=(12, 12), prefix=1, seed=0):
+    torch.manual_seed(seed)
+    return mait.MaskedAttention(16 * len(kinds), len(kinds), grid_size=grid, num_prefix_tokens=prefix,
+                                head_kinds=kinds)
+
+
+def _rel(a, b):
+    return float((a.detach().double() - b.detach().double()).norm() / b.detach().double().norm())
+
+
+@pytest.mark.parametrize("kinds,backend", [("hsuh", "auto"), ("hhhh", "local"), ("hsuh", "reference"),
+                                           ("uuuu", "sdpa"), ("hrsu", "auto")])
+def test_module_forward_backward_under_cpu_bf16_autocast(kinds, backend):
+    """Forward and gradients (inputs, weights, α) under bf16 autocast match float64 to bf16 accuracy."""
+    layer = _layer(kinds)
+    layer.backend = backend
+    x = torch.randn(2, 145, layer.qkv.in_features)
+    truth = _layer(kinds).double()
+    truth.load_state_dict(layer.state_dict())
+    truth.backend = "reference"
+    x64 = x.double().requires_grad_()
+    out64 = truth(x64)
+    out64.pow(2).sum().backward()
+
+    x32 = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x32)
+        assert out.dtype == torch.bfloat16
+        loss = out.float().pow(2).sum()
+    loss.backward()
+    assert _rel(out, out64) < 2e-2
+    assert _rel(x32.grad, x64.grad) < 3e-2
+    assert _rel(layer.qkv.weight.grad, truth.qkv.weight.grad) < 3e-2
+    if layer.alpha_logit is not None:
+        torch.testing.assert_close(layer.alpha_logit.grad.double(), truth.alpha_logit.grad, **BF16_TOL)
+
+
+@pytest.mark.skipif(not flex.available(), reason="torch without FlexAttention")
+@pytest.mark.parametrize("backend,alpha", [("flex", [0.0, 0.4, 1.0]), ("blocksparse", [0.0, 0.0, 0.0])])
+def test_flex_backends_under_cpu_bf16_autocast(backend, alpha):
+    generator = torch.Generator().manual_seed(3)
+    q, k, v = [torch.randn(2, 3, 1 + 14 * 14, 16, generator=generator) for _ in range(3)]
+    kwargs = dict(grid_size=(14, 14), alpha=torch.tensor(alpha))
+    truth = mait.masked_attention(q.double(), k.double(), v.double(), backend="reference",
+                                  **{**kwargs, "alpha": kwargs["alpha"].double()})
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = mait.masked_attention(q, k, v, backend=backend, **kwargs)
+    assert got.dtype == torch.bfloat16
+    assert _rel(got, truth) < 2e-2
+
+
+def test_train_step_under_cpu_bf16_autocast_with_linear_backend():
+    """A model whose hard heads run on the linear backend trains under bf16 autocast."""
+    model = timm.create_model("hmait_tiny_224", img_size=64, window_size=2, embed_dim=32, depths=(1, 1, 1, 1),
+                              num_heads=(2, 2, 2, 2), masked_heads=(2, 1, 0, 0), num_classes=3)
+    x, y = torch.randn(2, 3, 64, 64), torch.tensor([0, 2])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    first = model.layers[0].blocks[0].attn
+    assert first.plan(torch.empty(0, dtype=torch.bfloat16, requires_grad=True)).steps[0].backend.name == "local"
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("scheme", ["sch1", "*:hsur"])
+def test_whole_model_compiles_in_one_graph(scheme):
+    """``torch.compile(model, fullgraph=True)`` traces the masked layers (plan lookup included)."""
+    model = timm.create_model("mait_nano4_8", scheme=scheme).eval()
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        eager = model(x)
+        compiled = torch.compile(model, backend="eager", fullgraph=True)
+        torch.testing.assert_close(compiled(x), eager)
+
+
+def test_masks_cached_in_inference_mode_serve_training():
+    """A mask first built under ``torch.inference_mode`` is cached as a normal tensor: training later works."""
+    layer = _layer("hs", grid=(3, 5), prefix=2)
+    x = torch.randn(1, 17, 32)
+    with torch.inference_mode():
+        layer(x)
+    fresh = _layer("hs", grid=(3, 5), prefix=2)
+    fresh(x).sum().backward()
+    assert fresh.qkv.weight.grad is not None
