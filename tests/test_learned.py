@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -257,3 +258,34 @@ def test_bad_learned_attention_calls():
         learned_attention(q, q, q, torch.zeros(1, 2, 9, 3, dtype=torch.long), backend="flash")
     with pytest.raises(ValueError, match="mode must be one of"):
         timm.create_model("sparsifiner_nano4_8", mode="strict")
+
+
+def test_flops_cli_prints_the_mhsa_reduction(capsys):
+    from mait.cli import main
+    assert main(["flops", "sparsifiner_nano4_8", "--keep-rate", "0.25", "--stages-only"]) == 0
+    text = capsys.readouterr().out
+    report = count_macs(timm.create_model("sparsifiner_nano4_8", keep_rate=0.25))
+    full = count_macs(timm.create_model("sparsifiner_nano4_8"), mask_savings=False).attention_map
+    total = [line for line in text.splitlines() if line.startswith("total")][0]
+    assert f"{100 * (1 - report.mhsa / full):.1f}%" in total and "blocks.3" in text
+
+
+def test_show_mask_and_als_on_a_learned_checkpoint(tmp_path: Path, capsys):
+    from PIL import Image
+    from mait.cli import main
+    from mait.train.checkpoint import save_weights
+    torch.manual_seed(0)
+    model = timm.create_model("sparsifiner_nano4_8", keep_rate=0.25)
+    save_weights(model, tmp_path / "last.safetensors")
+    TrainConfig.from_dict(dict(model="sparsifiner_nano4_8")).save(tmp_path / "config.yaml")
+    Image.fromarray((torch.rand(32, 32) * 255).to(torch.uint8).numpy()).save(tmp_path / "some.png")
+    checkpoint = str(tmp_path / "last.safetensors")
+    assert main(["show-mask", "--checkpoint", checkpoint, "--image", str(tmp_path / "some.png"), "--layer", "3",
+                 "--query", "40", "--output", str(tmp_path / "mask.png")]) == 0
+    out = capsys.readouterr().out
+    kept = re.findall(r"head \d: (\d+) of 64 patch keys kept", out)   # k = 17 keys, the class token may be one
+    assert (tmp_path / "mask.png").is_file() and len(kept) == 4 and set(kept) <= {"16", "17"}
+    assert main(["show-mask", "--checkpoint", checkpoint, "--layer", "4"]) == 2
+    assert "not a learned layer" in capsys.readouterr().err
+    assert main(["als", "--checkpoint", checkpoint, "--max-images", "16", "--output", str(tmp_path / "a")]) == 0
+    assert (tmp_path / "a" / "mask_als.csv").is_file()
