@@ -43,6 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _image(path: Path, config, info) -> "torch.Tensor":
     """The image as the model sees it: the run's eval transform (digits: grey 8x8, scaled and normalised)."""
+    import numpy as np
     from PIL import Image
     from ..train.data import DIGITS_MEAN, DIGITS_STD, build_transforms
     if not path.is_file():
@@ -50,7 +51,7 @@ def _image(path: Path, config, info) -> "torch.Tensor":
     picture = Image.open(path)
     if info.img_size is not None:                  # tensor data (the digits): no timm transform
         grey = picture.convert("L").resize((info.img_size, info.img_size), Image.BILINEAR)
-        pixels = torch.tensor(list(grey.getdata()), dtype=torch.float32).view(1, info.img_size, info.img_size)
+        pixels = torch.from_numpy(np.asarray(grey, dtype=np.float32))[None]
         return (pixels / 255.0 - DIGITS_MEAN[0]) / DIGITS_STD[0]
     _, transform = build_transforms(config, info)
     return transform(picture.convert("RGB" if info.in_chans == 3 else "L"))
