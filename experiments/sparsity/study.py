@@ -49,6 +49,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
                dict(model="mait_nano4_8", scheme="*:hllu", model_kwargs={"keep_rate": 0.25})),
     "sp25ft": ("Sparsifiner keep 0.25, fine-tuned from dense + distillation",
                dict(model="sparsifiner_nano4_8", model_kwargs={"keep_rate": 0.25}, finetune=True)),
+    "denseft": ("control: dense, fine-tuned from dense + distillation (same extra epochs)",
+                dict(model="mait_nano4_8", scheme="none", finetune=True)),
 }
 
 
