@@ -213,6 +213,7 @@ def report() -> None:
             axis.plot(range(len(values)), values, marker="o", label=label)
         axis.axhline(7.5625 / 65, color="grey", linestyle=":", label="no locality (window share of all keys)")
         axis.set(xlabel="layer", ylabel="ALS (R = 3), mean over heads", title="Do learned masks become local? (digits)")
+        axis.set_xticks(range(depth))
         axis.legend(fontsize=8)
         axis.grid(alpha=0.3)
         figure.tight_layout()
