@@ -160,6 +160,13 @@ def compiled_flex() -> Callable[..., Any]:
     return torch.compile(flex_attention, dynamic=False)
 
 
+@torch.compiler.disable   # its autograd function calls autograd.grad in backward: a graph break, not a trace
+def _train_identity(*args: Any) -> torch.Tensor:
+    """Training on CUDA: the identity eagerly around compiled FlexAttention calls."""
+    block_mask, scale = args[3], args[6]
+    return identity(*args, attend=flex_neighbourhood(block_mask, scale, compiled_flex()))
+
+
 def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, call: Any, scale: float, **_: Any) -> torch.Tensor:
     if torch.is_autocast_enabled(q.device.type):         # FlexAttention is not an autocast op
         dtype = torch.get_autocast_dtype(q.device.type)
@@ -169,7 +176,7 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, call: Any, scale: 
     args = (q, k, v, block_mask, log_rest, inv_rest, float(scale), call.grid_size, call.mask_size,
             call.num_prefix_tokens, call.mode == "zero")
     if q.is_cuda and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return identity(*args, attend=flex_neighbourhood(block_mask, float(scale), compiled_flex()))
+        return _train_identity(*args)
     if q.is_cuda:
         return compiled()(*args)
     with warnings.catch_warnings():       # eager FlexAttention warns that it is unfused
