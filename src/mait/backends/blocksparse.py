@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from ..masks import window_counts
 from ..schemes import HeadKind
-from .flex import GPU_DTYPES, available, neighbour_test
+from .flex import GPU_DTYPES, allow_recompiles, available, neighbour_test
 
 try:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -151,12 +151,14 @@ def identity(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: Any,
 @lru_cache(maxsize=1)
 def compiled() -> Callable[..., torch.Tensor]:
     """The compiled :func:`identity` for inference (one per process; dynamo caches per geometry and dtype)."""
+    allow_recompiles()
     return torch.compile(identity, dynamic=False)
 
 
 @lru_cache(maxsize=1)
 def compiled_flex() -> Callable[..., Any]:
     """Compiled ``flex_attention`` for training, where the identity runs eagerly around it."""
+    allow_recompiles()
     return torch.compile(flex_attention, dynamic=False)
 
 
