@@ -201,3 +201,19 @@ def test_mixup_cutmix_on_in_memory_batches_and_images_per_s_logged(tmp_path: Pat
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
     events.Reload()
     assert "train_images_per_s" in events.Tags()["scalars"]
+
+
+@pytest.mark.slow
+def test_compile_trains_like_eager(tmp_path: Path) -> None:
+    """`--compile` (torch.compile of the training forward) gives the eager run's losses and weights."""
+    keys = dict(model_kwargs={"depth": 1, "embed_dim": 16, "num_heads": 2}, epochs=1, warmup_epochs=0, batch_size=64,
+                drop_path=0.0, progress=False)
+    eager = train(TrainConfig(**keys, output=str(tmp_path / "eager")))
+    compiled = train(TrainConfig(**keys, compile=True, output=str(tmp_path / "compiled")))
+    assert compiled.history[0]["train_loss"] == pytest.approx(eager.history[0]["train_loss"], rel=1e-4)
+    assert compiled.final_acc1 == pytest.approx(eager.final_acc1, abs=0.3)
+    from safetensors.torch import load_file
+    want, got = load_file(str(eager.last_checkpoint)), load_file(str(compiled.last_checkpoint))
+    assert want.keys() == got.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-3, atol=1e-4, msg=key)
