@@ -220,11 +220,11 @@ class TensorImages(TensorDataset):
         self.raw, self.levels, self.mean, self.std = raw, levels, tuple(mean), tuple(std)
 
 
-def normalise(images: torch.Tensor, levels: float, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+def normalise(images: torch.Tensor, levels: float, mean: Union[Sequence[float], torch.Tensor],
+              std: Union[Sequence[float], torch.Tensor]) -> torch.Tensor:
     """``(images / levels - mean) / std`` per channel of ``(N, C, H, W)`` images, in float32."""
-    shape = (-1, 1, 1)
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=images.device).view(shape)
-    std_t = torch.tensor(std, dtype=torch.float32, device=images.device).view(shape)
+    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(-1, 1, 1)
+    std_t = torch.as_tensor(std, dtype=torch.float32, device=images.device).view(-1, 1, 1)
     return (images.float() / levels - mean_t) / std_t
 
 
@@ -313,8 +313,9 @@ class DeviceImages(Dataset):
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, levels: float, mean: Sequence[float],
                  std: Sequence[float], crop: Optional[CropSpec] = None, seed: int = 0) -> None:
-        self.images, self.labels, self.levels, self.mean, self.std = images, labels, levels, tuple(mean), tuple(std)
-        self.crop, self.seed, self.epoch = crop, seed, 0
+        self.images, self.labels, self.levels, self.crop, self.seed, self.epoch = images, labels, levels, crop, seed, 0
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=images.device)     # made once, not per batch
+        self.std = torch.tensor(std, dtype=torch.float32, device=images.device)
 
     def __len__(self) -> int:
         return len(self.labels)

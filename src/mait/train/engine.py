@@ -190,6 +190,7 @@ class _Run:
         self.epoch, self.step, self.history = 0, 0, []
         self.loss_sum, self.loss_count = 0.0, 0
         self.best_acc1, self.best_epoch = -1.0, 0
+        self.images_per_s = 0.0                  # training throughput of the last epoch
 
     def save(self) -> None:
         """Write weights + training state (all ranks take part in gathering; rank 0 writes)."""
