@@ -21,6 +21,7 @@ from mait.train import TrainConfig, build_loaders, train
 from mait.train import data as data_module
 from mait.train.data import (CROP_DRAWS, CROP_RATIO, Augmented, DeviceImages, ImageFiles, crop_boxes, resized_crops,
                              uniforms)
+from mait.train.distributed import Dist
 
 
 def _smooth(count: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
@@ -140,6 +141,27 @@ def test_a_batch_is_a_function_of_seed_epoch_and_image(tmp_path: Path) -> None:
     assert torch.equal(torch.get_rng_state(), state), "augmenting leaves the global RNG alone"
 
 
+def test_two_ranks_see_the_images_one_process_sees(tmp_path: Path) -> None:
+    """DDP sharding: rank r of 2 gets every other image of the epoch's order, augmented exactly as in one process."""
+    config = TrainConfig(data=str(_tree(tmp_path)), model="mait_micro4_32", batch_size=8, in_memory="true", seed=1)
+
+    def by_index(env: Dist) -> dict[int, torch.Tensor]:
+        loaders = build_loaders(config, env)
+        loaders.sampler.start_at(2, 0)
+        loaders.train_set.epoch = 2
+        order = list(loaders.sampler)
+        loaders.sampler.start_at(2, 0)
+        images = torch.cat([batch for batch, _ in loaders.train])
+        return dict(zip(order, images))
+
+    one = by_index(Dist(0, 1, torch.device("cpu")))
+    ranks = [by_index(Dist(rank, 2, torch.device("cpu"))) for rank in range(2)]
+    assert len(one) == 40 and len(ranks[0]) == len(ranks[1]) == 20 and not set(ranks[0]) & set(ranks[1])
+    for shard in ranks:
+        for index, image in shard.items():
+            assert torch.equal(image, one[index]), index
+
+
 def test_digits_in_memory_are_the_same_batches() -> None:
     base = dict(batch_size=32, seed=2)
     fast, slow = build_loaders(TrainConfig(**base)), build_loaders(TrainConfig(**base, in_memory="false"))
@@ -172,7 +194,10 @@ def test_in_memory_choice_and_its_errors(tmp_path: Path, monkeypatch: pytest.Mon
 def test_image_folders_are_decoded_once_and_mixed_sizes_stay_on_timm(tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MAIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(data_module, "DECODED_CACHE_MIN", 6)
     root = _tree(tmp_path / "data", train=6, val=2, size=16)
+    assert ImageFiles(root / "val").array()[0].shape == (2, 3, 16, 16)
+    assert not (tmp_path / "cache").exists(), "2 images are not worth a cache file"
     images, labels = ImageFiles(root / "train").array()
     cached = list((tmp_path / "cache" / "decoded").iterdir())
     assert len(cached) == 1 and images.shape == (6, 3, 16, 16) and labels.tolist() == [0, 0, 0, 1, 1, 1]

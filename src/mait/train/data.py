@@ -53,6 +53,7 @@ CIFAR10_JPG_HOLDOUT = 1000        # the fixed validation split of the CIFAR-10 J
 DIGITS_MEAN, DIGITS_STD = (0.3053,), (0.3760,)   # of the 8x8 digits scaled to [0, 1]
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 IN_MEMORY_AUTO_BYTES = 2 * 2 ** 30   # `in_memory: auto` holds sets up to this many bytes of uint8 pixels
+DECODED_CACHE_MIN = 1000             # folders of fewer images are decoded again rather than cached
 CROP_RATIO = (3 / 4, 4 / 3)          # timm's RandomResizedCrop aspect-ratio range (create_transform's default)
 
 
@@ -183,11 +184,12 @@ class ImageFiles(Dataset):
 
     def array(self) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         """Every image decoded into one uint8 ``(N, 3, H, W)`` tensor with its labels, or None when the
-        images differ in size.  Decoded once: the array is cached in :func:`cache_dir` under a key of
-        the files' paths, sizes and modification times."""
+        images differ in size.  Decoded once: the array of :data:`DECODED_CACHE_MIN` images or more is
+        cached in :func:`cache_dir` under a key of the files' paths, sizes and modification times."""
         if self._array is not None:
             return self._array
-        listing = "\n".join(f"{path}:{os.stat(path).st_size}:{os.stat(path).st_mtime_ns}" for path, _ in self.samples)
+        stats = ((path, os.stat(path)) for path, _ in self.samples)
+        listing = "\n".join(f"{path}:{stat.st_size}:{stat.st_mtime_ns}" for path, stat in stats)
         digest = hashlib.sha1(f"{self.root.resolve()}\n{listing}".encode()).hexdigest()[:12]
         cached = cache_dir() / "decoded" / f"{self.root.name}-{len(self.samples)}-{digest}.npz"
         if cached.is_file():
@@ -202,11 +204,12 @@ class ImageFiles(Dataset):
                     return None
                 images[i] = pixels
             labels = np.array([target for _, target in self.samples], dtype=np.int64)
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cached.with_name(f".{cached.name}.tmp{os.getpid()}")
-            with open(tmp, "wb") as handle:
-                np.savez(handle, images=images, labels=labels)
-            os.replace(tmp, cached)
+            if len(self.samples) >= DECODED_CACHE_MIN:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                tmp = cached.with_name(f".{cached.name}.tmp{os.getpid()}")
+                with open(tmp, "wb") as handle:
+                    np.savez(handle, images=images, labels=labels)
+                os.replace(tmp, cached)
         self._array = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels)
         return self._array
 
