@@ -41,6 +41,7 @@ class TrainConfig:
     train_subset: int = 0                       # use a fixed random subset of N training images (0 = all)
     val_subset: int = 0                         # same for validation
     workers: int = 0                            # DataLoader worker processes per rank
+    in_memory: str = "auto"                     # whole set as uint8 on the device, augmented there: auto | true | false
     batch_size: int = 32                        # GLOBAL batch, split evenly over the processes
 
     # augmentation (timm's create_transform / Mixup); 0 or None switches one off
@@ -84,6 +85,7 @@ class TrainConfig:
     checkpoint_every: int = 0                   # also save the training state every N steps (0 = per epoch)
     device: str = "auto"                        # auto | cpu | cuda
     progress: bool = True                       # tqdm bar per epoch
+    compile: bool = False                       # torch.compile the model for training
 
     @classmethod
     def keys(cls) -> list[str]:

@@ -190,6 +190,7 @@ class _Run:
         self.epoch, self.step, self.history = 0, 0, []
         self.loss_sum, self.loss_count = 0.0, 0
         self.best_acc1, self.best_epoch = -1.0, 0
+        self.images_per_s = 0.0                  # training throughput of the last epoch
 
     def save(self) -> None:
         """Write weights + training state (all ranks take part in gathering; rank 0 writes)."""
@@ -266,6 +267,8 @@ def _train(config: TrainConfig, resume: bool, env: Dist, start: float) -> TrainR
         model.set_distilled_training(True)
     net = DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None) \
         if env.enabled else model
+    if config.compile:
+        net = torch.compile(net)          # training steps only; evaluation and checkpoints use the plain model
     criterion = build_criterion(config, loaders.mixup is not None)
     loss_fn = DistillationLoss(criterion, teacher, config.distillation_alpha) if teacher is not None else None
     log = RunLog(output, env.is_main, run.epoch)
@@ -329,6 +332,8 @@ def _train_epoch(run: _Run, net: nn.Module, criterion: nn.Module, loss_fn: Optio
         if config.checkpoint_every and global_step % config.checkpoint_every == 0 and run.step < run.steps:
             run.save()
     bar.close()
+    # Training throughput of this epoch (the steps run since it started or resumed; evaluation excluded).
+    run.images_per_s = done * batch * env.world_size / max(time.perf_counter() - tick, 1e-9)
 
 
 def _end_epoch(run: _Run, log: RunLog) -> None:
@@ -337,7 +342,7 @@ def _end_epoch(run: _Run, log: RunLog) -> None:
     metrics = evaluate(run.model, run.loaders.val, env, run.amp_dtype)
     row = {"epoch": run.epoch + 1, "train_loss": loss_sum / max(loss_count, 1), "val_loss": metrics["loss"],
            "val_acc1": metrics["acc1"], "val_acc5": metrics["acc5"], "lr": run.optimizer.param_groups[0]["lr"],
-           "epoch_time": time.perf_counter() - run.epoch_start}
+           "epoch_time": time.perf_counter() - run.epoch_start, "train_images_per_s": run.images_per_s}
     if run.ema is not None:
         row["ema_acc1"] = evaluate(run.ema.module, run.loaders.val, env, run.amp_dtype)["acc1"]
     run.history.append(row)
