@@ -10,7 +10,7 @@ import pytest
 import timm
 
 import mait  # noqa: F401
-from mait.cli import UserError
+from mait.errors import UserError
 from mait.train import TrainConfig, load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -25,8 +25,8 @@ from typing import Optional, Sequence
 import torch
 
 from .analysis import measure_als, model_scheme, save_report
-from .analysis.runs import held_out_images, load_model
-from .cli import UserError
+from .train.runs import held_out_images, load_model
+from .errors import UserError
 from .schemes import HeadKind, MaskingScheme
 from .train import TrainConfig, build_model, open_data, train
 

@@ -7,7 +7,7 @@ import argparse
 import timm
 
 import mait  # noqa: F401  (registers the models)
-from mait.cli import UserError
+from mait.errors import UserError
 from mait.cost import count_macs
 
 

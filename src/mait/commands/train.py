@@ -8,7 +8,7 @@ import os
 import typing
 from pathlib import Path
 
-from ..cli import UserError
+from ..errors import UserError
 
 
 def add_config_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:

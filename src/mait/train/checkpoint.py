@@ -18,7 +18,7 @@ import safetensors.torch
 import torch
 import torch.nn as nn
 
-from ..cli import UserError
+from ..errors import UserError
 
 LAST, BEST, STATE = "last.safetensors", "best.safetensors", "last.state.pt"
 HEAD_KEYS = ("head.weight", "head.bias", "head_dist.weight", "head_dist.bias")

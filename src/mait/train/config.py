@@ -19,7 +19,7 @@ from typing import Any, Mapping, Optional, Union
 
 import yaml
 
-from ..cli import UserError
+from ..errors import UserError
 
 
 @dataclass

@@ -35,7 +35,7 @@ from PIL import Image
 from timm.data import Mixup, create_transform, resolve_data_config
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
 
-from ..cli import UserError
+from ..errors import UserError
 from .config import TrainConfig
 from .distributed import Dist
 

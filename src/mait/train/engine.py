@@ -33,10 +33,11 @@ from tqdm import tqdm
 
 import mait  # noqa: F401  (registers the MaiT models in timm)
 
-from ..cli import UserError
+from ..errors import Interrupted, UserError
 from . import checkpoint as ckpt
+from .card import ModelCard, check_against_card, make_card, read_card
 from .config import TrainConfig
-from .data import DataInfo, Loaders, build_loaders, per_rank_batch
+from .data import DataInfo, Loaders, build_loaders, build_transforms, per_rank_batch
 from .distributed import Dist, all_sum, cleanup, setup
 from .logs import PLOT_NAME, RunLog, epoch_line, plot_curves
 
@@ -175,8 +176,10 @@ def _gather(obj: Any, env: Dist) -> list[Any]:
 class _Run:
     """The mutable parts of one run that a checkpoint must capture."""
 
-    def __init__(self, config: TrainConfig, env: Dist, output: Path, loaders: Loaders, model: nn.Module) -> None:
+    def __init__(self, config: TrainConfig, env: Dist, output: Path, loaders: Loaders, model: nn.Module,
+                 card: ModelCard) -> None:
         self.config, self.env, self.output, self.loaders, self.model = config, env, output, loaders, model
+        self.card = card
         self.steps = loaders.steps_per_epoch
         self.optimizer = create_optimizer_v2(model, opt=config.opt, lr=config.lr, weight_decay=config.weight_decay,
                                              momentum=config.momentum)
@@ -190,13 +193,15 @@ class _Run:
         self.epoch, self.step, self.history = 0, 0, []
         self.loss_sum, self.loss_count = 0.0, 0
         self.best_acc1, self.best_epoch = -1.0, 0
+        self.saved: Optional[tuple[int, int]] = None      # (epoch, step) of the last checkpoint on disk
 
     def save(self) -> None:
         """Write weights + training state (all ranks take part in gathering; rank 0 writes)."""
         per_rank = _gather({"rng": ckpt.rng_states(), "loss": (self.loss_sum, self.loss_count)}, self.env)
+        self.saved = (self.epoch, self.step)
         if not self.env.is_main:
             return
-        ckpt.save_weights(self.model, self.output / ckpt.LAST, {"model": self.config.model, "epoch": str(self.epoch)})
+        ckpt.save_weights(self.model, self.output / ckpt.LAST, self.card.metadata(epoch=self.epoch))
         ckpt.save_state({
             "epoch": self.epoch, "step": self.step, "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
@@ -219,6 +224,18 @@ class _Run:
         self.loss_sum, self.loss_count = mine["loss"]
         self.epoch, self.step, self.history = state["epoch"], state["step"], state["history"]
         self.best_acc1, self.best_epoch = state["best"]
+        self.saved = (self.epoch, self.step)
+
+    def interrupted(self) -> str:
+        """What Ctrl-C leaves behind and how to continue."""
+        where = f"interrupted in epoch {self.epoch + 1}/{self.config.epochs} (step {self.step}/{self.steps})"
+        if self.saved is None:
+            return (f"{where} before the first checkpoint; nothing to resume in {self.output} "
+                    f"(checkpoints are written at the end of each epoch, or every --checkpoint-every steps)")
+        epoch, step = self.saved
+        at = f"after epoch {epoch}" + (f", step {step}" if step else "")
+        return (f"{where}; the last checkpoint ({at}) is {self.output / ckpt.LAST}; "
+                f"continue with: mait train --resume {self.output}")
 
 
 def train(config: TrainConfig, resume: bool = False) -> TrainResult:
@@ -248,16 +265,24 @@ def _train(config: TrainConfig, resume: bool, env: Dist, start: float) -> TrainR
     model = build_model(config, loaders.info)
     say = print if env.is_main else (lambda *a, **k: None)
     if config.init_from and state is None:
+        check_against_card(model, config.model, read_card(Path(config.init_from)), Path(config.init_from),
+                           consequence="fine-tuning starts from weights trained for another setting")
         reset = ckpt.load_weights(model, Path(config.init_from), allow_head_reset=True, strict=False)
         say(f"initialised from {config.init_from}" + (f"; its classifier has another class count, so "
                                                       f"{', '.join(reset)} start fresh" if reset else ""))
     teacher = build_teacher(config, loaders.info, model)
     model.to(env.device)
-    run = _Run(config, env, output, loaders, model)
+    card = make_card(config, loaders.info, model, loaders.val.dataset, build_transforms(config, loaders.info)[1])
+    run = _Run(config, env, output, loaders, model, card)
     if state is not None:
         run.restore(state)
-        say(f"resuming {output} at epoch {run.epoch + 1}, step {run.step}/{run.steps}")
+        if run.epoch >= config.epochs:
+            say(f"{output} has finished all {config.epochs} epochs: nothing left to do "
+                f"(give --epochs above {config.epochs} to train longer)")
+        else:
+            say(f"resuming {output} at epoch {run.epoch + 1}, step {run.step}/{run.steps}")
     else:
+        say(f"training {config.model} on {loaders.info.name}; output folder: {output}")
         _seed_all(config.seed + env.rank)
     if env.is_main:
         config.save(output / "config.yaml")
@@ -274,6 +299,8 @@ def _train(config: TrainConfig, resume: bool, env: Dist, start: float) -> TrainR
         while run.epoch < config.epochs:
             _train_epoch(run, net, criterion, loss_fn, batch)
             _end_epoch(run, log)
+    except KeyboardInterrupt:
+        raise Interrupted(run.interrupted()) from None
     finally:
         log.close()
     plot = plot_curves(run.history, output / PLOT_NAME, f"{config.model} on {loaders.info.name}") \
@@ -346,7 +373,7 @@ def _end_epoch(run: _Run, log: RunLog) -> None:
         run.best_acc1, run.best_epoch = row["val_acc1"], row["epoch"]
         if env.is_main:
             ckpt.save_weights(run.model, run.output / ckpt.BEST,
-                              {"model": config.model, "epoch": str(row["epoch"]), "acc1": f"{row['val_acc1']:.4f}"})
+                              run.card.metadata(epoch=row["epoch"], acc1=f"{row['val_acc1']:.4f}"))
     run.save()
     log.write(run.history)
     if env.is_main:
