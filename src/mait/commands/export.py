@@ -1,8 +1,10 @@
 """``mait export``: a checkpoint as an ONNX file or a ``torch.export`` program, checked against PyTorch.
 
-Masked layers run a plain-op backend in the exported graph (FlexAttention does not
-export): ``local`` (default), the exact linear-time one, which keeps the cost linear in the
-number of patches, or ``reference``, the dense masked attention.  After writing the file
+Masked layers export through plain PyTorch ops, never FlexAttention (the model is traced
+on the CPU): with ``--attention auto`` (default) hard-masked heads take the exact
+linear-time backend where the grid is large enough for it to pay (else the dense one),
+unmasked heads ``scaled_dot_product_attention`` and soft heads the dense reference; with
+``--attention reference`` every masked layer is the dense masked attention.  After writing the file
 the command runs the exported program on random images (ONNX: with onnxruntime, the
 ``[export]`` extra) and fails when its logits differ from PyTorch's by more than ``--atol``.
 """
@@ -27,9 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", required=True, choices=tuple(FORMATS), help="onnx (torch.onnx) or pt2 (torch.export)")
     parser.add_argument("--output", type=Path, default=None,
                         help="file to write (default: the checkpoint's name with .onnx / .pt2)")
-    parser.add_argument("--attention", choices=("local", "reference"), default="local",
-                        help="backend of the masked layers in the graph: local (linear-time, default) or "
-                             "reference (dense)")
+    parser.add_argument("--attention", choices=("auto", "reference"), default="auto",
+                        help="masked layers in the graph: auto (hard heads linear-time where the grid is large "
+                             "enough; default) or reference (dense)")
     parser.add_argument("--batch-size", type=int, default=2, help="batch of the example input and the check (default 2)")
     parser.add_argument("--atol", type=float, default=1e-4,
                         help="largest allowed |logit difference| to PyTorch in the check (default 1e-4)")
@@ -93,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     config = run_config(args.checkpoint)
     card = checkpoint_card(args.checkpoint, config)
-    model = load_model(config, card.data_info(), args.checkpoint)
+    model = load_model(config, card.data_info(), args.checkpoint).requires_grad_(False)
     masked = set_backend(model, args.attention)
     output = args.output or args.checkpoint.with_suffix(FORMATS[args.format])
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -71,14 +71,27 @@ def build_model(config: TrainConfig, info: DataInfo) -> nn.Module:
     if config.drop_path:
         kwargs["drop_path_rate"] = config.drop_path
     kwargs.update(config.model_kwargs)
-    if not timm.is_model(config.model):
-        import difflib
-        close = difflib.get_close_matches(config.model, timm.list_models(), n=3)
-        raise UserError(f"unknown model {config.model!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+    check_model_name(config.model)
     try:
-        return timm.create_model(config.model, pretrained=False, **kwargs)
+        model = timm.create_model(config.model, pretrained=False, **kwargs)
     except TypeError as error:
         raise UserError(f"model {config.model} rejects its arguments {kwargs}: {error}") from None
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    if patch is not None and "img_size" in kwargs and kwargs["img_size"] < max(patch):
+        remedy = "mait_nano4_8 for the digits" if info.img_size else "or set a larger --img-size"
+        raise UserError(f"model {config.model} cuts {patch[0]}x{patch[1]} patches, larger than the "
+                        f"{kwargs['img_size']}x{kwargs['img_size']} images of {info.name}; choose a model with "
+                        f"smaller patches ({remedy})")
+    return model
+
+
+def check_model_name(name: str) -> None:
+    """A one-line error, with the closest names, unless ``name`` is a timm model (ours included)."""
+    if not timm.is_model(name):
+        import difflib
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        raise UserError(f"unknown model {name!r}" + (f" (did you mean {', '.join(close)}?)" if close else
+                                                     "; see timm.list_models('*mait*')"))
 
 
 class DistillationLoss(nn.Module):
@@ -300,7 +313,7 @@ def _train(config: TrainConfig, resume: bool, env: Dist, start: float) -> TrainR
             _train_epoch(run, net, criterion, loss_fn, batch)
             _end_epoch(run, log)
     except KeyboardInterrupt:
-        raise Interrupted(run.interrupted()) from None
+        raise Interrupted(run.interrupted(), output / ckpt.LAST if run.saved is not None else None) from None
     finally:
         log.close()
     plot = plot_curves(run.history, output / PLOT_NAME, f"{config.model} on {loaders.info.name}") \
