@@ -1,4 +1,4 @@
-"""Every fast backend against the dense reference (DESIGN §1-2) on random inputs of many shapes."""
+"""Every fast backend against the dense reference (docs/semantics.md, docs/performance.md) on random inputs of many shapes."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The quick empirical mask search of the paper (§4.3, DESIGN §4).
+"""The quick empirical mask search of the paper (§4.3; docs/analysis.md).
 
 1. **Initialisation**: hard-mask head 0 of every layer (Sch.1) and train for a budget.
 2. **Assignment** from the ALS of head 0 of each layer ``l`` on held-out data:
