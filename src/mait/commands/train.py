@@ -33,7 +33,7 @@ def overrides_from(args: argparse.Namespace) -> dict[str, typing.Any]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", metavar="YAML", help="config file (e.g. configs/imagenet/mait_t24.yaml)")
+    parser.add_argument("--config", metavar="YAML", help="a YAML file, or the name of a preset shipped with mait (digits, cifar10, cifar100, mait_t24, ...; see docs/training.md)")
     parser.add_argument("--resume", metavar="DIR",
                         help="continue the run saved in DIR exactly where it stopped (its config.yaml is the base)")
     add_config_options(parser)
