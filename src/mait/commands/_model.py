@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 
 from ..errors import UserError
 from ..train import TrainConfig, open_data
+from ..train.card import read_card
 from ..train.runs import held_out_images, load_model, run_config
 
 
@@ -50,8 +51,10 @@ def prepare(args: argparse.Namespace, data: bool = True) -> tuple[nn.Module, Tra
     loader = None
     if data:
         loader, info = held_out_images(config, args.max_images, args.batch_size)
-    else:
-        info = open_data(config.data, config.holdout_per_class, need_train=False)[2]
+    else:                               # the card knows classes and channels without opening the data
+        card = read_card(args.checkpoint) if args.checkpoint is not None else None
+        info = card.data_info() if card is not None else open_data(config.data, config.holdout_per_class,
+                                                                   need_train=False)[2]
     model = load_model(config, info, args.checkpoint)
     output = args.output or (args.checkpoint.parent / "analysis" if args.checkpoint is not None else Path("analysis"))
     output.mkdir(parents=True, exist_ok=True)

@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import math
 import os
-import random
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import timm
 import torch
 import torch.distributed as dist
@@ -27,7 +25,7 @@ import torch.nn.functional as F
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
-from timm.utils import ModelEmaV3
+from timm.utils import ModelEmaV3, random_seed
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -164,12 +162,6 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, env: Optiona
             "images": int(count), "images_per_s": count / max(elapsed, 1e-9)}
 
 
-def _seed_all(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    random.seed(seed)
-
-
 def _default_output(config: TrainConfig, env: Dist) -> Path:
     name = "digits" if config.data == "digits" else Path(config.data).name.split(".")[0]
     stamp = [datetime.now().strftime("%Y%m%d-%H%M%S")]
@@ -273,7 +265,7 @@ def _train(config: TrainConfig, resume: bool, env: Dist, start: float) -> TrainR
     state = ckpt.load_state(output) if resume else None
     if not resume and (output / ckpt.STATE).exists():
         raise UserError(f"{output} already holds a run; continue it with --resume {output} or choose another --output")
-    _seed_all(config.seed)
+    random_seed(config.seed)
     loaders = build_loaders(config, env)
     model = build_model(config, loaders.info)
     say = print if env.is_main else (lambda *a, **k: None)
@@ -296,7 +288,7 @@ def _train(config: TrainConfig, resume: bool, env: Dist, start: float) -> TrainR
             say(f"resuming {output} at epoch {run.epoch + 1}, step {run.step}/{run.steps}")
     else:
         say(f"training {config.model} on {loaders.info.name}; output folder: {output}")
-        _seed_all(config.seed + env.rank)
+        random_seed(config.seed, env.rank)
     if env.is_main:
         config.save(output / "config.yaml")
     if teacher is not None:
