@@ -238,7 +238,7 @@ class _Run:
             return (f"{where} before the first checkpoint; nothing to resume in {self.output} "
                     f"(checkpoints are written at the end of each epoch, or every --checkpoint-every steps)")
         epoch, step = self.saved
-        at = f"after epoch {epoch}" + (f", step {step}" if step else "")
+        at = f"epoch {epoch + 1}, step {step}/{self.steps}" if step else f"after epoch {epoch}"
         return (f"{where}; the last checkpoint ({at}) is {self.output / ckpt.LAST}; "
                 f"continue with: mait train --resume {self.output}")
 
