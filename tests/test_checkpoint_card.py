@@ -166,7 +166,7 @@ def test_pt2_export_of_each_family_matches_pytorch(family: str, tmp_path: Path) 
     model = timm.create_model(name, num_classes=7, **kwargs).eval().requires_grad_(False)
     example, check = torch.randn(2, 3, 64, 64), torch.randn(5, 3, 64, 64)
     with torch.no_grad():
-        for backend in ("auto", "reference"):
+        for backend in ("auto", "reference") if family == "mait" else ("auto",):
             assert set_backend(model, backend) > 0
             program = export_pt2(model, example, tmp_path / f"{backend}.pt2")
             got = run_exported(tmp_path / f"{backend}.pt2", "pt2", check)
