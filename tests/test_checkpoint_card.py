@@ -4,6 +4,7 @@ without config.yaml; `mait predict` and `mait export` on top of it."""
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 import warnings
 from pathlib import Path
@@ -19,7 +20,9 @@ import mait  # noqa: F401
 from mait.cli import main
 from mait.commands.export import export_pt2, run_exported, set_backend
 from mait.train import load_config, open_data, train
-from mait.train.card import CheckpointMismatch, ModelCard, read_card
+from mait.train import build_model
+from mait.train.card import CheckpointMismatch, ModelCard, make_card, read_card
+from mait.train.data import build_transforms
 from mait.train.runs import load_model, run_config
 
 TINY = {"epochs": 2, "train_subset": 256, "val_subset": 64, "warmup_epochs": 0, "progress": False, "lr": 3e-3}
@@ -51,6 +54,26 @@ def test_card_records_model_scheme_input_and_class_names(unmasked_run: Path) -> 
     assert card.mean == pytest.approx((0.3053,)) and card.std == pytest.approx((0.3760,)) and card.crop_pct == 1.0
     metadata = safetensors.safe_open(str(unmasked_run), "pt").metadata()
     assert metadata["model"] == "mait_nano4_8" and int(metadata["epoch"]) >= 1 and float(metadata["acc1"]) >= 0
+
+
+def test_card_of_cifar_pickles_names_their_classes(tmp_path: Path) -> None:
+    """An RGB model on CIFAR-10 pickles: label names from batches.meta, mean/std of the eval transform."""
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name, count in (("data_batch_1", 20), ("test_batch", 10)):
+        with open(folder / name, "wb") as handle:
+            pickle.dump({"data": rng.integers(0, 255, (count, 3 * 32 * 32), dtype=np.uint8),
+                         "labels": (list(range(10)) * 2)[:count]}, handle)
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    with open(folder / "batches.meta", "wb") as handle:
+        pickle.dump({"label_names": names}, handle)
+    config = load_config(None, {"model": "mait_micro4_32", "data": str(tmp_path)})
+    _, val, info = open_data(config.data)
+    card = make_card(config, info, build_model(config, info), val, build_transforms(config, info)[1])
+    assert card.class_names == tuple(names) and (card.in_chans, card.img_size, card.num_classes) == (3, 32, 10)
+    assert card.mean == pytest.approx((0.4914, 0.4822, 0.4465)) and card.std == pytest.approx((0.2470, 0.2435, 0.2616))
+    assert ModelCard.from_metadata(card.metadata(epoch=3)) == card
 
 
 def test_eval_away_from_config_yaml_uses_the_card(unmasked_run: Path, tmp_path: Path, capsys) -> None:

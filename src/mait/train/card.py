@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pickle
+import tarfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,13 +115,30 @@ def read_card(path: Path) -> Optional[ModelCard]:
     return ModelCard.from_metadata(read_metadata(path))
 
 
-def _class_names(dataset: Dataset, info: DataInfo) -> Optional[tuple[str, ...]]:
-    """Folder names of an ImageFolder tree (through Subset/Augmented wrappers); the digits are 0-9."""
+def _cifar_label_names(data: str) -> Optional[tuple[str, ...]]:
+    """The class names in the ``batches.meta`` (CIFAR-10) or ``meta`` (CIFAR-100) file of CIFAR pickles."""
+    from .data import extract_archive
+    root = Path(data).expanduser()
+    if root.is_file() and tarfile.is_tarfile(root):
+        root = extract_archive(root)             # already extracted when the data was opened
+    for folder in (root, *sorted(root.glob("cifar-*"))):
+        for name, key in (("batches.meta", "label_names"), ("meta", "fine_label_names")):
+            if (folder / name).is_file():
+                with open(folder / name, "rb") as handle:
+                    return tuple(pickle.load(handle, encoding="latin1")[key])
+    return None
+
+
+def _class_names(dataset: Dataset, info: DataInfo, data: str) -> Optional[tuple[str, ...]]:
+    """Folder names of an ImageFolder tree (through Subset/Augmented wrappers), CIFAR's label names,
+    0-9 for the digits; None when the data names no classes."""
     while dataset is not None:
         if hasattr(dataset, "classes"):
             return tuple(dataset.classes)
         dataset = getattr(dataset, "dataset", None)
-    return tuple(str(i) for i in range(10)) if info.name == "digits" else None
+    if info.name == "digits":
+        return tuple(str(i) for i in range(10))
+    return _cifar_label_names(data)
 
 
 def make_card(config: TrainConfig, info: DataInfo, model: nn.Module, val_set: Dataset,
@@ -139,7 +158,7 @@ def make_card(config: TrainConfig, info: DataInfo, model: nn.Module, val_set: Da
     return ModelCard(model=config.model, num_classes=info.num_classes, in_chans=info.in_chans, img_size=img_size,
                      scheme=str(scheme) if scheme is not None else None, mask_size=getattr(model, "mask_size", None),
                      model_kwargs=dict(config.model_kwargs), mean=tuple(mean), std=tuple(std), crop_pct=crop_pct,
-                     interpolation=config.interpolation, class_names=_class_names(val_set, info), data=config.data)
+                     interpolation=config.interpolation, class_names=_class_names(val_set, info, config.data), data=config.data)
 
 
 def check_against_card(model: nn.Module, model_name: str, card: Optional[ModelCard], source: Path,
