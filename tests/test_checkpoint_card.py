@@ -120,6 +120,17 @@ def test_init_from_warns_when_the_scheme_differs(unmasked_run: Path, tmp_path: P
         train(config)
 
 
+def test_init_from_takes_the_model_from_the_card(unmasked_run: Path, tmp_path: Path, capsys) -> None:
+    """`mait train --init-from X` without --model fine-tunes X's model and scheme; --scheme still wins."""
+    args = ["train", "--init-from", str(unmasked_run), "--epochs", "1", "--train-subset", "64", "--val-subset", "32",
+            "--no-progress"]
+    assert main([*args, "--output", str(tmp_path / "a")]) == 0
+    assert read_card(tmp_path / "a" / "best.safetensors").scheme == "none"
+    assert main([*args, "--output", str(tmp_path / "b"), "--scheme", "sch1"]) == 0
+    assert read_card(tmp_path / "b" / "best.safetensors").scheme == "*:1h"
+    assert "warning: " in capsys.readouterr().err
+
+
 def test_predict_matches_the_model_on_the_digits(unmasked_run: Path, tmp_path: Path, capsys) -> None:
     """PNG files of held-out digits get the probabilities the model gives their tensors."""
     _, val, _ = open_data("digits")

@@ -39,6 +39,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_options(parser)
 
 
+def _init_from_base(init_from: typing.Optional[str]):
+    """With ``--init-from`` a checkpoint with a card: its model (name, scheme, mask size, kwargs, image
+    size) under the config file and the command line, so fine-tuning needs no --model."""
+    from ..train import TrainConfig
+    from ..train.card import read_card
+    card = read_card(Path(init_from)) if init_from else None
+    if card is None:
+        return None
+    keys = ("model", "scheme", "mask_size", "model_kwargs", "img_size")
+    return TrainConfig.from_dict({key: value for key, value in card.config_values().items() if key in keys})
+
+
 def run(args: argparse.Namespace) -> int:
     from ..train import load_config, summary, train
     overrides = overrides_from(args)
@@ -50,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         overrides["output"] = str(folder)
         if config_file is None and (folder / "config.yaml").is_file():
             config_file = folder / "config.yaml"
-    config = load_config(config_file, overrides)
+    config = load_config(config_file, overrides, base=_init_from_base(overrides.get("init_from")))
     result = train(config, resume=bool(args.resume))
     if int(os.environ.get("RANK", "0")) == 0:
         print(summary(result))
