@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch.nn as nn
-from safetensors import safe_open
 from torch.utils.data import Dataset
 
 from ..errors import UserError
+from .checkpoint import read_metadata
 from .config import TrainConfig
 from .data import DIGITS_MEAN, DIGITS_STD, DataInfo
 
@@ -93,21 +93,6 @@ class ModelCard:
                                   mean=self.mean, std=self.std)
         mode = "L" if self.in_chans == 1 else "RGB"
         return lambda image: resize(image.convert(mode))
-
-
-def read_metadata(path: Path) -> dict[str, str]:
-    """The metadata of a safetensors file (a one-line error for a missing or unreadable one)."""
-    path = Path(path)
-    if path.is_dir():
-        raise UserError(f"checkpoint {path} is a folder; give a .safetensors file in it "
-                        f"(e.g. {path / 'best.safetensors'} or {path / 'last.safetensors'})")
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return handle.metadata() or {}
-    except Exception as error:  # safetensors raises its own error types for bad files
-        raise UserError(f"checkpoint {path} is not a readable safetensors file: {error}") from None
 
 
 def read_card(path: Path) -> Optional[ModelCard]:

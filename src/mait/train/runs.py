@@ -15,8 +15,8 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Subset
 
 from ..errors import UserError
-from .card import CheckpointMismatch, ModelCard, check_against_card, make_card, read_card, read_metadata
-from .checkpoint import load_weights
+from .card import CheckpointMismatch, ModelCard, check_against_card, make_card, read_card
+from .checkpoint import load_weights, read_metadata
 from .config import TrainConfig, load_config
 from .data import Augmented, DataInfo, build_transforms, open_data
 from .engine import build_model
