@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mait.cli import UserError
+from mait.errors import UserError
 from mait.train import TrainConfig, build_loaders, open_data
 from mait.train.data import Augmented, CorruptImageError, ResumableSampler, build_transforms
 from mait.train.distributed import Dist

@@ -71,7 +71,7 @@ def search_scheme(run_dir: Path) -> str:
         return (folder / "scheme.txt").read_text().strip()
     import torch
     from mait.analysis import measure_als, model_scheme, save_report
-    from mait.analysis.runs import held_out_images, load_model, run_config
+    from mait.train.runs import held_out_images, load_model, run_config
     from mait.search import assign, calibrate
 
     checkpoint = run_dir / SEARCH_SOURCE / "last.safetensors"
@@ -295,7 +295,7 @@ def analyse(run_dir: Path, out: Path, earlier: dict[str, Any]) -> dict[str, Any]
     from mait.analysis import (last_layers_similarity, measure_als, measure_similarity, model_scheme,
                                read_alphas, save_report)
     from mait.analysis.plots import plot_similarity
-    from mait.analysis.runs import held_out_images, load_model, run_config
+    from mait.train.runs import held_out_images, load_model, run_config
 
     def model_and_images(name: str, images: int):
         checkpoint = run_dir / name / "last.safetensors"

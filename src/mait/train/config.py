@@ -19,7 +19,7 @@ from typing import Any, Mapping, Optional, Union
 
 import yaml
 
-from ..cli import UserError
+from ..errors import UserError
 
 
 @dataclass
@@ -157,14 +157,32 @@ def coerce(key: str, value: Any, hint: Any) -> Any:
     raise UserError(f"config key {key!r} expects {getattr(target, '__name__', target)}, got {value!r}")
 
 
+PRESETS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def presets() -> dict[str, Path]:
+    """The configs shipped in the package by name: ``digits``, ``cifar10``, ``mait_t24`` ... (file stems)."""
+    return {path.stem: path for path in sorted(PRESETS.glob("*/*.yaml"))}
+
+
+def config_path(name: Union[str, Path]) -> Path:
+    """A YAML file path as given, or the shipped preset of that name (``digits``, ``small/digits.yaml``)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    shipped = presets()
+    stem = path.name.removesuffix(".yaml")
+    if stem in shipped and (len(path.parts) == 1 or shipped[stem].parent.name == path.parent.name):
+        return shipped[stem]
+    raise UserError(f"config file {path} does not exist, and it names no preset ({', '.join(shipped)})")
+
+
 def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[Mapping[str, Any]] = None,
                 base: Optional[TrainConfig] = None) -> TrainConfig:
-    """Defaults (or ``base``) <- YAML file at ``path`` <- ``overrides``; keys are checked at each step."""
+    """Defaults (or ``base``) <- YAML file at ``path`` (or preset name) <- ``overrides``; keys are checked at each step."""
     config = base or TrainConfig()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"config file {path} does not exist")
+        path = config_path(path)
         try:
             values = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as error:

@@ -45,11 +45,11 @@ from timm.data.transforms import MaybeToTensor
 from torchvision import transforms as tv_transforms
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
 
-from ..cli import UserError
+from ..errors import UserError
 from .config import TrainConfig
 from .distributed import Dist
 
-CIFAR10_JPG_HOLDOUT = 1000        # the fixed validation split of the CIFAR-10 JPEG set (issue 6 uses it)
+CIFAR10_JPG_HOLDOUT = 1000        # the fixed validation split of the CIFAR-10 JPEG set
 DIGITS_MEAN, DIGITS_STD = (0.3053,), (0.3760,)   # of the 8x8 digits scaled to [0, 1]
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 IN_MEMORY_AUTO_BYTES = 2 * 2 ** 30   # `in_memory: auto` holds sets up to this many bytes of uint8 pixels
