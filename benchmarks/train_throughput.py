@@ -31,11 +31,12 @@ import timm
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-PRESETS = {                       # name -> config file (data paths relative to the repository root)
-    "digits": ROOT / "configs" / "small" / "digits.yaml",
-    "cifar10": ROOT / "configs" / "small" / "cifar10.yaml",
-    "cifar10-study": ROOT / "experiments" / "cifar10" / "base.yaml",
+PRESETS = {                       # name -> preset name or config file (data paths relative to the repository root)
+    "digits": "digits",
+    "cifar10": "cifar10",
+    "cifar10-study": str(ROOT / "experiments" / "cifar10" / "base.yaml"),
 }
+CIFAR10_JPEG = "../shared/data/cifar10-train-jpg.tar.gz"   # CIFAR-10's training JPEGs beside the checkout
 PATHS = {"in-memory": "true", "timm loader": "false"}
 
 
@@ -63,6 +64,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train-subset", type=int, default=5120,
                         help="training images per epoch for the CIFAR presets (0 = all 40,000; digits: all)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds (median reported)")
+    parser.add_argument("--cifar10-data", default=CIFAR10_JPEG,
+                        help="CIFAR-10 for the cifar10 preset (default: the JPEG tarball in ../shared/data)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "train_throughput",
@@ -78,6 +81,8 @@ def main(argv: list[str] | None = None) -> None:
             keys = {"epochs": 1, "warmup_epochs": 0, "progress": False, "device": args.device, "val_subset": 256}
             if preset != "digits":
                 keys["train_subset"] = args.train_subset
+            if preset == "cifar10":
+                keys["data"] = args.cifar10_data
             configs = {path: load_config(PRESETS[preset], {**keys, "in_memory": choice}) for path, choice in PATHS.items()}
             # untimed: extract/decode the data once, warm the caches
             images = {path: loader_images_per_s(config)[1] for path, config in configs.items()}

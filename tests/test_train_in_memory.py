@@ -16,7 +16,7 @@ from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from mait.cli import UserError
+from mait.errors import UserError
 from mait.train import TrainConfig, build_loaders, train
 from mait.train import data as data_module
 from mait.train.data import (CROP_DRAWS, CROP_RATIO, Augmented, DeviceImages, ImageFiles, crop_boxes, resized_crops,

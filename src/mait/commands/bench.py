@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import mait
-from mait.cli import UserError
+from mait.errors import UserError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
