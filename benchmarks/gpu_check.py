@@ -62,15 +62,19 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 # ------------------------------------------------------------------------------ 1. correctness
 CASES = [((14, 14), 3, 1, [0.0, 0.0, 0.0]), ((14, 14), 3, 1, [0.0, 0.35, 1.0]), ((9, 15), 5, 2, [0.0, 1.0, 0.6]),
          ((28, 28), 3, 0, [0.0, 0.0, 1.0]), ((7, 7), 7, 1, [0.2, 0.0, 1.0]), ((56, 56), 3, 1, [0.0, 0.0, 0.0])]
-BACKENDS_FOR = {"all_hard": ("flex", "blocksparse", "local", "auto"), "mixed": ("flex", "auto")}
+BACKENDS_FOR = {"all_hard": ("flex", "blocksparse", "triton", "local", "auto"), "mixed": ("flex", "auto")}
 PRECISIONS = {"float32": (None, 2e-5, 2e-5), "bfloat16": (torch.bfloat16, 2e-2, 4e-2),
               "float16": (torch.float16, 4e-3, 8e-3)}
+HALF_CASES = (1, 5)          # the cases also checked in bf16 and fp16 (every case compiles its own kernels)
 
 
 def check_correctness(device: torch.device, smoke: bool) -> list[dict]:
     rows = []
     cases = [((5, 4), 3, 1, [0.0, 0.0, 0.0]), ((5, 4), 3, 1, [0.0, 0.35, 1.0])] if smoke else CASES
-    for grid, size, prefix, alpha in cases:
+    runs_here = dict(BACKENDS_FOR)
+    if smoke:                       # the Triton kernel needs CUDA or a process started with TRITON_INTERPRET=1
+        runs_here["all_hard"] = tuple(b for b in BACKENDS_FOR["all_hard"] if b != "triton")
+    for index, (grid, size, prefix, alpha) in enumerate(cases):
         tokens = prefix + grid[0] * grid[1]
         generator = torch.Generator().manual_seed(tokens)
         base = [torch.randn(2, 3, tokens, 32, generator=generator) for _ in range(3)]
@@ -81,11 +85,12 @@ def check_correctness(device: torch.device, smoke: bool) -> list[dict]:
         truth = mait.masked_attention(*truth_in, alpha=truth_alpha, backend="reference", **kwargs)
         truth_grads = torch.autograd.grad((truth * weight.double()).sum(), truth_in + [truth_alpha])
         kind = "all_hard" if not any(alpha) else "mixed"
-        for backend in BACKENDS_FOR[kind]:
+        for backend in runs_here[kind]:
             for name, (amp_dtype, fwd_tol, grad_tol) in PRECISIONS.items():
-                if smoke and name != "float32":
+                if name != "float32" and (smoke or index not in HALF_CASES):
                     continue
-                train = not (smoke and backend in ("flex", "blocksparse"))   # FlexAttention: no CPU backward
+                # FlexAttention has no CPU backward; the Triton kernel none at all
+                train = backend != "triton" and not (smoke and backend in ("flex", "blocksparse"))
                 row: dict[str, Any] = {"grid": f"{grid[0]}x{grid[1]}", "R": size, "prefix": prefix,
                                        "alpha": alpha, "backend": backend, "precision": name}
                 inputs = [t.to(device).requires_grad_(train) for t in base]

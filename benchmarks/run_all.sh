@@ -21,3 +21,5 @@ run models --models swin_tiny_patch4_window7_224 hmait_tiny_224 mait_xs24_224 de
     mait_t24_224:scheme=sch1 mait_t24_224:scheme=none --batch-size 64 --warmup 1 --repeats 5
 # 5. training step (forward + backward), H-MaiT-T vs Swin-T
 run models_train --models swin_tiny_patch4_window7_224 hmait_tiny_224 --train --batch-size 64 --warmup 1 --repeats 3
+# 6. training images/s of the small presets: in-memory data vs timm's loader (one run, interleaved rounds)
+python benchmarks/train_throughput.py --train-subset 2560 --repeats 3 --threads "$T" 2>&1 | grep -v -E '^(USDT|ERROR:)' | tail -n 8

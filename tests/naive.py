@@ -1,4 +1,4 @@
-"""A deliberately plain float64 implementation of DESIGN §1, independent of the library code.
+"""A deliberately plain float64 implementation of docs/semantics.md, independent of the library code.
 
 It builds ``Mα`` entry by entry with Python loops, so a bug in the vectorised mask or
 backend code cannot hide in a shared helper.

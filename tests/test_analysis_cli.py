@@ -11,7 +11,7 @@ from PIL import Image
 
 from mait import MaskingScheme
 from mait.analysis import harden, read_alphas
-from mait.analysis.runs import load_model, run_config
+from mait.train.runs import load_model, run_config
 from mait.cli import main
 from mait.search import Thresholds, assign, calibrate
 from mait.train import load_config, open_data, train

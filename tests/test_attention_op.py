@@ -1,4 +1,4 @@
-"""The functional op against a plain float64 implementation of DESIGN §1, plus its error handling."""
+"""The functional op against a plain float64 implementation of docs/semantics.md, plus its error handling."""
 
 from __future__ import annotations
 

@@ -140,3 +140,11 @@ def test_fused_gradients_match_reference_cuda(alpha):
         grads.append(torch.autograd.grad(out.pow(2).sum(), inputs + [a]))
     for got, expected in zip(grads[1], grads[0]):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_compiled_kernels_may_specialise_per_geometry_more_than_eight_times():
+    """Several models (or H-MaiT's stages in training and inference) need more than dynamo's default 8."""
+    flex.compiled()
+    blocksparse.compiled()
+    config = torch._dynamo.config
+    assert getattr(config, "recompile_limit", getattr(config, "cache_size_limit", 0)) >= 64

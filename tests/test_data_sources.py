@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mait.cli import UserError
+from mait.errors import UserError
 from mait.train import TrainConfig, build_loaders, open_data
 from mait.train.data import Augmented, CorruptImageError, ResumableSampler, build_transforms
 from mait.train.distributed import Dist
@@ -117,16 +117,17 @@ def test_folder_without_images_names_it(tmp_path: Path) -> None:
         open_data(str(tmp_path))
 
 
-@pytest.mark.parametrize("workers", [0, 1])
-def test_corrupt_image_names_its_path(tmp_path: Path, workers: int) -> None:
+@pytest.mark.parametrize("workers, in_memory", [(0, "false"), (1, "false"), (0, "true")])
+def test_corrupt_image_names_its_path(tmp_path: Path, workers: int, in_memory: str) -> None:
+    """Read by a loader worker, by the main process, or when an in-memory set is decoded."""
     _tree(tmp_path / "train", {"a": 4, "b": 4})
     _tree(tmp_path / "val", {"a": 1, "b": 1})
     bad = tmp_path / "train" / "b" / "0002.png"
     bad.write_bytes(b"not a png")
-    config = TrainConfig(data=str(tmp_path), model="mait_micro4_32", batch_size=8, workers=workers)
-    loaders = build_loaders(config)
+    config = TrainConfig(data=str(tmp_path), model="mait_micro4_32", batch_size=8, workers=workers,
+                         in_memory=in_memory)
     with pytest.raises(CorruptImageError) as error:
-        list(loaders.train)
+        list(build_loaders(config).train)
     assert str(error.value).startswith(f"corrupt image {bad}") and "\n" not in str(error.value)
 
 

@@ -89,11 +89,20 @@ def test_whole_model_compiles_in_one_graph(scheme):
 
 
 def test_masks_cached_in_inference_mode_serve_training():
-    """A mask first built under ``torch.inference_mode`` is cached as a normal tensor: training later works."""
-    layer = _layer("hs", grid=(3, 5), prefix=2)
-    x = torch.randn(1, 17, 32)
+    """The functional op's cached local mask, first built under ``torch.inference_mode``, serves training later."""
+    q = torch.randn(1, 2, 2 + 3 * 5, 8)
     with torch.inference_mode():
-        layer(x)
-    fresh = _layer("hs", grid=(3, 5), prefix=2)
-    fresh(x).sum().backward()
-    assert fresh.qkv.weight.grad is not None
+        mait.masked_attention(q, q, q, grid_size=(3, 5), num_prefix_tokens=2, alpha=0.3, backend="reference")
+    x = q.clone().requires_grad_()
+    mait.masked_attention(x, x, x, grid_size=(3, 5), num_prefix_tokens=2, alpha=0.3, backend="reference").sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_exporting_leaves_the_model_usable_eagerly():
+    """Tracing (torch.export) must not leave traced tensors in any cache the eager model reads later."""
+    model = timm.create_model("mait_nano4_8", scheme="*:hsur").eval()
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        before = model(x)
+        torch.export.export(model, (x,), strict=False)
+        torch.testing.assert_close(model(torch.cat([x, x])), torch.cat([before, before]))

@@ -21,7 +21,7 @@ def test_cifar10_split_is_the_last_thousand_of_each_class() -> None:
 
 
 def test_one_epoch_of_the_cifar10_preset_on_a_subset(tmp_path: Path) -> None:
-    config = load_config(ROOT / "configs" / "small" / "cifar10.yaml",
+    config = load_config("cifar10",
                          {"data": str(ARCHIVE), "epochs": 1, "train_subset": 512, "val_subset": 256, "batch_size": 64,
                           "workers": 0, "warmup_epochs": 0, "output": str(tmp_path / "run"), "progress": False})
     result = train(config)

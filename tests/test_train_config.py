@@ -10,10 +10,11 @@ import pytest
 import timm
 
 import mait  # noqa: F401
-from mait.cli import UserError
+from mait.errors import UserError
 from mait.train import TrainConfig, load_config
+from mait.train.config import PRESETS, presets
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = PRESETS
 
 
 def test_yaml_then_overrides_and_string_coercion(tmp_path: Path) -> None:
@@ -98,8 +99,20 @@ def test_default_config_is_the_builtin_digits_job() -> None:
 
 
 def test_digits_preset_is_the_builtin_default() -> None:
-    """configs/small/digits.yaml writes out exactly what `mait train` does with no flags."""
+    """The digits preset writes out exactly what `mait train` does with no flags."""
     assert load_config(CONFIGS / "small" / "digits.yaml") == TrainConfig()
+
+
+def test_presets_are_addressable_by_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--config digits` works from any folder; a name that is neither a file nor a preset lists the presets."""
+    monkeypatch.chdir(tmp_path)
+    assert {"digits", "cifar10", "cifar100", "mait_t24"} <= set(presets())
+    assert load_config("digits") == load_config("small/digits.yaml") == TrainConfig()
+    assert load_config("mait_t24").model == "mait_t24_224"
+    with pytest.raises(UserError, match=r"config file digitz does not exist, and it names no preset \(.*digits"):
+        load_config("digitz")
+    with pytest.raises(UserError, match="names no preset"):
+        load_config("imagenet/digits")
 
 
 def test_scheme_none_is_the_unmasked_scheme_not_unset() -> None:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import mait  # noqa: F401
-from mait.cli import UserError
+from mait.errors import UserError
 from mait.train import TrainConfig, build_loaders, build_model, evaluate, load_config, load_weights, save_weights, train
 from mait.train.engine import DistillationLoss, build_teacher
 

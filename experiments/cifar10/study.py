@@ -4,12 +4,16 @@
     python experiments/cifar10/study.py run 'sch1-*' --jobs 1 --threads 2
     python experiments/cifar10/study.py report              # tables + figures from the saved runs
     python experiments/cifar10/study.py command none-s0     # the plain `mait train` command of one run
+    python experiments/cifar10/study.py --recipe full run --device cuda --jobs 8    # 50 epochs, one GPU
+    python experiments/cifar10/study.py --recipe full report
 
-Each run is ``mait train --config base.yaml`` plus the keys of its entry in ``runs.yaml``,
-written to ``runs/cifar10-study/<name>`` (a killed run is resumed).  ``scheme: search`` is
+Each run is ``mait train --config base.yaml`` plus the keys of the recipe (``--recipe``:
+``short``, the 2-epoch CPU study of base.yaml; ``full``, full.yaml's 50 epochs; ``smoke``,
+smoke.yaml's 2 epochs on subsets) plus the keys of its entry in ``runs.yaml``, written to
+``runs/cifar10-study[-<recipe>]/<name>`` (a killed run is resumed).  ``scheme: search`` is
 the scheme the quick empirical search (§4.3) derives from the ALS of run ``sch1-s0``.
-``report`` reads the run folders and writes ``experiments/cifar10/results/``; runs of the
-last report whose folders are gone (a fresh machine) keep that report's figures.
+``report`` reads the run folders and writes ``experiments/cifar10/results[-<recipe>]/``;
+runs of the last report whose folders are gone (a fresh machine) keep that report's figures.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ ROOT = HERE.parents[1]
 BASE, RUNS = HERE / "base.yaml", HERE / "runs.yaml"
 RESULTS = HERE / "results"
 DEFAULT_RUN_DIR = ROOT / "runs" / "cifar10-study"
+RECIPES = {"short": None, "full": HERE / "full.yaml", "smoke": HERE / "smoke.yaml"}   # keys on top of base.yaml
+POLL_S = 2.0                                    # how often the runner looks at its jobs
 SEARCH_SOURCE = "sch1-s0"                       # the Sch.1 run the search measures
 ALS_IMAGES, SIMILARITY_IMAGES = 1000, 500       # held-out images for the analyses
 VARIANTS = ["none", "sch1", "mixed", "soft", "random", "sch1-r5", "search"]   # table order
@@ -65,7 +71,7 @@ def search_scheme(run_dir: Path) -> str:
         return (folder / "scheme.txt").read_text().strip()
     import torch
     from mait.analysis import measure_als, model_scheme, save_report
-    from mait.analysis.runs import held_out_images, load_model, run_config
+    from mait.train.runs import held_out_images, load_model, run_config
     from mait.search import assign, calibrate
 
     checkpoint = run_dir / SEARCH_SOURCE / "last.safetensors"
@@ -87,6 +93,18 @@ def search_scheme(run_dir: Path) -> str:
     return str(scheme)
 
 
+def recipe_keys(recipe: str) -> dict[str, Any]:
+    """The keys a recipe adds to base.yaml."""
+    if recipe not in RECIPES:
+        raise SystemExit(f"unknown recipe {recipe!r}; recipes: {', '.join(RECIPES)}")
+    return yaml.safe_load(RECIPES[recipe].read_text()) if RECIPES[recipe] else {}
+
+
+def run_keys(name: str, recipe: str, extra: dict[str, Any]) -> dict[str, Any]:
+    """The keys run ``name`` adds to base.yaml: the recipe's, then its runs.yaml entry's, then ``extra``."""
+    return {**recipe_keys(recipe), **load_runs()[name], **extra}
+
+
 def train_command(name: str, keys: dict[str, Any], run_dir: Path) -> list[str]:
     """``mait train`` for one run (``scheme: search`` must already be resolved)."""
     output = run_dir / name
@@ -103,14 +121,32 @@ def finished(folder: Path, epochs: int) -> bool:
     return len(rows) >= epochs and (folder / "last.safetensors").is_file()
 
 
-def run_study(patterns: list[str], jobs: int, threads: int, run_dir: Path) -> None:
-    runs = load_runs()
-    todo = [n for n in select(list(runs), patterns)
-            if not finished(run_dir / n, runs[n].get("epochs", yaml.safe_load(BASE.read_text())["epochs"]))]
+def prepare_data(keys: dict[str, Any]) -> None:
+    """Extract and decode the data set once, before the runs that share it start side by side."""
+    from mait.train import load_config, open_data
+    from mait.train.data import image_array
+    config = load_config(BASE, keys)
+    if str(config.in_memory).lower() != "false":
+        image_array(open_data(config.data, config.holdout_per_class)[0])
+
+
+def run_study(patterns: list[str], jobs: int, threads: int, run_dir: Path, recipe: str = "short",
+              extra: Optional[dict[str, Any]] = None) -> None:
+    """Train the selected runs not finished yet, ``jobs`` at a time; ``extra`` keys (e.g. ``device``) go to every run."""
+    if jobs < 1 or threads < 1:
+        raise SystemExit(f"--jobs and --threads must be at least 1, got {jobs} and {threads}")
+    runs, extra = load_runs(), dict(extra or {})
+    epochs = {name: run_keys(name, recipe, extra).get("epochs", yaml.safe_load(BASE.read_text())["epochs"])
+              for name in runs}
+    todo = [n for n in select(list(runs), patterns) if not finished(run_dir / n, epochs[n])]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     active: dict[str, subprocess.Popen] = {}
     failed: list[str] = []
-    print(f"[study] {len(todo)} runs to do, {jobs} at a time, {threads} thread(s) each: {', '.join(todo)}", flush=True)
+    print(f"[study] recipe {recipe}: {len(todo)} runs to do, {jobs} at a time, {threads} thread(s) each: "
+          f"{', '.join(todo)}", flush=True)
+    if todo:
+        prepare_data(run_keys(todo[0], recipe, extra))
+    started = time.perf_counter()
     while todo or active:
         for name, proc in list(active.items()):
             if proc.poll() is not None:
@@ -122,9 +158,9 @@ def run_study(patterns: list[str], jobs: int, threads: int, run_dir: Path) -> No
         for name in list(todo):
             if len(active) >= jobs:
                 break
-            keys = dict(runs[name])
+            keys = run_keys(name, recipe, extra)
             if keys.get("scheme") == "search":
-                if not finished(run_dir / SEARCH_SOURCE, yaml.safe_load(BASE.read_text())["epochs"]):
+                if not finished(run_dir / SEARCH_SOURCE, epochs[SEARCH_SOURCE]):
                     if SEARCH_SOURCE in todo or SEARCH_SOURCE in active:
                         continue                      # wait for the run the search measures
                     raise SystemExit(f"{name} needs the finished run {SEARCH_SOURCE} in {run_dir}")
@@ -138,7 +174,9 @@ def run_study(patterns: list[str], jobs: int, threads: int, run_dir: Path) -> No
             print(f"[study] {time.strftime('%H:%M:%S')} start {name}: {shlex.join(command[1:])}", flush=True)
             active[name] = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
             todo.remove(name)
-        time.sleep(5)
+        time.sleep(POLL_S)
+    print(f"[study] {time.strftime('%H:%M:%S')} all runs ended after {(time.perf_counter() - started) / 60:.1f} min",
+          flush=True)
     if failed:
         raise SystemExit(f"[study] failed runs (see their train.log): {', '.join(failed)}")
 
@@ -257,7 +295,7 @@ def analyse(run_dir: Path, out: Path, earlier: dict[str, Any]) -> dict[str, Any]
     from mait.analysis import (last_layers_similarity, measure_als, measure_similarity, model_scheme,
                                read_alphas, save_report)
     from mait.analysis.plots import plot_similarity
-    from mait.analysis.runs import held_out_images, load_model, run_config
+    from mait.train.runs import held_out_images, load_model, run_config
 
     def model_and_images(name: str, images: int):
         checkpoint = run_dir / name / "last.safetensors"
@@ -299,20 +337,22 @@ def analyse(run_dir: Path, out: Path, earlier: dict[str, Any]) -> dict[str, Any]
     return found
 
 
-def earlier_record() -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Rows and analyses of the last report (``results/``), for runs whose folders are gone."""
-    summary = RESULTS / "summary.json"
+def earlier_record(results: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Rows and analyses of the last report in ``results``, for runs whose folders are gone."""
+    summary = results / "summary.json"
     if not summary.is_file():
         return [], {}
     record = json.loads(summary.read_text())
     return record.get("runs", []), {k: record.get(k) for k in ("als", "alphas", "similarity", "search")}
 
 
-def report(run_dir: Path) -> None:
-    """Tables and figures from the run folders; runs reported before whose folders are gone
-    (a fresh machine) keep the figures of the last report, so partial re-runs add to it."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    old_rows, old_found = earlier_record()
+def report(run_dir: Path, results: Optional[Path] = None) -> None:
+    """Tables and figures from the run folders into ``results`` (default :data:`RESULTS`); runs reported
+    before whose folders are gone (a fresh machine) keep the figures of the last report, so partial
+    re-runs add to it."""
+    results = results or RESULTS
+    results.mkdir(parents=True, exist_ok=True)
+    old_rows, old_found = earlier_record(results)
     rows = run_rows(run_dir)
     fresh = {r["run"] for r in rows}
     kept = [r for r in old_rows if r["run"] not in fresh]
@@ -324,15 +364,15 @@ def report(run_dir: Path) -> None:
     if not rows:
         raise SystemExit(f"no finished run in {run_dir}; run the study first")
     table = variant_table(rows)
-    with (RESULTS / "runs.csv").open("w", newline="") as handle:
+    with (results / "runs.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    plot_accuracy(table, RESULTS / "accuracy.png")
-    found = analyse(run_dir, RESULTS, old_found)
+    plot_accuracy(table, results / "accuracy.png")
+    found = analyse(run_dir, results, old_found)
     search = run_dir / "search" / "search.json"
     found["search"] = json.loads(search.read_text()) if search.is_file() else old_found.get("search")
-    (RESULTS / "summary.json").write_text(json.dumps({"variants": table, "runs": rows, **found}, indent=1) + "\n")
+    (results / "summary.json").write_text(json.dumps({"variants": table, "runs": rows, **found}, indent=1) + "\n")
     text = ["# CIFAR-10 study: results (written by `study.py report`)", "", markdown_table(table), ""]
     for variant, values in found["similarity"].items():
         for k, per_head in values["last"].items():
@@ -344,34 +384,53 @@ def report(run_dir: Path) -> None:
     if found["search"]:
         text.append(f"- search on {found['search']['source']}: decisions {', '.join(found['search']['decisions'])}"
                     f" -> `{found['search']['scheme']}`")
-    (RESULTS / "summary.md").write_text("\n".join(text) + "\n")
+    (results / "summary.md").write_text("\n".join(text) + "\n")
     print("\n".join(text))
+
+
+def key_values(pairs: list[str]) -> dict[str, Any]:
+    """``["compile=true", "batch_size=256"]`` -> mait train keys (values read as YAML)."""
+    keys = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set expects KEY=VALUE, got {pair!r}")
+        keys[key.replace("-", "_")] = yaml.safe_load(value)
+    return keys
 
 
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs-dir", type=Path, default=DEFAULT_RUN_DIR, help="where the run folders live")
+    parser.add_argument("--recipe", default="short", choices=list(RECIPES),
+                        help="short: base.yaml's 2 epochs (CPU); full: 50 epochs (GPU); smoke: 2 epochs on subsets")
+    parser.add_argument("--runs-dir", type=Path, help="where the run folders live (default runs/cifar10-study[-RECIPE])")
     sub = parser.add_subparsers(dest="action", required=True)
     run = sub.add_parser("run", help="train the runs not finished yet (resuming killed ones)")
     run.add_argument("patterns", nargs="*", help="run names or globs from runs.yaml (default: all)")
     run.add_argument("--jobs", type=int, default=2, help="runs side by side (default 2)")
     run.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
-    sub.add_parser("report", help="tables and figures from the finished runs into experiments/cifar10/results")
+    run.add_argument("--device", choices=["auto", "cpu", "cuda"], help="device of every run (default: mait train's)")
+    run.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more mait train keys for every run")
+    reporting = sub.add_parser("report", help="tables and figures from the finished runs into experiments/cifar10/results")
+    reporting.add_argument("--results", type=Path, help="output folder (default experiments/cifar10/results[-RECIPE])")
     command = sub.add_parser("command", help="print the `mait train` command of one run")
     command.add_argument("name")
     args = parser.parse_args(argv)
+    suffix = "" if args.recipe == "short" else f"-{args.recipe}"
+    run_dir = args.runs_dir or DEFAULT_RUN_DIR.with_name(DEFAULT_RUN_DIR.name + suffix)
     if args.action == "run":
-        run_study(args.patterns, args.jobs, args.threads, args.runs_dir)
+        extra = key_values(args.set) | ({"device": args.device} if args.device else {})
+        run_study(args.patterns, args.jobs, args.threads, run_dir, args.recipe, extra)
     elif args.action == "report":
-        report(args.runs_dir)
+        report(run_dir, args.results or RESULTS.with_name(RESULTS.name + suffix))
     else:
         runs = load_runs()
         if args.name not in runs:
             raise SystemExit(f"unknown run {args.name!r}; runs: {', '.join(runs)}")
-        keys = dict(runs[args.name])
+        keys = run_keys(args.name, args.recipe, {})
         if keys.get("scheme") == "search":
-            keys["scheme"] = search_scheme(args.runs_dir)
-        print(shlex.join(["mait", *train_command(args.name, keys, args.runs_dir)[3:]]))
+            keys["scheme"] = search_scheme(run_dir)
+        print(shlex.join(["mait", *train_command(args.name, keys, run_dir)[3:]]))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 RUN_DIR = ROOT / "runs" / "sparsity-study"
 RESULTS = HERE / "results"
-BASE = ROOT / "configs" / "small" / "digits.yaml"
+BASE = ROOT / "src" / "mait" / "configs" / "small" / "digits.yaml"
 SEEDS = (0, 1, 2)
 # CIFAR-10: the study recipe of docs/reproduction.md (2 epochs of mait_mini6_32), on a fixed random
 # subset of 10,000 training and 2,000 validation images so that it fits; two seeds.

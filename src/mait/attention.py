@@ -27,12 +27,18 @@ AlphaLike = Union[float, int, torch.Tensor, Sequence[float]]
 
 
 @lru_cache(maxsize=32)
-def _local_mask_on(grid: tuple[int, int], mask_size: int, num_prefix_tokens: int, device: str) -> torch.Tensor:
-    """The ``(T, T)`` local keep mask on a device, built once per geometry (only backends that read it ask).
-
-    Built outside inference mode even when first asked for inside it, so training can use it later."""
+def _cached_local_mask(grid: tuple[int, int], mask_size: int, num_prefix_tokens: int, device: str) -> torch.Tensor:
+    # Built outside inference mode even when first asked for inside it, so training can use it later.
     with torch.inference_mode(False):
         return local_mask(grid, mask_size, num_prefix_tokens, device=device)
+
+
+def _local_mask(grid: tuple[int, int], mask_size: int, num_prefix_tokens: int, device: torch.device) -> torch.Tensor:
+    """The ``(T, T)`` local keep mask for the functional op: cached per geometry and device, except
+    while tracing (torch.compile / torch.export), where a cached tensor would be a traced one."""
+    if torch.compiler.is_compiling():
+        return local_mask(grid, mask_size, num_prefix_tokens, device=device)
+    return _cached_local_mask(grid, mask_size, num_prefix_tokens, str(device))
 
 
 def _alpha_tensor(alpha: AlphaLike, heads: int, like: torch.Tensor) -> torch.Tensor:
@@ -128,8 +134,7 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid_
     plan = plan_attention(call, backend)
     keep = None
     if plan.needs_keep:
-        keep = mask.to(q.device) if mask is not None else _local_mask_on(grid, mask_size, num_prefix_tokens,
-                                                                         str(q.device))
+        keep = mask.to(q.device) if mask is not None else _local_mask(grid, mask_size, num_prefix_tokens, q.device)
     return plan.run(q, k, v, alpha=alpha_t, keep=keep, scale=q.shape[-1] ** -0.5 if scale is None else float(scale),
                     dropout_p=float(dropout_p))
 
@@ -212,14 +217,18 @@ class MaskedAttention(nn.Module):
         self.capture_attention = False
         self.last_attention: Optional[torch.Tensor] = None
 
-        # Only random-mask heads need a stored mask; the local one is built on demand (``mask``).
+        # The keep mask is a (non-persistent) buffer, so it follows the module across devices and
+        # tracing; a layer without masked heads builds it only when asked (``mask``).
         self.custom_mask = HeadKind.RANDOM in kinds
+        keep = None
+        if any(k.is_masked for k in kinds):
+            keep = local_mask(self.grid_size, mask_size, num_prefix_tokens)
         if self.custom_mask:
-            keep = local_mask(self.grid_size, mask_size, num_prefix_tokens).expand(heads, -1, -1).clone()
+            keep = keep.expand(heads, -1, -1).clone()
             for h, kind in enumerate(kinds):
                 if kind is HeadKind.RANDOM:
                     keep[h] = random_mask(self.grid_size, mask_size, num_prefix_tokens, seed=mask_seed * 1009 + h)
-            self.register_buffer("custom_keep", keep, persistent=False)
+        self.register_buffer("keep", keep, persistent=False)
         fixed = torch.tensor([1.0 if k in (HeadKind.NONE, HeadKind.LEARNED) else 0.0 for k in kinds])
         self.register_buffer("alpha_fixed", fixed, persistent=False)
         soft = [h for h, k in enumerate(kinds) if k is HeadKind.SOFT]
@@ -242,38 +251,28 @@ class MaskedAttention(nn.Module):
     @backend.setter
     def backend(self, name: str) -> None:
         self._backend = name
-        self._plans: dict[tuple, tuple[AttentionPlan, Optional[torch.Tensor]]] = {}
-
-    def _apply(self, *args: object, **kwargs: object) -> "MaskedAttention":
-        self._plans = {}                 # plans hold masks on the old device / dtype: decide again
-        return super()._apply(*args, **kwargs)  # type: ignore[arg-type]
+        self._plans: dict[tuple, AttentionPlan] = {}
 
     @property
     def mask(self) -> torch.Tensor:
         """Boolean keep mask, ``(T, T)`` local window or ``(heads, T, T)`` with random-mask heads."""
-        if self.custom_mask:
-            return self.custom_keep
-        return _local_mask_on(self.grid_size, self.mask_size, self.num_prefix_tokens, str(self.alpha_fixed.device))
+        if self.keep is not None:
+            return self.keep
+        return local_mask(self.grid_size, self.mask_size, self.num_prefix_tokens, device=self.alpha_fixed.device)
 
     def plan(self, q: torch.Tensor, dropout: bool = False) -> AttentionPlan:
         """The layer's attention plan for inputs like ``q``; decided once per device, dtype and grad."""
-        return self._plan_and_keep(q, dropout)[0]
-
-    def _plan_and_keep(self, q: torch.Tensor, dropout: bool) -> tuple[AttentionPlan, Optional[torch.Tensor]]:
-        """The plan and, for backends that read it, the keep mask on ``q``'s device (cached with the plan,
-        so a compiled model sees it as a constant)."""
         needs_grad = _needs_grad(q) or (self.alpha_logit is not None and _needs_grad(self.alpha_logit))
-        key = (q.device, q.dtype, needs_grad, dropout)
-        entry = self._plans.get(key)
-        if entry is None:
+        key = (q.device.type, q.dtype, needs_grad, dropout)
+        plan = self._plans.get(key)
+        if plan is None:
             call = AttentionCall(self.grid_size, self.mask_size, self.num_prefix_tokens, self._call_kinds,
                                  mode=self.mode, custom_mask=self.custom_mask, device_type=q.device.type,
                                  dtype=q.dtype, head_dim=self.head_dim, needs_grad=needs_grad, dropout=dropout)
-            plan = plan_attention(call, self.backend)
-            entry = self._plans[key] = (plan, self.mask.to(q.device) if plan.needs_keep else None)
+            plan = self._plans[key] = plan_attention(call, self.backend)
             logger.debug("%s(%s) plan: %s", type(self).__name__, "".join(k.value for k in self.head_kinds),
                          plan.describe())
-        return entry
+        return plan
 
     @property
     def alpha(self) -> torch.Tensor:
@@ -306,8 +305,9 @@ class MaskedAttention(nn.Module):
         if self.all_learned:
             out = None
         else:
-            plan, keep = self._plan_and_keep(q, dropout_p > 0.0)
-            out = plan.run(q, k, v, alpha=alpha, keep=keep, scale=self.scale, dropout_p=dropout_p)
+            plan = self.plan(q, dropout_p > 0.0)
+            out = plan.run(q, k, v, alpha=alpha, keep=self.mask if plan.needs_keep else None, scale=self.scale,
+                           dropout_p=dropout_p)
         if self.capture_attention:
             self.last_attention = reference.attention_probs(
                 q.detach(), k.detach(), keep=self.mask, alpha=alpha.detach(), mode=self.mode, scale=self.scale)

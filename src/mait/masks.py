@@ -1,4 +1,4 @@
-"""Spatial neighbourhoods and attention masks (DESIGN §1).
+"""Spatial neighbourhoods and attention masks (docs/semantics.md).
 
 Tokens are ``T = P + H*W``: ``P`` prefix tokens (class / distillation token) followed by
 the ``H x W`` patch grid in row-major order.  A mask is a boolean ``(T, T)`` tensor that is

@@ -19,7 +19,7 @@ Layers that no group names are unmasked; naming a layer twice is an error.  Exam
 for a 24-layer, 3-head model: ``"0-7:2h,8-19:1h"`` (Sch.2), ``"*:1h"`` (Sch.1),
 ``"0-20:soft"`` (Sch.3), ``"0:hsu,1-23:1h"`` (explicit per-head pattern).
 
-The built-in schemes of the paper (DESIGN §4) are available by name, scaled to the
+The built-in schemes of the paper (docs/semantics.md) are available by name, scaled to the
 model's depth: ``none``, ``sch1``, ``sch2``, ``sch3``, ``mixed``, ``random``, plus
 ``soft`` (every head soft) and ``all`` (every head hard).
 """

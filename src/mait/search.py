@@ -1,4 +1,4 @@
-"""The quick empirical mask search of the paper (§4.3, DESIGN §4).
+"""The quick empirical mask search of the paper (§4.3; docs/analysis.md).
 
 1. **Initialisation**: hard-mask head 0 of every layer (Sch.1) and train for a budget.
 2. **Assignment** from the ALS of head 0 of each layer ``l`` on held-out data:
@@ -25,10 +25,11 @@ from typing import Optional, Sequence
 import torch
 
 from .analysis import measure_als, model_scheme, save_report
-from .analysis.runs import held_out_images, load_model
-from .cli import UserError
+from .train.runs import held_out_images, load_model
+from .errors import Interrupted, UserError
 from .schemes import HeadKind, MaskingScheme
 from .train import TrainConfig, build_model, open_data, train
+from .train.checkpoint import STATE
 
 ALL, KEEP, REMOVE = "all", "keep", "remove"
 AlsTable = Sequence[Sequence[float]]
@@ -115,10 +116,16 @@ class SearchResult:
 
 
 def _train_and_measure(config: TrainConfig, scheme: MaskingScheme | str, epochs: int, folder: Path,
-                       als_images: int) -> tuple[list[torch.Tensor], float]:
-    """Train ``scheme`` for ``epochs``; return the final model's ALS per layer/head on held-out images, and its accuracy."""
+                       als_images: int, resume: bool = False) -> tuple[list[torch.Tensor], float]:
+    """Train ``scheme`` for ``epochs`` (with ``resume``: continue a saved run in ``folder``); return the
+    final model's ALS per layer/head on held-out images, and its accuracy."""
     step = TrainConfig.from_dict({"scheme": str(scheme), "epochs": epochs, "output": str(folder)}, base=config)
-    result = train(step)
+    try:
+        result = train(step, resume=resume and (folder / STATE).is_file())
+    except Interrupted as stop:
+        kept = f"its last checkpoint is {stop.checkpoint}" if stop.checkpoint else "before its first checkpoint"
+        raise Interrupted(f"search interrupted while training {folder.name} ({kept}); continue the search with "
+                          f"the same options plus --resume --output {folder.parent}", stop.checkpoint) from None
     loader, info = held_out_images(step, als_images, batch_size=max(step.batch_size, 64))
     model = load_model(step, info, result.last_checkpoint)
     return measure_als(model, loader), result.final_acc1
@@ -131,12 +138,14 @@ def _report(name: str, als: list[torch.Tensor], scheme: MaskingScheme, output: P
 
 def run_search(config: TrainConfig, *, epochs: Optional[int] = None, thresholds: Thresholds = Thresholds(),
                calibration: str = "retrain", retrain_epochs: int = 0, als_images: int = 512,
-               output: Optional[Path] = None) -> SearchResult:
+               output: Optional[Path] = None, resume: bool = False) -> SearchResult:
     """The quick empirical search, end to end, on ``config``'s model and data (its scheme is replaced).
 
     Every training step runs for ``epochs`` (default: ``config.epochs``); ``retrain_epochs > 0``
     trains the final scheme once more and reports its accuracy.  Writes, in ``output``: one
     training run folder per step, ``als_<step>.{txt,csv,png}``, ``scheme.txt`` and ``search.json``.
+    With ``resume`` an interrupted search in ``output`` continues: finished steps are read back,
+    an interrupted one resumes from its last checkpoint.
     """
     if calibration not in CALIBRATION:
         raise UserError(f"calibration must be one of {CALIBRATION}, got {calibration!r}")
@@ -144,8 +153,8 @@ def run_search(config: TrainConfig, *, epochs: Optional[int] = None, thresholds:
     if epochs < 1 or retrain_epochs < 0:
         raise UserError(f"search epochs must be >= 1 and retrain epochs >= 0, got {epochs} and {retrain_epochs}")
     output = Path(output or config.output or f"runs/search-{config.model}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if (output / "search.json").exists() or (output / "step1-sch1").exists():
-        raise UserError(f"{output} already holds a search; choose another --output")
+    if not resume and ((output / "search.json").exists() or (output / "step1-sch1").exists()):
+        raise UserError(f"{output} already holds a search; continue it with --resume or choose another --output")
     start = time.perf_counter()
     accuracy: dict[str, float] = {}
     tables: dict[str, list[list[float]]] = {}
@@ -154,7 +163,8 @@ def run_search(config: TrainConfig, *, epochs: Optional[int] = None, thresholds:
     heads = model_scheme(build_model(config, open_data(config.data, config.holdout_per_class, need_train=False)[2]))
     initial = MaskingScheme.parse("sch1", heads.depth, heads.num_heads)
     print(f"[search] step 1: train {config.model} with Sch.1 ({initial}) for {epochs} epochs")
-    als, accuracy["sch1"] = _train_and_measure(config, initial, epochs, output / "step1-sch1", als_images)
+    als, accuracy["sch1"] = _train_and_measure(config, initial, epochs, output / "step1-sch1", als_images,
+                                            resume)
     tables["sch1"] = [a.tolist() for a in als]
     _report("sch1", als, initial, output, f"Step 1: ALS of {config.model} trained with Sch.1\n"
             f"(top-1 {accuracy['sch1']:.2f} %; head 0 decides each layer)")
@@ -171,7 +181,7 @@ def run_search(config: TrainConfig, *, epochs: Optional[int] = None, thresholds:
         if calibration == "retrain":
             print(f"[search] step 3: train the assigned scheme for {epochs} epochs to calibrate its all-heads layers")
             als, accuracy["assigned"] = _train_and_measure(config, assignment.scheme, epochs,
-                                                           output / "step2-assigned", als_images)
+                                                           output / "step2-assigned", als_images, resume)
             tables["assigned"] = [a.tolist() for a in als]
             steps.append("assigned")
             _report("assigned", als, assignment.scheme, output,
@@ -185,7 +195,7 @@ def run_search(config: TrainConfig, *, epochs: Optional[int] = None, thresholds:
     if retrain_epochs:
         print(f"[search] step 4: retrain the searched scheme for {retrain_epochs} epochs")
         als, accuracy["final"] = _train_and_measure(config, scheme, retrain_epochs, output / "step3-final",
-                                                    als_images)
+                                                    als_images, resume)
         tables["final"] = [a.tolist() for a in als]
         steps.append("final")
         _report("final", als, scheme, output, f"ALS of {config.model} retrained with the searched scheme\n"

@@ -1,4 +1,4 @@
-"""Attention Locality Score (paper Eq. 3, DESIGN §3).
+"""Attention Locality Score (paper Eq. 3; docs/analysis.md).
 
 For one head with attention probabilities ``A``, ``ALS_n = Σ_{j ∈ spatial neighbours of n} A[n, j]``
 for every *patch* row ``n`` (prefix rows are left out and prefix columns are not

@@ -1,4 +1,4 @@
-"""Cross-layer similarity of attention maps (paper Appendix A.2, Eq. 4; DESIGN §3).
+"""Cross-layer similarity of attention maps (paper Appendix A.2, Eq. 4; docs/analysis.md).
 
 ``M[h, i, j]`` is the cosine similarity between the attention *rows* ``A^i[h, t, :]`` and
 ``A^j[h, t, :]`` of layers i and j, averaged over every token t (prefix tokens included, as

@@ -25,7 +25,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ..schemes import HeadKind
-from . import blocksparse, flex, local, reference, sdpa
+from . import blocksparse, flex, local, reference, sdpa, triton_local
 
 logger = logging.getLogger("mait")
 
@@ -87,6 +87,7 @@ register_backend("sdpa", sdpa.run, sdpa.can_run)
 register_backend("local", local.run, local.can_run)
 register_backend("flex", flex.run, flex.can_run, lambda call: call.custom_mask)
 register_backend("blocksparse", blocksparse.run, blocksparse.can_run)
+register_backend("triton", triton_local.run, triton_local.can_run)   # by name only until measured on a GPU
 
 
 # ------------------------------------------------------------------------------ auto's rules

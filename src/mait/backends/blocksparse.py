@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from ..masks import window_counts
 from ..schemes import HeadKind
-from .flex import GPU_DTYPES, available, neighbour_test
+from .flex import GPU_DTYPES, allow_recompiles, available, neighbour_test
 
 try:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -151,13 +151,22 @@ def identity(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: Any,
 @lru_cache(maxsize=1)
 def compiled() -> Callable[..., torch.Tensor]:
     """The compiled :func:`identity` for inference (one per process; dynamo caches per geometry and dtype)."""
+    allow_recompiles()
     return torch.compile(identity, dynamic=False)
 
 
 @lru_cache(maxsize=1)
 def compiled_flex() -> Callable[..., Any]:
     """Compiled ``flex_attention`` for training, where the identity runs eagerly around it."""
+    allow_recompiles()
     return torch.compile(flex_attention, dynamic=False)
+
+
+@torch.compiler.disable   # its autograd function calls autograd.grad in backward: a graph break, not a trace
+def _train_identity(*args: Any) -> torch.Tensor:
+    """Training on CUDA: the identity eagerly around compiled FlexAttention calls."""
+    block_mask, scale = args[3], args[6]
+    return identity(*args, attend=flex_neighbourhood(block_mask, scale, compiled_flex()))
 
 
 def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, call: Any, scale: float, **_: Any) -> torch.Tensor:
@@ -169,7 +178,7 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, call: Any, scale: 
     args = (q, k, v, block_mask, log_rest, inv_rest, float(scale), call.grid_size, call.mask_size,
             call.num_prefix_tokens, call.mode == "zero")
     if q.is_cuda and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return identity(*args, attend=flex_neighbourhood(block_mask, float(scale), compiled_flex()))
+        return _train_identity(*args)
     if q.is_cuda:
         return compiled()(*args)
     with warnings.catch_warnings():       # eager FlexAttention warns that it is unfused

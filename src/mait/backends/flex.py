@@ -72,9 +72,21 @@ def fused_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, al
     return flex_attention(q, k, v, score_mod=score_mod, scale=scale)
 
 
+def allow_recompiles(limit: int = 64) -> None:
+    """Let dynamo keep up to ``limit`` compiled versions of one function (torch's default is 8).
+
+    A compiled kernel is specialised on its geometry, dtype and gradient, so a process that runs
+    several models (a benchmark, H-MaiT's four stages in training and inference) needs more than 8.
+    """
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), limit))
+
+
 @lru_cache(maxsize=1)
 def compiled() -> Callable[..., torch.Tensor]:
     """The compiled :func:`fused_masked_attention` (one per process; dynamo caches per geometry)."""
+    allow_recompiles()
     return torch.compile(fused_masked_attention, dynamic=False)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..analysis import harden, model_scheme, read_alphas, save_report
-from ..analysis.runs import add_model_arguments, prepare
+from ._model import add_model_arguments, prepare
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..analysis import measure_als, model_scheme, save_report
-from ..analysis.runs import add_model_arguments, prepare
+from ._model import add_model_arguments, prepare
 from ..attention import MaskedAttention
 from ..learned import learned_layers, measure_mask_locality
 

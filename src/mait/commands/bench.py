@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import mait
-from mait.cli import UserError
+from mait.errors import UserError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -310,15 +310,15 @@ def _plot_models(result: dict, path: str) -> None:
 
 # ---------------------------------------------------------------------------- attention op
 ATTENTION_METHODS = ("dense", "linear", "auto", "sdpa")
-GPU_METHODS = ("flex", "blocksparse")        # the FlexAttention backends, timed on CUDA only
+GPU_METHODS = ("flex", "blocksparse", "triton")        # the GPU backends, timed on CUDA only
 METHOD_BACKENDS = {"dense": "reference", "linear": "local", "auto": "auto", "flex": "flex",
-                   "blocksparse": "blocksparse"}
+                   "blocksparse": "blocksparse", "triton": "triton"}
 
 
-def attention_methods(device: torch.device) -> tuple[str, ...]:
+def attention_methods(device: torch.device, train: bool) -> tuple[str, ...]:
     if device.type != "cuda":
         return ATTENTION_METHODS
-    return ATTENTION_METHODS + GPU_METHODS
+    return ATTENTION_METHODS + tuple(m for m in GPU_METHODS if not (train and m == "triton"))   # no backward
 
 
 def _attention_fn(method: str, q, k, v, grid: int, args: argparse.Namespace) -> Callable[[], torch.Tensor]:
@@ -331,7 +331,7 @@ def _attention_fn(method: str, q, k, v, grid: int, args: argparse.Namespace) -> 
 def bench_attention(args: argparse.Namespace, device: torch.device) -> dict:
     batch = args.batch_size or 4
     dtype = getattr(torch, args.dtype) if amp_enabled(args, device) else torch.float32
-    methods_here = attention_methods(device)
+    methods_here = attention_methods(device, args.train)
     generator = torch.Generator().manual_seed(0)
     rows = []
     for grid in args.grids:
@@ -398,7 +398,7 @@ def _attention_line(row: dict) -> str:
 
 def _attention_header(args: argparse.Namespace, device: torch.device) -> str:
     dtype = args.dtype if amp_enabled(args, device) else "float32"
-    gpu = "".join(f"{m:>10}" for m in attention_methods(device) if m in GPU_METHODS)
+    gpu = "".join(f"{m:>10}" for m in attention_methods(device, args.train) if m in GPU_METHODS)
     return (f"attention op, batch {args.batch_size or 4}, {args.heads} heads, d {args.head_dim}, R {args.mask_size}, "
             f"prefix {args.prefix}, {dtype}, {'forward + backward' if args.train else 'inference'}, median of "
             f"{args.repeats}, {_where(device)} (times in ms)\n"
@@ -414,7 +414,8 @@ def _plot_attention(result: dict, path: str) -> None:
     has_memory = "linear_mib" in rows[0]
     fig, axes = plt.subplots(1, 2 if has_memory else 1, figsize=(11 if has_memory else 6, 4), squeeze=False)
     labels = {"dense": "dense masked (reference)", "linear": "linear (local)", "auto": "auto",
-              "sdpa": "unmasked SDPA", "flex": "fused FlexAttention", "blocksparse": "block-sparse identity"}
+              "sdpa": "unmasked SDPA", "flex": "fused FlexAttention", "blocksparse": "block-sparse identity",
+              "triton": "Triton kernel"}
     for method in result.get("methods", ATTENTION_METHODS):
         points = [(r["tokens"], r[f"{method}_ms"]) for r in rows if r[f"{method}_ms"]]
         if points:

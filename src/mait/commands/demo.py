@@ -9,6 +9,7 @@ import timm
 import torch
 
 import mait  # noqa: F401  (registers the models)
+from mait.errors import UserError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,12 +20,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mait.train.engine import check_model_name
+
+    check_model_name(args.model)
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     kwargs = {"mask_size": args.mask_size}
     if args.scheme is not None:
         kwargs["scheme"] = args.scheme
-    model = timm.create_model(args.model, **kwargs).eval()
-    size = model.pretrained_cfg["input_size"][1:]
-    images = torch.randn(args.batch_size, 3, *size, generator=torch.Generator().manual_seed(0))
+    try:
+        model = timm.create_model(args.model, **kwargs).eval()
+    except TypeError:
+        raise UserError(f"{args.model} is not a MaiT model (it takes no scheme or mask size); "
+                        f"see timm.list_models('*mait*')") from None
+    shape = model.pretrained_cfg["input_size"]          # (channels, height, width)
+    images = torch.randn(args.batch_size, *shape, generator=torch.Generator().manual_seed(0))
     start = time.perf_counter()
     with torch.inference_mode():
         logits = model(images)

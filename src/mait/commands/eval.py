@@ -12,23 +12,20 @@ from .train import add_config_options, overrides_from
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, metavar="FILE",
-                        help="weights (.safetensors); a config.yaml beside it supplies the model settings")
+                        help="weights (.safetensors) written by `mait train`; they record their model, scheme and "
+                             "data (a config.yaml beside them takes precedence)")
     parser.add_argument("--config", metavar="YAML", help="config file (default: config.yaml beside the checkpoint)")
     add_config_options(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..train import evaluate, load_config
-    from ..train.checkpoint import load_weights
-    from ..train.data import DataInfo, Augmented, build_eval_loader, build_transforms, open_data, subset
+    from ..train import evaluate
+    from ..train.data import Augmented, DataInfo, build_eval_loader, build_transforms, open_data, subset
     from ..train.distributed import Dist
-    from ..train.engine import build_model
+    from ..train.runs import load_model, run_config
 
     checkpoint = Path(args.checkpoint)
-    config_file = args.config
-    if config_file is None and (checkpoint.parent / "config.yaml").is_file():
-        config_file = checkpoint.parent / "config.yaml"
-    config = load_config(config_file, overrides_from(args))
+    config = run_config(checkpoint, args.config, **overrides_from(args))
     _, val, info = open_data(config.data, config.holdout_per_class, need_train=False)
     val = subset(val, config.val_subset)
     info = DataInfo(info.name, info.num_classes, info.in_chans, info.img_size, 0, len(val))
@@ -36,8 +33,7 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device("cuda" if config.device != "cpu" and torch.cuda.is_available() else "cpu")
     env = Dist(0, 1, device)
     loader = build_eval_loader(Augmented(val, transform), config.batch_size, config.workers, env)
-    model = build_model(config, info)
-    load_weights(model, checkpoint)
+    model = load_model(config, info, checkpoint)
     metrics = evaluate(model.to(device), loader, env, progress=config.progress)
     print(f"{config.model} on {info.name} ({metrics['images']} images): top-1 {metrics['acc1']:.2f} %  "
           f"top-5 {metrics['acc5']:.2f} %  loss {metrics['loss']:.4f}  {metrics['images_per_s']:.0f} images/s")

@@ -7,7 +7,7 @@ import argparse
 import timm
 
 import mait  # noqa: F401  (registers the models)
-from mait.cli import UserError
+from mait.train.engine import check_model_name
 from mait.cost import count_macs
 
 
@@ -27,8 +27,7 @@ def run(args: argparse.Namespace) -> int:
     kwargs = {key: value for key, value in (("img_size", args.img_size), ("scheme", args.scheme),
                                             ("mask_size", args.mask_size), ("keep_rate", args.keep_rate)) if value is not None}
     for name in args.models:
-        if not timm.is_model(name):
-            raise UserError(f"unknown model {name!r}; see `timm.list_models('*mait*')` or timm's model list")
+        check_model_name(name)
         model = timm.create_model(name, pretrained=False, **kwargs)
         report = count_macs(model, name=name, mask_savings=not args.dense_masks)
         print(report.table(per_layer=not args.stages_only))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..errors import UserError
 from .train import add_config_options, overrides_from
 
 
@@ -19,6 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "the paper's second iteration) or from the Sch.1 run (initial, one training less)")
     search.add_argument("--retrain-epochs", type=int, default=0,
                         help="train the searched scheme once more for N epochs and report its accuracy (0 = skip)")
+    search.add_argument("--resume", action="store_true",
+                        help="continue the interrupted search in --output (give the same options again)")
     search.add_argument("--als-images", type=int, default=512, help="held-out images for each ALS table (0 = all)")
     add_config_options(parser, skip=("scheme",))
 
@@ -28,8 +31,10 @@ def run(args: argparse.Namespace) -> int:
     from ..train import load_config
 
     config = load_config(args.config, overrides_from(args))
+    if args.resume and not config.output:
+        raise UserError("--resume continues the search in --output; give --output (the search folder)")
     result = run_search(config, thresholds=Thresholds(high=args.high, low=args.low), calibration=args.calibration,
-                        retrain_epochs=args.retrain_epochs, als_images=args.als_images)
+                        retrain_epochs=args.retrain_epochs, als_images=args.als_images, resume=args.resume)
     accuracy = ", ".join(f"{step} {value:.2f} %" for step, value in result.accuracy.items())
     print(f"searched scheme: {result.scheme}   (top-1 by step: {accuracy})")
     return 0

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..cli import UserError
+from ..errors import UserError
 from ..masks import check_mask_size, local_mask, random_mask, to_grid
 
 

@@ -11,8 +11,8 @@ from itertools import groupby
 
 from ..analysis import attention_layers, last_layers_similarity, measure_similarity
 from ..analysis.plots import plot_similarity
-from ..analysis.runs import add_model_arguments, prepare
-from ..cli import UserError
+from ._model import add_model_arguments, prepare
+from ..errors import UserError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -8,7 +8,7 @@ import os
 import typing
 from pathlib import Path
 
-from ..cli import UserError
+from ..errors import UserError
 
 
 def add_config_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
@@ -33,10 +33,22 @@ def overrides_from(args: argparse.Namespace) -> dict[str, typing.Any]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", metavar="YAML", help="config file (e.g. configs/imagenet/mait_t24.yaml)")
+    parser.add_argument("--config", metavar="YAML", help="a YAML file, or the name of a preset shipped with mait (digits, cifar10, cifar100, mait_t24, ...; see docs/training.md)")
     parser.add_argument("--resume", metavar="DIR",
                         help="continue the run saved in DIR exactly where it stopped (its config.yaml is the base)")
     add_config_options(parser)
+
+
+def _init_from_base(init_from: typing.Optional[str]):
+    """With ``--init-from`` a checkpoint with a card: its model (name, scheme, mask size, kwargs, image
+    size) under the config file and the command line, so fine-tuning needs no --model."""
+    from ..train import TrainConfig
+    from ..train.card import read_card
+    card = read_card(Path(init_from)) if init_from else None
+    if card is None:
+        return None
+    keys = ("model", "scheme", "mask_size", "model_kwargs", "img_size")
+    return TrainConfig.from_dict({key: value for key, value in card.config_values().items() if key in keys})
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         overrides["output"] = str(folder)
         if config_file is None and (folder / "config.yaml").is_file():
             config_file = folder / "config.yaml"
-    config = load_config(config_file, overrides)
+    config = load_config(config_file, overrides, base=_init_from_base(overrides.get("init_from")))
     result = train(config, resume=bool(args.resume))
     if int(os.environ.get("RANK", "0")) == 0:
         print(summary(result))

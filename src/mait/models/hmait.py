@@ -7,7 +7,7 @@ H-MaiT keeps Swin's layout (patch 4, embed 96, patch merging between stages, dep
 [2, 2, 6, 2] or [2, 2, 18, 2], heads [3, 6, 12, 24]) and replaces shifted-window attention
 by :class:`mait.MaskedAttention` over the whole stage grid (56², 28², 14², 7² tokens at
 224 px, no prefix token).  By default the first ``[3, 6, 4, 0]`` heads of every block of
-each stage are hard-masked (``R x R`` window, DESIGN §1), the rest attend globally.
+each stage are hard-masked (``R x R`` window, docs/semantics.md), the rest attend globally.
 
 Positions: Swin's relative position bias is window-local and has no meaning once attention
 spans the stage grid, so it is dropped.  H-MaiT adds one learned absolute position

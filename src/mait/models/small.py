@@ -1,8 +1,8 @@
 """ Small MaiT models for laptops and tests (not in the paper)
 
 ``mait_nano4_8`` is the built-in default of ``mait train``: pixel tokens (patch size 1) on
-scikit-learn's 8x8 handwritten digits, one hard-masked head per layer (Sch.1).  DESIGN §4
-measured this shape: 97.5 % with Sch.1 against 91.7 % unmasked, because locality is exactly
+scikit-learn's 8x8 handwritten digits, one hard-masked head per layer (Sch.1).  On this
+shape Sch.1 measured 97.5 % against 91.7 % unmasked, because locality is exactly
 what pixel tokens lack.  A one-pixel token carries a single number, so the position
 embedding starts at the scale of the pixel embedding (std 0.5, not timm's 0.02); otherwise
 positions stay indistinguishable for hundreds of steps and the loss sits at ln(10).

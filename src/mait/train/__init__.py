@@ -1,7 +1,7 @@
 """Training and evaluation (DeiT recipe from timm's components): ``mait train`` / ``mait eval`` as a library.
 
     from mait.train import TrainConfig, load_config, train
-    result = train(load_config("configs/small/digits.yaml", {"epochs": 10, "output": "runs/x"}))
+    result = train(load_config("digits", {"epochs": 10, "output": "runs/x"}))
     print(result.best_acc1, result.best_checkpoint)
 """
 

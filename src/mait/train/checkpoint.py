@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
+import safetensors
 import safetensors.torch
 import torch
 import torch.nn as nn
 
-from ..cli import UserError
+from ..errors import UserError
 
 LAST, BEST, STATE = "last.safetensors", "best.safetensors", "last.state.pt"
 HEAD_KEYS = ("head.weight", "head.bias", "head_dist.weight", "head_dist.bias")
@@ -69,14 +70,25 @@ def load_state(folder: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def read_weights(path: Path) -> dict[str, torch.Tensor]:
+def read_metadata(path: Path) -> dict[str, str]:
+    """The metadata of a safetensors file (a one-line error for a missing or unreadable one)."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"checkpoint {path} is a folder; give a .safetensors file in it "
+                        f"(e.g. {path / 'best.safetensors'} or {path / 'last.safetensors'})")
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
     try:
-        return safetensors.torch.load_file(str(path))
+        with safetensors.safe_open(str(path), framework="pt") as handle:
+            return handle.metadata() or {}
     except Exception as error:  # safetensors raises its own error types for bad files
         raise UserError(f"checkpoint {path} is not a readable safetensors file: {error}") from None
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file (a one-line error for a missing or unreadable one)."""
+    read_metadata(path)
+    return safetensors.torch.load_file(str(path))
 
 
 def _mismatch_message(path: Path, missing: list[str], unexpected: list[str], shapes: list[str]) -> str:

@@ -19,7 +19,7 @@ from typing import Any, Mapping, Optional, Union
 
 import yaml
 
-from ..cli import UserError
+from ..errors import UserError
 
 
 @dataclass
@@ -41,6 +41,7 @@ class TrainConfig:
     train_subset: int = 0                       # use a fixed random subset of N training images (0 = all)
     val_subset: int = 0                         # same for validation
     workers: int = 0                            # DataLoader worker processes per rank
+    in_memory: str = "auto"                     # whole set as uint8 on the device, augmented there: auto | true | false
     batch_size: int = 32                        # GLOBAL batch, split evenly over the processes
 
     # augmentation (timm's create_transform / Mixup); 0 or None switches one off
@@ -86,6 +87,7 @@ class TrainConfig:
     checkpoint_every: int = 0                   # also save the training state every N steps (0 = per epoch)
     device: str = "auto"                        # auto | cpu | cuda
     progress: bool = True                       # tqdm bar per epoch
+    compile: bool = False                       # torch.compile the model for training
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -157,14 +159,32 @@ def coerce(key: str, value: Any, hint: Any) -> Any:
     raise UserError(f"config key {key!r} expects {getattr(target, '__name__', target)}, got {value!r}")
 
 
+PRESETS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def presets() -> dict[str, Path]:
+    """The configs shipped in the package by name: ``digits``, ``cifar10``, ``mait_t24`` ... (file stems)."""
+    return {path.stem: path for path in sorted(PRESETS.glob("*/*.yaml"))}
+
+
+def config_path(name: Union[str, Path]) -> Path:
+    """A YAML file path as given, or the shipped preset of that name (``digits``, ``small/digits.yaml``)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    shipped = presets()
+    stem = path.name.removesuffix(".yaml")
+    if stem in shipped and (len(path.parts) == 1 or shipped[stem].parent.name == path.parent.name):
+        return shipped[stem]
+    raise UserError(f"config file {path} does not exist, and it names no preset ({', '.join(shipped)})")
+
+
 def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[Mapping[str, Any]] = None,
                 base: Optional[TrainConfig] = None) -> TrainConfig:
-    """Defaults (or ``base``) <- YAML file at ``path`` <- ``overrides``; keys are checked at each step."""
+    """Defaults (or ``base``) <- YAML file at ``path`` (or preset name) <- ``overrides``; keys are checked at each step."""
     config = base or TrainConfig()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"config file {path} does not exist")
+        path = config_path(path)
         try:
             values = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as error:

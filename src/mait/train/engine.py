@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import math
 import os
-import random
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import timm
 import torch
 import torch.distributed as dist
@@ -27,17 +25,18 @@ import torch.nn.functional as F
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
-from timm.utils import ModelEmaV3
+from timm.utils import ModelEmaV3, random_seed
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import mait  # noqa: F401  (registers the MaiT models in timm)
 
-from ..cli import UserError
+from ..errors import Interrupted, UserError
 from ..learned import reconstruction_loss
 from . import checkpoint as ckpt
+from .card import ModelCard, check_against_card, make_card, read_card
 from .config import TrainConfig
-from .data import DataInfo, Loaders, build_loaders, per_rank_batch
+from .data import DataInfo, Loaders, build_loaders, build_transforms, per_rank_batch
 from .distributed import Dist, all_sum, cleanup, setup
 from .logs import PLOT_NAME, RunLog, epoch_line, plot_curves
 
@@ -71,14 +70,27 @@ def build_model(config: TrainConfig, info: DataInfo) -> nn.Module:
     if config.drop_path:
         kwargs["drop_path_rate"] = config.drop_path
     kwargs.update(config.model_kwargs)
-    if not timm.is_model(config.model):
-        import difflib
-        close = difflib.get_close_matches(config.model, timm.list_models(), n=3)
-        raise UserError(f"unknown model {config.model!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+    check_model_name(config.model)
     try:
-        return timm.create_model(config.model, pretrained=False, **kwargs)
+        model = timm.create_model(config.model, pretrained=False, **kwargs)
     except TypeError as error:
         raise UserError(f"model {config.model} rejects its arguments {kwargs}: {error}") from None
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    if patch is not None and "img_size" in kwargs and kwargs["img_size"] < max(patch):
+        remedy = "mait_nano4_8 for the digits" if info.img_size else "or set a larger --img-size"
+        raise UserError(f"model {config.model} cuts {patch[0]}x{patch[1]} patches, larger than the "
+                        f"{kwargs['img_size']}x{kwargs['img_size']} images of {info.name}; choose a model with "
+                        f"smaller patches ({remedy})")
+    return model
+
+
+def check_model_name(name: str) -> None:
+    """A one-line error, with the closest names, unless ``name`` is a timm model (ours included)."""
+    if not timm.is_model(name):
+        import difflib
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        raise UserError(f"unknown model {name!r}" + (f" (did you mean {', '.join(close)}?)" if close else
+                                                     "; see timm.list_models('*mait*')"))
 
 
 class DistillationLoss(nn.Module):
@@ -152,12 +164,6 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, env: Optiona
             "images": int(count), "images_per_s": count / max(elapsed, 1e-9)}
 
 
-def _seed_all(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    random.seed(seed)
-
-
 def _default_output(config: TrainConfig, env: Dist) -> Path:
     name = "digits" if config.data == "digits" else Path(config.data).name.split(".")[0]
     stamp = [datetime.now().strftime("%Y%m%d-%H%M%S")]
@@ -177,8 +183,10 @@ def _gather(obj: Any, env: Dist) -> list[Any]:
 class _Run:
     """The mutable parts of one run that a checkpoint must capture."""
 
-    def __init__(self, config: TrainConfig, env: Dist, output: Path, loaders: Loaders, model: nn.Module) -> None:
+    def __init__(self, config: TrainConfig, env: Dist, output: Path, loaders: Loaders, model: nn.Module,
+                 card: ModelCard) -> None:
         self.config, self.env, self.output, self.loaders, self.model = config, env, output, loaders, model
+        self.card = card
         self.steps = loaders.steps_per_epoch
         self.optimizer = create_optimizer_v2(model, opt=config.opt, lr=config.lr, weight_decay=config.weight_decay,
                                              momentum=config.momentum)
@@ -192,14 +200,17 @@ class _Run:
         self.epoch, self.step, self.history = 0, 0, []
         self.loss_sum, self.loss_count, self.recon_sum = 0.0, 0, 0.0
         self.best_acc1, self.best_epoch = -1.0, 0
+        self.images_per_s = 0.0                  # training throughput of the last epoch
+        self.saved: Optional[tuple[int, int]] = None      # (epoch, step) of the last checkpoint on disk
 
     def save(self) -> None:
         """Write weights + training state (all ranks take part in gathering; rank 0 writes)."""
         per_rank = _gather({"rng": ckpt.rng_states(), "loss": (self.loss_sum, self.loss_count),
                             "recon": self.recon_sum}, self.env)
+        self.saved = (self.epoch, self.step)
         if not self.env.is_main:
             return
-        ckpt.save_weights(self.model, self.output / ckpt.LAST, {"model": self.config.model, "epoch": str(self.epoch)})
+        ckpt.save_weights(self.model, self.output / ckpt.LAST, self.card.metadata(epoch=self.epoch))
         ckpt.save_state({
             "epoch": self.epoch, "step": self.step, "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
@@ -223,6 +234,18 @@ class _Run:
         self.recon_sum = mine.get("recon", 0.0)
         self.epoch, self.step, self.history = state["epoch"], state["step"], state["history"]
         self.best_acc1, self.best_epoch = state["best"]
+        self.saved = (self.epoch, self.step)
+
+    def interrupted(self) -> str:
+        """What Ctrl-C leaves behind and how to continue."""
+        where = f"interrupted in epoch {self.epoch + 1}/{self.config.epochs} (step {self.step}/{self.steps})"
+        if self.saved is None:
+            return (f"{where} before the first checkpoint; nothing to resume in {self.output} "
+                    f"(checkpoints are written at the end of each epoch, or every --checkpoint-every steps)")
+        epoch, step = self.saved
+        at = f"epoch {epoch + 1}, step {step}/{self.steps}" if step else f"after epoch {epoch}"
+        return (f"{where}; the last checkpoint ({at}) is {self.output / ckpt.LAST}; "
+                f"continue with: mait train --resume {self.output}")
 
 
 def train(config: TrainConfig, resume: bool = False) -> TrainResult:
@@ -247,22 +270,30 @@ def _train(config: TrainConfig, resume: bool, env: Dist, start: float) -> TrainR
     state = ckpt.load_state(output) if resume else None
     if not resume and (output / ckpt.STATE).exists():
         raise UserError(f"{output} already holds a run; continue it with --resume {output} or choose another --output")
-    _seed_all(config.seed)
+    random_seed(config.seed)
     loaders = build_loaders(config, env)
     model = build_model(config, loaders.info)
     say = print if env.is_main else (lambda *a, **k: None)
     if config.init_from and state is None:
+        check_against_card(model, config.model, read_card(Path(config.init_from)), Path(config.init_from),
+                           consequence="fine-tuning starts from weights trained for another setting")
         reset = ckpt.load_weights(model, Path(config.init_from), allow_head_reset=True, strict=False)
         say(f"initialised from {config.init_from}" + (f"; its classifier has another class count, so "
                                                       f"{', '.join(reset)} start fresh" if reset else ""))
     teacher = build_teacher(config, loaders.info, model)
     model.to(env.device)
-    run = _Run(config, env, output, loaders, model)
+    card = make_card(config, loaders.info, model, loaders.val.dataset, build_transforms(config, loaders.info)[1])
+    run = _Run(config, env, output, loaders, model, card)
     if state is not None:
         run.restore(state)
-        say(f"resuming {output} at epoch {run.epoch + 1}, step {run.step}/{run.steps}")
+        if run.epoch >= config.epochs:
+            say(f"{output} has finished all {config.epochs} epochs: nothing left to do "
+                f"(give --epochs above {config.epochs} to train longer)")
+        else:
+            say(f"resuming {output} at epoch {run.epoch + 1}, step {run.step}/{run.steps}")
     else:
-        _seed_all(config.seed + env.rank)
+        say(f"training {config.model} on {loaders.info.name}; output folder: {output}")
+        random_seed(config.seed, env.rank)
     if env.is_main:
         config.save(output / "config.yaml")
     if teacher is not None:
@@ -271,6 +302,8 @@ def _train(config: TrainConfig, resume: bool, env: Dist, start: float) -> TrainR
             model.set_distilled_training(True)
     net = DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None) \
         if env.enabled else model
+    if config.compile:
+        net = torch.compile(net)          # training steps only; evaluation and checkpoints use the plain model
     criterion = build_criterion(config, loaders.mixup is not None)
     loss_fn = DistillationLoss(criterion, teacher, config.distillation_alpha) if teacher is not None else None
     log = RunLog(output, env.is_main, run.epoch)
@@ -279,6 +312,8 @@ def _train(config: TrainConfig, resume: bool, env: Dist, start: float) -> TrainR
         while run.epoch < config.epochs:
             _train_epoch(run, net, criterion, loss_fn, batch)
             _end_epoch(run, log)
+    except KeyboardInterrupt:
+        raise Interrupted(run.interrupted(), output / ckpt.LAST if run.saved is not None else None) from None
     finally:
         log.close()
     plot = plot_curves(run.history, output / PLOT_NAME, f"{config.model} on {loaders.info.name}") \
@@ -338,6 +373,8 @@ def _train_epoch(run: _Run, net: nn.Module, criterion: nn.Module, loss_fn: Optio
         if config.checkpoint_every and global_step % config.checkpoint_every == 0 and run.step < run.steps:
             run.save()
     bar.close()
+    # Training throughput of this epoch (the steps run since it started or resumed; evaluation excluded).
+    run.images_per_s = done * batch * env.world_size / max(time.perf_counter() - tick, 1e-9)
 
 
 def _end_epoch(run: _Run, log: RunLog) -> None:
@@ -346,7 +383,7 @@ def _end_epoch(run: _Run, log: RunLog) -> None:
     metrics = evaluate(run.model, run.loaders.val, env, run.amp_dtype)
     row = {"epoch": run.epoch + 1, "train_loss": loss_sum / max(loss_count, 1), "val_loss": metrics["loss"],
            "val_acc1": metrics["acc1"], "val_acc5": metrics["acc5"], "lr": run.optimizer.param_groups[0]["lr"],
-           "epoch_time": time.perf_counter() - run.epoch_start}
+           "epoch_time": time.perf_counter() - run.epoch_start, "train_images_per_s": run.images_per_s}
     if recon_sum:
         row["train_recon_loss"] = recon_sum / max(loss_count, 1)
     if run.ema is not None:
@@ -357,7 +394,7 @@ def _end_epoch(run: _Run, log: RunLog) -> None:
         run.best_acc1, run.best_epoch = row["val_acc1"], row["epoch"]
         if env.is_main:
             ckpt.save_weights(run.model, run.output / ckpt.BEST,
-                              {"model": config.model, "epoch": str(row["epoch"]), "acc1": f"{row['val_acc1']:.4f}"})
+                              run.card.metadata(epoch=row["epoch"], acc1=f"{row['val_acc1']:.4f}"))
     run.save()
     log.write(run.history)
     if env.is_main:

@@ -17,7 +17,8 @@ def epoch_line(row: dict[str, Any], epochs: int) -> str:
             f"acc1 {row['val_acc1']:6.2f}  acc5 {row['val_acc5']:6.2f}")
     if "ema_acc1" in row:
         line += f"  ema_acc1 {row['ema_acc1']:6.2f}"
-    return line + f"  lr {row['lr']:.2e}  {row['epoch_time']:.1f}s"
+    line += f"  lr {row['lr']:.2e}  {row['epoch_time']:.1f}s"
+    return line + (f"  {row['train_images_per_s']:.0f} img/s" if "train_images_per_s" in row else "")
 
 
 class RunLog:

@@ -1,0 +1,129 @@
+"""Training images/s of the small presets: in-memory data (``in_memory: true``) against timm's loader, in one run.
+
+For each preset and data path it measures, in interleaved rounds (each round times every
+path once; the median is reported):
+
+* ``loader``: one epoch of the training loader alone (decode, augment, batch; no model);
+* ``epoch``: a real ``mait train`` epoch (forward, backward, optimizer), the ``train_images_per_s``
+  that ``mait train`` logs (evaluation excluded).
+
+    python benchmarks/train_throughput.py                        # digits + CIFAR-10 presets, CPU
+    python benchmarks/train_throughput.py --device cuda --train-subset 0 --presets cifar10-study
+
+Results: a printed table and ``benchmarks/results/train_throughput.{txt,json,csv}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESETS = {                       # name -> preset name or config file (data paths relative to the repository root)
+    "digits": "digits",
+    "cifar10": "cifar10",
+    "cifar10-study": str(ROOT / "experiments" / "cifar10" / "base.yaml"),
+}
+CIFAR10_JPEG = "../shared/data/cifar10-train-jpg.tar.gz"   # CIFAR-10's training JPEGs beside the checkout
+PATHS = {"in-memory": "true", "timm loader": "false"}
+
+
+def loader_images_per_s(config) -> tuple[float, int]:
+    """One epoch of the training loader alone (what the model would be fed): images/s and images."""
+    from mait.train import build_loaders
+    loaders = build_loaders(config)
+    loaders.sampler.set_epoch(0)
+    start, images = time.perf_counter(), 0
+    for batch, _ in loaders.train:
+        images += len(batch)
+    return images / (time.perf_counter() - start), images
+
+
+def epoch_images_per_s(config, folder: Path) -> float:
+    """One training epoch of ``mait train`` (evaluation excluded), images/s."""
+    from mait.train import train
+    result = train(config.__class__.from_dict({"output": str(folder)}, base=config))
+    return result.history[0]["train_images_per_s"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=list(PRESETS))
+    parser.add_argument("--train-subset", type=int, default=5120,
+                        help="training images per epoch for the CIFAR presets (0 = all 40,000; digits: all)")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds (median reported)")
+    parser.add_argument("--cifar10-data", default=CIFAR10_JPEG,
+                        help="CIFAR-10 for the cifar10 preset (default: the JPEG tarball in ../shared/data)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "train_throughput",
+                        help="path prefix of the .txt/.json/.csv results")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    os.chdir(ROOT)                                    # the presets' data paths are relative to the repository
+    from mait.train import load_config
+
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for preset in args.presets:
+            keys = {"epochs": 1, "warmup_epochs": 0, "progress": False, "device": args.device, "val_subset": 256}
+            if preset != "digits":
+                keys["train_subset"] = args.train_subset
+            if preset == "cifar10":
+                keys["data"] = args.cifar10_data
+            configs = {path: load_config(PRESETS[preset], {**keys, "in_memory": choice}) for path, choice in PATHS.items()}
+            # untimed: extract/decode the data once, warm the caches
+            images = {path: loader_images_per_s(config)[1] for path, config in configs.items()}
+            timings: dict[tuple[str, str], list[float]] = {}
+            for round_ in range(args.repeats):
+                for path, config in configs.items():
+                    timings.setdefault((path, "loader"), []).append(loader_images_per_s(config)[0])
+                    folder = Path(tmp) / f"{preset}-{path.replace(' ', '-')}-{round_}"
+                    timings.setdefault((path, "epoch"), []).append(epoch_images_per_s(config, folder))
+            base = configs["timm loader"]
+            for path in PATHS:
+                row = {"preset": preset, "model": base.model, "batch_size": base.batch_size, "workers": base.workers,
+                       "images_per_epoch": images[path], "path": path}
+                for what in ("loader", "epoch"):
+                    row[f"{what}_images_per_s"] = statistics.median(timings[path, what])
+                    row[f"{what}_ratio"] = row[f"{what}_images_per_s"] / statistics.median(timings["timm loader", what])
+                rows.append(row)
+                print(f"[train_throughput] {preset} {path}: loader {row['loader_images_per_s']:.0f} images/s, "
+                      f"epoch {row['epoch_images_per_s']:.0f} images/s", file=sys.stderr, flush=True)
+    lines = [f"training images/s, median of {args.repeats} interleaved rounds, {args.threads} torch thread(s) on "
+             f"{args.device}; ratio = over timm's loader of the same preset",
+             f"{'preset':<14}{'model':<16}{'batch':>6}{'workers':>8}{'images':>8}  {'path':<12}"
+             f"{'loader img/s':>13}{'ratio':>8}{'epoch img/s':>13}{'ratio':>8}"]
+    for r in rows:
+        lines.append(f"{r['preset']:<14}{r['model']:<16}{r['batch_size']:>6}{r['workers']:>8}{r['images_per_epoch']:>8}  "
+                     f"{r['path']:<12}{r['loader_images_per_s']:>13.0f}{r['loader_ratio']:>7.2f}x"
+                     f"{r['epoch_images_per_s']:>13.0f}{r['epoch_ratio']:>7.2f}x")
+    text = "\n".join(lines)
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    environment = {"torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version(),
+                   "device": args.device, "threads": args.threads, "cpus": os.cpu_count(),
+                   "load_average": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M")}
+    args.out.with_suffix(".txt").write_text(" ".join(["python", *sys.argv]) + "\n" + text + "\n")
+    args.out.with_suffix(".json").write_text(json.dumps({"environment": environment, "rows": rows}, indent=2) + "\n")
+    with args.out.with_suffix(".csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {args.out}.txt, .json, .csv")
+
+
+if __name__ == "__main__":
+    main()
