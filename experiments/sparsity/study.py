@@ -4,7 +4,7 @@
     python experiments/sparsity/study.py run 'sp25*' --shard 0/2  # a subset, half of it (two processes)
     python experiments/sparsity/study.py report                 # table + ALS figure from the saved runs
 
-Each run is ``mait train --config configs/small/digits.yaml`` with a shorter schedule
+Each run is ``mait train --config src/mait/configs/small/digits.yaml`` with a shorter schedule
 (``EPOCHS``) plus the keys of its variant below, at one thread, written to
 ``runs/sparsity-study/<variant>-s<seed>`` (a finished run is skipped).  The fine-tuned
 Sparsifiner variants (``*ft``) follow the published recipe: start from the dense run of the
@@ -181,7 +181,7 @@ def side_by_side_speed(variants: list[str], shape: tuple[int, ...], rounds: int 
 def report() -> None:
     import torch
     from mait.analysis import measure_als
-    from mait.analysis.runs import held_out_images, load_model, run_config
+    from mait.train.runs import held_out_images, load_model, run_config
     from mait.learned import measure_mask_locality
     RESULTS.mkdir(exist_ok=True)
     cifar = [v for v in VARIANTS if VARIANTS[v][1].get("cifar")]

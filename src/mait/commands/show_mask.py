@@ -59,7 +59,7 @@ def _image(path: Path, config, info) -> "torch.Tensor":
 
 def _learned(args: argparse.Namespace) -> int:
     from ..analysis.learned_masks import plot_query_keys, query_keys
-    from ..analysis.runs import held_out_images, load_model, run_config
+    from ..train.runs import held_out_images, load_model, run_config
     config = run_config(args.checkpoint)
     loader, info = held_out_images(config, 1, batch_size=1)
     model = load_model(config, info, args.checkpoint)
