@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from .backends import AttentionCall, AttentionPlan, logger, plan_attention, reference
+from .backends.local import empty_sdpa_layout
 from .learned import add_predictor, learned_heads_forward
 from .masks import GridSize, check_mask_size, check_num_prefix_tokens, local_mask, random_mask, to_grid
 from .schemes import HeadKind
@@ -236,10 +237,11 @@ class MaskedAttention(nn.Module):
         init_logit = torch.logit(torch.tensor(soft_alpha_init))
         self.alpha_logit = nn.Parameter(init_logit.repeat(len(soft))) if soft else None
         self.unmasked = all(k is HeadKind.NONE for k in kinds)
-        # What the backends see: random heads are hard heads whose window is the stored mask; learned heads
-        # run as unmasked heads and are replaced by mait.learned's output.
-        self._call_kinds = tuple(HeadKind.HARD if k is HeadKind.RANDOM else HeadKind.NONE if k is HeadKind.LEARNED
-                                 else k for k in kinds)
+        # What the backends see: the fixed-mask heads (learned heads run through mait.learned), random
+        # heads as hard heads whose window is the stored mask.
+        fixed = [h for h, k in enumerate(kinds) if k is not HeadKind.LEARNED]
+        self._fixed_heads: Union[slice, list[int]] = slice(None) if len(fixed) == heads else fixed
+        self._call_kinds = tuple(HeadKind.HARD if kinds[h] is HeadKind.RANDOM else kinds[h] for h in fixed)
         add_predictor(self, keep_rate, learned_mode)
         self.backend = backend
 
@@ -292,6 +294,21 @@ class MaskedAttention(nn.Module):
                              f"({self.num_prefix_tokens} prefix + {self.grid_size[0]}x{self.grid_size[1]} grid); "
                              f"build the model with the image size you feed it")
 
+    def _fixed_heads_forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor,
+                             dropout_p: float) -> torch.Tensor:
+        """Every head but the learned ones through the layer's plan; learned heads' slots are left for
+        :func:`mait.learned.learned_heads_forward` to fill."""
+        plan = self.plan(q, dropout_p > 0.0)
+        keep = self.mask if plan.needs_keep else None
+        fixed = self._fixed_heads
+        if isinstance(fixed, slice):
+            return plan.run(q, k, v, alpha=alpha, keep=keep, scale=self.scale, dropout_p=dropout_p)
+        out = empty_sdpa_layout(v)
+        out[:, fixed] = plan.run(q[:, fixed], k[:, fixed], v[:, fixed], alpha=alpha[fixed],
+                                 keep=keep[fixed] if keep is not None and keep.dim() == 3 else keep,
+                                 scale=self.scale, dropout_p=dropout_p)
+        return out
+
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, **_: object) -> torch.Tensor:
         if attn_mask is not None:
             raise ValueError("MaskedAttention builds its own mask; an extra attn_mask is not supported")
@@ -302,12 +319,7 @@ class MaskedAttention(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         dropout_p = self.attn_drop.p if self.training else 0.0
         alpha = self.alpha
-        if self.all_learned:
-            out = None
-        else:
-            plan = self.plan(q, dropout_p > 0.0)
-            out = plan.run(q, k, v, alpha=alpha, keep=self.mask if plan.needs_keep else None, scale=self.scale,
-                           dropout_p=dropout_p)
+        out = None if self.all_learned else self._fixed_heads_forward(q, k, v, alpha, dropout_p)
         if self.capture_attention:
             self.last_attention = reference.attention_probs(
                 q.detach(), k.detach(), keep=self.mask, alpha=alpha.detach(), mode=self.mode, scale=self.scale)
