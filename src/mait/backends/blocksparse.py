@@ -26,7 +26,6 @@ autograd.  The math is checked on the CPU with a dense stand-in for FlexAttentio
 
 from __future__ import annotations
 
-import warnings
 from functools import lru_cache
 from typing import Any, Callable, Optional
 
@@ -34,8 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from ..masks import window_counts
-from ..schemes import HeadKind
-from .flex import GPU_DTYPES, allow_recompiles, available, neighbour_test
+from ._common import autocast_inputs, eager, gpu_kernel_limits, hard_local_only
+from .flex import allow_recompiles, available, neighbour_test
 
 try:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -170,38 +169,20 @@ def _train_identity(*args: Any) -> torch.Tensor:
 
 
 def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, call: Any, scale: float, **_: Any) -> torch.Tensor:
-    if torch.is_autocast_enabled(q.device.type):         # FlexAttention is not an autocast op
-        dtype = torch.get_autocast_dtype(q.device.type)
-        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    q, k, v = autocast_inputs(q, k, v)                    # FlexAttention is not an autocast op
     block_mask, log_rest, inv_rest = grid_constants(call.grid_size, call.mask_size, call.num_prefix_tokens,
                                                     str(q.device), torch.promote_types(q.dtype, torch.float32))
     args = (q, k, v, block_mask, log_rest, inv_rest, float(scale), call.grid_size, call.mask_size,
             call.num_prefix_tokens, call.mode == "zero")
     if q.is_cuda and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _train_identity(*args)
-    if q.is_cuda:
-        return compiled()(*args)
-    with warnings.catch_warnings():       # eager FlexAttention warns that it is unfused
-        warnings.simplefilter("ignore", UserWarning)
-        return identity(*args)
+    return compiled()(*args) if q.is_cuda else eager(identity, *args)
 
 
 def can_run(call: Any) -> Optional[str]:
     """Hard heads on the local window (training on CUDA only: FlexAttention has no CPU backward)."""
     if not available():
         return "torch.nn.attention.flex_attention is not available in this torch"
-    if call.custom_mask:
-        return "it only implements the local R x R mask, not a custom mask"
-    if call.dropout:
-        return "attention dropout needs the dense probabilities (use dropout_p=0 or the reference backend)"
-    if set(call.head_kinds) != {HeadKind.HARD}:
-        return (f"every head must be hard-masked (alpha a constant 0), got head kinds "
-                f"{''.join(k.value for k in call.head_kinds)!r}")
     if call.needs_grad and call.device_type != "cuda":
         return "FlexAttention has no backward on the CPU (use the local backend to train there)"
-    if call.device_type == "cuda":
-        if call.dtype not in GPU_DTYPES:
-            return f"FlexAttention's GPU kernels take float16, bfloat16 or float32, not {call.dtype}"
-        if call.head_dim < 16:
-            return f"FlexAttention's GPU kernels need head_dim >= 16, got {call.head_dim}"
-    return None
+    return hard_local_only(call) or gpu_kernel_limits(call, "FlexAttention's GPU kernel")

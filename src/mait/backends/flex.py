@@ -22,18 +22,17 @@ eagerly (unfused, forward only: a CPU reference for tests).
 
 from __future__ import annotations
 
-import warnings
 from functools import lru_cache
 from typing import Any, Callable, Optional
 
 import torch
 
+from ._common import autocast_inputs, eager, gpu_kernel_limits
+
 try:  # FlexAttention appeared in torch 2.5
     from torch.nn.attention.flex_attention import flex_attention
 except ImportError:  # pragma: no cover - depends on the installed torch
     flex_attention = None
-
-GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def available() -> bool:
@@ -95,18 +94,11 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, alpha: torch.Tenso
     table = None
     if call.custom_mask:
         table = keep if keep.dim() == 3 else keep.expand(q.shape[1], -1, -1)
-    if torch.is_autocast_enabled(q.device.type):         # FlexAttention is not an autocast op
-        dtype = torch.get_autocast_dtype(q.device.type)
-        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    fn = compiled() if q.is_cuda else fused_masked_attention
+    q, k, v = autocast_inputs(q, k, v)                    # FlexAttention is not an autocast op
     alpha = alpha if alpha.dtype == torch.float64 else alpha.float()     # float32 on GPUs: one kernel per dtype
     args = (q, k, v, alpha, table, float(scale), call.grid_size[1], (call.mask_size - 1) // 2,
             call.num_prefix_tokens, call.mode == "neg_inf")
-    if q.is_cuda:
-        return fn(*args)
-    with warnings.catch_warnings():       # eager FlexAttention warns that it is unfused
-        warnings.simplefilter("ignore", UserWarning)
-        return fn(*args)
+    return compiled()(*args) if q.is_cuda else eager(fused_masked_attention, *args)
 
 
 def can_run(call: Any) -> Optional[str]:
@@ -117,9 +109,4 @@ def can_run(call: Any) -> Optional[str]:
         return "FlexAttention has no attention dropout (use dropout_p=0 or the reference backend)"
     if call.device_type != "cuda" and call.needs_grad:
         return "FlexAttention has no backward on the CPU (use the reference or local backend to train there)"
-    if call.device_type == "cuda":
-        if call.dtype not in GPU_DTYPES:
-            return f"FlexAttention's GPU kernels take float16, bfloat16 or float32, not {call.dtype}"
-        if call.head_dim < 16:
-            return f"FlexAttention's GPU kernels need head_dim >= 16, got {call.head_dim}"
-    return None
+    return gpu_kernel_limits(call, "FlexAttention's GPU kernel")

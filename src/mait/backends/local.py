@@ -26,13 +26,12 @@ the same under bf16/fp16 on CUDA and bf16 on the CPU.
 from __future__ import annotations
 
 from functools import lru_cache
-from contextlib import nullcontext
-from typing import Any, ContextManager, Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 
-from ..schemes import HeadKind
+from ._common import autocast_inputs, hard_local_only, no_autocast
 
 
 @lru_cache(maxsize=64)
@@ -60,7 +59,7 @@ class _LocalRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qg, kg, vg, kp, vp, size: int, zero: bool):  # type: ignore[override]
-        with _no_autocast(qg):
+        with no_autocast(qg):
             return _LocalRows._forward(ctx, qg, kg, vg, kp, vp, size, zero)
 
     @staticmethod
@@ -95,7 +94,7 @@ class _LocalRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        with _no_autocast(grad):
+        with no_autocast(grad):
             return _LocalRows._backward(ctx, grad)
 
     @staticmethod
@@ -125,23 +124,6 @@ class _LocalRows(torch.autograd.Function):
         dvp = (prefix_probs - rest).reshape(batch, heads, n, p).transpose(-2, -1) @ grad_rows + everyone
         dvg = dvpad[:, :, r:r + h, r:r + w] + everyone[:, :, :, None, :]
         return dq, dkpad[:, :, r:r + h, r:r + w], dvg, dkp, dvp, None, None
-
-
-def _no_autocast(like: torch.Tensor) -> ContextManager[Any]:
-    """Autocast off for ``like``'s device type (a no-op context where autocast is not on)."""
-    device_type = like.device.type
-    if torch.is_autocast_enabled(device_type):
-        return torch.autocast(device_type, enabled=False)
-    return nullcontext()
-
-
-def autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Cast tensors to the active autocast dtype of their device (unchanged when autocast is off)."""
-    device_type = tensors[0].device.type
-    if not torch.is_autocast_enabled(device_type):
-        return tensors
-    dtype = torch.get_autocast_dtype(device_type)
-    return tuple(t.to(dtype) if t.is_floating_point() else t for t in tensors)
 
 
 def empty_sdpa_layout(v: torch.Tensor) -> torch.Tensor:
@@ -183,11 +165,4 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, call: Any, scale: 
 
 def can_run(call: Any) -> Optional[str]:
     """Hard heads on the local window, without attention dropout."""
-    if call.custom_mask:
-        return "it only implements the local R x R mask, not a custom mask"
-    if call.dropout:
-        return "attention dropout needs the dense probabilities (use dropout_p=0 or the reference backend)"
-    if set(call.head_kinds) != {HeadKind.HARD}:
-        return (f"every head must be hard-masked (alpha a constant 0), got head kinds "
-                f"{''.join(k.value for k in call.head_kinds)!r}")
-    return None
+    return hard_local_only(call)

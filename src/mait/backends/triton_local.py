@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from ..schemes import HeadKind
+from ._common import GPU_DTYPES, autocast_inputs, hard_local_only
 
 try:
     import triton
@@ -113,10 +113,7 @@ def kernel() -> Callable[..., Any]:
 
 
 def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, call: Any, scale: float, **_: Any) -> torch.Tensor:
-    if torch.is_autocast_enabled(q.device.type):
-        dtype = torch.get_autocast_dtype(q.device.type)
-        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    q, k, v = (t.contiguous() for t in autocast_inputs(q, k, v))
     batch, heads, tokens, dim = q.shape
     prefix, (grid_h, grid_w) = call.num_prefix_tokens, call.grid_size
     out = torch.empty_like(q)
@@ -138,15 +135,8 @@ def can_run(call: Any) -> Optional[str]:
         return "triton is not installed"
     if call.device_type != "cuda" and not interpreted():
         return "the Triton kernel runs on CUDA (or on the CPU with TRITON_INTERPRET=1)"
-    if call.custom_mask:
-        return "it only implements the local R x R mask, not a custom mask"
-    if call.dropout:
-        return "attention dropout needs the dense probabilities (use dropout_p=0 or the reference backend)"
-    if set(call.head_kinds) != {HeadKind.HARD}:
-        return (f"every head must be hard-masked (alpha a constant 0), got head kinds "
-                f"{''.join(k.value for k in call.head_kinds)!r}")
     if call.needs_grad:
         return "the Triton kernel has no backward (training uses the 'blocksparse', 'flex' or 'local' backend)"
-    if call.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    if call.dtype not in GPU_DTYPES:
         return f"the Triton kernel takes float16, bfloat16 or float32, not {call.dtype}"
-    return None
+    return hard_local_only(call)
