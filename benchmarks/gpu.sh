@@ -6,6 +6,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"   # runs from a checkout without installing
+if [ "${1:-}" = "--smoke" ]; then exec python benchmarks/gpu_check.py "$@"; fi
 mkdir -p benchmarks/results
-set -o pipefail
-python benchmarks/gpu_check.py "$@" 2>&1 | tee "benchmarks/results/gpu${1:+_smoke}.txt"
+python benchmarks/gpu_check.py "$@" 2>&1 | tee benchmarks/results/gpu.txt
