@@ -6,7 +6,6 @@ fresh process with ``TRITON_INTERPRET=1``.
 
 from __future__ import annotations
 
-import itertools
 import os
 import subprocess
 import sys

@@ -169,7 +169,7 @@ class CostReport:
 
     def mhsa_table(self, dense: "CostReport") -> str:
         """Per-layer MHSA MACs (attention maps + predictor) against ``dense`` (the same model, every head full)."""
-        lines = [f"MHSA (attention maps + connectivity predictor) against full attention, per image:",
+        lines = ["MHSA (attention maps + connectivity predictor) against full attention, per image:",
                  f"{'layer':<28}{'full MMACs':>12}{'kept MMACs':>12}{'pred MMACs':>12}{'reduction':>11}"]
         full = {layer.name: layer for layer in dense.layers}
         for layer in self.layers + [LayerCost("total", "", attention_map=self.attention_map,

@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 from contextlib import nullcontext
-from typing import Any, Callable, ContextManager, Iterator, Optional
+from typing import Any, Callable, ContextManager, Iterator
 
 import timm
 import torch

@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import Any, Optional, Set, Union
 
 import torch
-import torch.nn as nn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.cait import Cait, checkpoint_filter_fn
 

@@ -23,7 +23,6 @@ from typing import Any, Callable, Optional
 import torch.nn as nn
 from torch.utils.data import Dataset
 
-from ..errors import UserError
 from .checkpoint import read_metadata
 from .config import TrainConfig
 from .data import DIGITS_MEAN, DIGITS_STD, DataInfo
