@@ -6,7 +6,7 @@
   no download, no augmentation.
 * a folder with ``train/`` (and ``val/``) class folders (ImageFolder); with ``holdout_per_class: N``
   the validation set is instead the last N images (sorted file names) of each class of ``train/``
-  (the CIFAR-10 JPEG set in ``../shared/data`` uses N = 1000, :data:`CIFAR10_JPG_HOLDOUT`);
+  (a CIFAR-10 JPEG tree of 5,000 images per class uses N = 1000, :data:`CIFAR10_JPG_HOLDOUT`);
 * a folder of class folders (an evaluation set such as ``imagenet/val``);
 * CIFAR-10/100 in their python-pickle format (``data_batch_*``/``test_batch`` or ``train``/``test``);
 * a ``.tar.gz``/``.tgz``/``.tar`` of any of these, extracted once into ``~/.cache/mait/``
