@@ -239,9 +239,9 @@ class MaskedAttention(nn.Module):
         self.unmasked = all(k is HeadKind.NONE for k in kinds)
         # What the backends see: the fixed-mask heads (learned heads run through mait.learned), random
         # heads as hard heads whose window is the stored mask.
-        fixed = [h for h, k in enumerate(kinds) if k is not HeadKind.LEARNED]
-        self._fixed_heads: Union[slice, list[int]] = slice(None) if len(fixed) == heads else fixed
-        self._call_kinds = tuple(HeadKind.HARD if kinds[h] is HeadKind.RANDOM else kinds[h] for h in fixed)
+        fixed_heads = [h for h, k in enumerate(kinds) if k is not HeadKind.LEARNED]
+        self._fixed_heads: Union[slice, list[int]] = slice(None) if len(fixed_heads) == heads else fixed_heads
+        self._call_kinds = tuple(HeadKind.HARD if kinds[h] is HeadKind.RANDOM else kinds[h] for h in fixed_heads)
         add_predictor(self, keep_rate, learned_mode)
         self.backend = backend
 
