@@ -58,9 +58,6 @@ class AttentionCall:
     def num_tokens(self) -> int:
         return self.num_prefix_tokens + self.grid_size[0] * self.grid_size[1]
 
-    def kinds(self) -> set[HeadKind]:
-        return set(self.head_kinds)
-
     def subset(self, heads: Sequence[int]) -> "AttentionCall":
         return replace(self, head_kinds=tuple(self.head_kinds[h] for h in heads))
 
@@ -110,7 +107,7 @@ BLOCKSPARSE_MIN_TOKENS = 2048
 
 def _gpu_whole_layer(call: AttentionCall) -> Optional[Backend]:
     """The one backend that runs a whole CUDA layer, or None to fall back to per-kind groups."""
-    if call.kinds() == {HeadKind.NONE} and sdpa.can_run(call) is None:
+    if sdpa.can_run(call) is None:                     # no head masked
         return BACKENDS["sdpa"]
     if call.num_tokens >= BLOCKSPARSE_MIN_TOKENS and blocksparse.can_run(call) is None:
         return BACKENDS["blocksparse"]
