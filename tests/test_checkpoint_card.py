@@ -18,7 +18,7 @@ from PIL import Image
 
 import mait  # noqa: F401
 from mait.cli import main
-from mait.commands.export import export_pt2, run_exported, set_backend
+from mait.commands.export import export_onnx, export_pt2, run_exported, set_backend
 from mait.train import load_config, open_data, train
 from mait.train import build_model
 from mait.train.card import CheckpointMismatch, ModelCard, make_card, read_card
@@ -207,3 +207,22 @@ def test_pt2_export_of_each_family_matches_pytorch(family: str, tmp_path: Path) 
             assert (got - model(check)).abs().max().item() <= 1e-4
             if family == "mait":   # 16x16 grid: hard heads stay on the linear-time path under auto
                 assert (_square_score_tensors(program, tokens) == 0) == (backend == "auto")
+
+
+def test_onnx_export_keeps_the_linear_path_and_matches_pytorch(tmp_path: Path) -> None:
+    """A 16x16 grid with hard heads exports through the linear-time backend; onnxruntime matches PyTorch."""
+    pytest.importorskip("onnxscript", reason="ONNX export needs the [export] extra")
+    onnx = pytest.importorskip("onnx", reason="ONNX export needs the [export] extra")
+    pytest.importorskip("onnxruntime", reason="the check needs onnxruntime (the [export] extra)")
+    name, kwargs, tokens = SMALL["mait"]
+    model = timm.create_model(name, num_classes=7, **kwargs).eval().requires_grad_(False)
+    example, check = torch.randn(2, 3, 64, 64), torch.randn(5, 3, 64, 64)
+    assert set_backend(model, "auto") == 2
+    with torch.no_grad():
+        export_onnx(model, example, tmp_path / "model.onnx")
+        got = run_exported(tmp_path / "model.onnx", "onnx", check)
+        assert (got - model(check)).abs().max().item() <= 1e-4
+    graph = onnx.load(str(tmp_path / "model.onnx")).graph
+    shapes = {value.name: [d.dim_value for d in value.type.tensor_type.shape.dim] for value in graph.value_info}
+    assert any(node.op_type == "Slice" for node in graph.node)        # the R² window shifts of the linear path
+    assert not any(shape[-2:] == [tokens, tokens] for shape in shapes.values() if len(shape) >= 2)

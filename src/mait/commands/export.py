@@ -55,14 +55,23 @@ def export_pt2(model: nn.Module, example: torch.Tensor, path: Path) -> torch.exp
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
-    """``torch.onnx.export`` (the ``torch.export``-based exporter) with a dynamic batch dimension."""
+    """``torch.onnx.export`` (the ``torch.export``-based exporter) with a dynamic batch dimension.
+
+    Of onnxscript's default optimisation only constant folding and dead-node removal run: they
+    take seconds and halve the graph, while its pattern rewriter costs minutes per layer of the
+    linear-time path (O(R²) slices each; a 24-layer 224-px MaiT takes most of an hour) for
+    fusions onnxruntime makes itself when it loads the file.
+    """
     try:
-        import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
+        from onnxscript import optimizer
     except ImportError:
         raise UserError("ONNX export needs the onnx and onnxscript packages: pip install 'mait[export]'") from None
     batch = torch.export.Dim("batch", min=1, max=4096)
-    torch.onnx.export(model, (example,), str(path), dynamo=True, dynamic_shapes=({0: batch},), external_data=False,
-                      verbose=False)
+    program = torch.onnx.export(model, (example,), dynamo=True, dynamic_shapes=({0: batch},), optimize=False,
+                                verbose=False)
+    optimizer.fold_constants(program.model)
+    optimizer.remove_unused_nodes(program.model)
+    program.save(str(path), external_data=False)
 
 
 def run_exported(path: Path, fmt: str, images: torch.Tensor) -> Optional[torch.Tensor]:
