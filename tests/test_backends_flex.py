@@ -148,3 +148,32 @@ def test_compiled_kernels_may_specialise_per_geometry_more_than_eight_times():
     blocksparse.compiled()
     config = torch._dynamo.config
     assert getattr(config, "recompile_limit", getattr(config, "cache_size_limit", 0)) >= 64
+
+
+def test_whole_model_compile_builds_the_block_mask_once(monkeypatch):
+    """Under torch.compile of a whole model the block-sparse constants are a traced-in constant:
+    built once per geometry (not once per call inside the graph) and the output stays exact."""
+    import timm
+    built = []
+    original = blocksparse.create_block_mask
+
+    def counting(*args, **kwargs):
+        built.append(args[3:5])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(blocksparse, "create_block_mask", counting)
+    blocksparse.grid_constants.cache_clear()
+    torch._dynamo.reset()
+    model = timm.create_model("mait_t12_224", num_classes=7, img_size=32, patch_size=4, depth=2,
+                              scheme="all").eval()
+    for layer in model.modules():
+        if isinstance(layer, mait.attention.MaskedAttention):
+            layer.backend = "blocksparse"
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(images)
+        compiled = torch.compile(model, backend="eager")
+        for _ in range(3):
+            assert torch.equal(compiled(images), expected)
+    assert built == [(65, 65)]
+    blocksparse.grid_constants.cache_clear()

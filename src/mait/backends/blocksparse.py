@@ -58,6 +58,19 @@ def grid_constants(grid: tuple[int, int], mask_size: int, prefix: int, device: s
         return _grid_constants(grid, mask_size, prefix, device, dtype)
 
 
+@torch.compiler.assume_constant_result
+def traced_grid_constants(grid: tuple[int, int], mask_size: int, prefix: int, device: str,
+                          dtype: torch.dtype) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    """:func:`grid_constants` as one constant of a compiled graph.
+
+    Under ``torch.compile`` of a whole model, dynamo ignores ``lru_cache`` and would trace the
+    builder into the graph, rebuilding the block mask (a pass over all T x T pairs) on every
+    call; marked as a constant result, it is called once while tracing and its value is baked in.
+    Its arguments are plain ints, strings and dtypes, which dynamo guards on.
+    """
+    return grid_constants(grid, mask_size, prefix, device, dtype)
+
+
 def _grid_constants(grid: tuple[int, int], mask_size: int, prefix: int, device: str,
                     dtype: torch.dtype) -> tuple[Any, torch.Tensor, torch.Tensor]:
     tokens = prefix + grid[0] * grid[1]
@@ -170,8 +183,8 @@ def _train_identity(*args: Any) -> torch.Tensor:
 
 def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, call: Any, scale: float, **_: Any) -> torch.Tensor:
     q, k, v = autocast_inputs(q, k, v)                    # FlexAttention is not an autocast op
-    block_mask, log_rest, inv_rest = grid_constants(call.grid_size, call.mask_size, call.num_prefix_tokens,
-                                                    str(q.device), torch.promote_types(q.dtype, torch.float32))
+    block_mask, log_rest, inv_rest = traced_grid_constants(call.grid_size, call.mask_size, call.num_prefix_tokens,
+                                                           str(q.device), torch.promote_types(q.dtype, torch.float32))
     args = (q, k, v, block_mask, log_rest, inv_rest, float(scale), call.grid_size, call.mask_size,
             call.num_prefix_tokens, call.mode == "zero")
     if q.is_cuda and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
