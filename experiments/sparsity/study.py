@@ -181,6 +181,24 @@ def side_by_side_speed(variants: list[str], shape: tuple[int, ...], rounds: int 
     return {v: batch / min(t) for v, t in times.items()}
 
 
+def baseline(variant: str) -> str:
+    """The variant a paired difference is taken against: the dense model of the same data, or for the
+    fine-tuned Sparsifiner the dense model fine-tuned the same way."""
+    if variant == "sp25ft":
+        return "denseft"
+    return "c10dense" if VARIANTS[variant][1].get("cifar") else "dense"
+
+
+def mean_std(values: list[float], empty: str, signed: bool = False) -> str:
+    """``mean ± std`` (one value: the value; none: ``empty``)."""
+    sign = "+" if signed else ""
+    if not values:
+        return empty
+    if len(values) == 1:
+        return f"{values[0]:{sign}.2f}"
+    return f"{statistics.mean(values):{sign}.2f} ± {statistics.stdev(values):.2f}"
+
+
 def report() -> None:
     import torch
     from mait.analysis import measure_als
@@ -190,20 +208,20 @@ def report() -> None:
     cifar = [v for v in VARIANTS if VARIANTS[v][1].get("cifar")]
     speed = side_by_side_speed([v for v in VARIANTS if v not in cifar], (1, 8, 8))
     speed |= side_by_side_speed(cifar, (3, 32, 32), batch=64)
-    rows = ["| variant | runs | top-1 % (mean ± std) | MHSA MMACs (incl. predictor) | img/s (1 thread) | vs dense |",
-            "|---|---|---|---|---|---|"]
-    records: dict[str, list[dict[str, Any]]] = {}
+    rows = ["| variant | runs | top-1 % (mean ± std) | Δ top-1 vs its baseline, same seed (mean ± std) | "
+            "MHSA MMACs (incl. predictor) | img/s (1 thread) | vs dense |", "|---|---|---|---|---|---|---|"]
+    results: dict[str, dict[int, float]] = {}
     for name in run_names():
         path = RUN_DIR / name / "result.json"
         if path.is_file():
-            records.setdefault(name.rsplit("-s", 1)[0], []).append(json.loads(path.read_text()))
+            variant, seed = name.rsplit("-s", 1)
+            results.setdefault(variant, {})[int(seed)] = json.loads(path.read_text())["acc1"]
     for variant, (label, _) in VARIANTS.items():
-        accs = [r["acc1"] for r in records.get(variant, [])]
-        if len(accs) > 1:
-            accuracy = f"{statistics.mean(accs):.2f} ± {statistics.stdev(accs):.2f}"
-        else:
-            accuracy = f"{accs[0]:.2f}" if accs else "not run yet"
-        rows.append(f"| {label} | {len(accs)} | {accuracy} | "
+        accs = results.get(variant, {})
+        base = baseline(variant)
+        deltas = [acc - results[base][seed] for seed, acc in accs.items() if seed in results.get(base, {})]
+        rows.append(f"| {label} | {len(accs)} | {mean_std(list(accs.values()), 'not run yet')} | "
+                    f"{mean_std(deltas, '', signed=True) + f' (vs {base})' if deltas and variant != base else ''} | "
                     f"{mhsa_mmacs(config_of(variant + '-s0')):.3f} | {speed[variant]:.0f} | "
                     f"{speed[variant] / speed['c10dense' if variant in cifar else 'dense']:.2f}x |")
     table = "\n".join(rows)
