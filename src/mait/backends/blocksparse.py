@@ -55,7 +55,13 @@ def grid_constants(grid: tuple[int, int], mask_size: int, prefix: int, device: s
     ``dtype`` is the precision the identity combines in (float32, or float64 for float64 inputs).
     """
     with torch.inference_mode(False):     # cached: usable by later calls in any mode
-        return _grid_constants(grid, mask_size, prefix, device, dtype)
+        tokens = prefix + grid[0] * grid[1]
+        near = neighbour_test(grid[1], (mask_size - 1) // 2, prefix)
+        block_mask = create_block_mask(lambda b, h, q_idx, kv_idx: near(q_idx, kv_idx), None, None, tokens, tokens,
+                                       device=device)
+        counts = window_counts(grid, mask_size, device=device).to(dtype)
+        rest = F.pad(grid[0] * grid[1] - counts, (prefix, 0))
+        return block_mask, torch.log(rest), 1.0 / rest.clamp(min=1)
 
 
 @torch.compiler.assume_constant_result
@@ -69,17 +75,6 @@ def traced_grid_constants(grid: tuple[int, int], mask_size: int, prefix: int, de
     Its arguments are plain ints, strings and dtypes, which dynamo guards on.
     """
     return grid_constants(grid, mask_size, prefix, device, dtype)
-
-
-def _grid_constants(grid: tuple[int, int], mask_size: int, prefix: int, device: str,
-                    dtype: torch.dtype) -> tuple[Any, torch.Tensor, torch.Tensor]:
-    tokens = prefix + grid[0] * grid[1]
-    near = neighbour_test(grid[1], (mask_size - 1) // 2, prefix)
-    block_mask = create_block_mask(lambda b, h, q_idx, kv_idx: near(q_idx, kv_idx), None, None, tokens, tokens,
-                                   device=device)
-    counts = window_counts(grid, mask_size, device=device).to(dtype)
-    rest = F.pad(grid[0] * grid[1] - counts, (prefix, 0))
-    return block_mask, torch.log(rest), 1.0 / rest.clamp(min=1)
 
 
 NeighbourhoodFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
