@@ -140,6 +140,28 @@ def test_keep_rate_one_is_exactly_the_dense_backbone(ours, theirs):
         assert not torch.allclose(sparse(x), reference(x))
 
 
+def test_pretrained_loads_a_deit_checkpoint_strictly_except_for_the_predictor(tmp_path):
+    """``pretrained=True`` through timm's loader, from a local file in the DeiT hub checkpoint's format."""
+    torch.manual_seed(0)
+    reference = timm.create_model("deit_tiny_patch16_224").eval()
+    weights = tmp_path / "deit_tiny.safetensors"
+    safetensors.torch.save_file(reference.state_dict(), weights)
+    model = timm.create_model("sparsifiner_deit_tiny_224", pretrained=True, keep_rate=1.0,
+                              pretrained_cfg_overlay=dict(file=str(weights))).eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
+    fine_tune = timm.create_model("sparsifiner_deit_tiny_224", pretrained=True, num_classes=10,
+                                  pretrained_cfg_overlay=dict(file=str(weights)))
+    torch.testing.assert_close(fine_tune.blocks[5].attn.qkv.weight, reference.blocks[5].attn.qkv.weight)
+    truncated = dict(reference.state_dict())
+    del truncated["blocks.3.mlp.fc1.weight"]
+    safetensors.torch.save_file(truncated, tmp_path / "truncated.safetensors")
+    with pytest.raises(RuntimeError, match=re.escape("blocks.3.mlp.fc1.weight")):
+        timm.create_model("sparsifiner_deit_tiny_224", pretrained=True,
+                          pretrained_cfg_overlay=dict(file=str(tmp_path / "truncated.safetensors")))
+
+
 def test_hybrid_model_trains_and_reports_the_reconstruction_loss():
     torch.manual_seed(0)
     model = timm.create_model("mait_nano4_8", scheme="*:hllu", keep_rate=0.25)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import checkpoint_filter_fn
 
@@ -37,15 +38,28 @@ default_cfgs = generate_default_cfgs({
 })
 
 
+def deit_checkpoint_filter(state_dict: dict[str, torch.Tensor], model: MaiT) -> dict[str, torch.Tensor]:
+    """A DeiT (or Sparsifiner) checkpoint for ``model``: timm's ViT conversions, then the predictor's
+    initial values for every predictor key the checkpoint lacks.
+
+    DeiT checkpoints have no predictor; filling it in here keeps the load strict for every
+    backbone key, so a checkpoint of another architecture fails loudly instead of leaving
+    layers at their random initialisation.
+    """
+    state_dict = checkpoint_filter_fn(state_dict, model)
+    for key, value in model.state_dict().items():
+        if ".attn.predictor." in key:
+            state_dict.setdefault(key, value)
+    return state_dict
+
+
 def _create(variant: str, pretrained: bool, model_args: dict, kwargs: dict) -> MaiT:
     """Build a Sparsifiner model; ``mode`` names the learned heads' semantics (MaiT's ``learned_mode``)."""
     if "mode" in kwargs:
         kwargs["learned_mode"] = kwargs.pop("mode")
     args = dict(model_args, scheme=f"*:{model_args['num_heads']}l", **kwargs)
-    # DeiT checkpoints lack the predictor: load them non-strictly (the predictor keeps its initialisation).
-    return build_model_with_cfg(MaiT, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                                pretrained_strict=False, feature_cfg=dict(out_indices=3, feature_cls="getter"),
-                                **args)
+    return build_model_with_cfg(MaiT, variant, pretrained, pretrained_filter_fn=deit_checkpoint_filter,
+                                feature_cfg=dict(out_indices=3, feature_cls="getter"), **args)
 
 
 @register_model
