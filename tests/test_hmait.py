@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
+import safetensors.torch
 import timm
 import torch
 
@@ -80,3 +83,26 @@ def test_wrong_image_size_is_an_error():
 
 def test_exported_from_package():
     assert mait.models.HMaiT is HMaiT
+
+
+def test_swin_checkpoint_loads_strictly_except_position_tables(tmp_path):
+    """A timm Swin-T checkpoint, and the same weights in the original (Microsoft) key layout, load
+    through timm's ``pretrained=True`` path: every shared weight equal, a missing one an error."""
+    torch.manual_seed(0)
+    swin = timm.create_model("swin_tiny_patch4_window7_224").state_dict()
+    original = {re.sub(r"layers\.(\d+)\.downsample", lambda m: f"layers.{int(m.group(1)) - 1}.downsample", key)
+                .replace("head.fc.", "head."): value for key, value in swin.items()}
+    for name, weights in (("timm", swin), ("original", original)):
+        safetensors.torch.save_file({k: v.contiguous() for k, v in weights.items()}, tmp_path / f"{name}.safetensors")
+        model = timm.create_model("hmait_tiny_224", pretrained=True,
+                                  pretrained_cfg_overlay=dict(file=str(tmp_path / f"{name}.safetensors")))
+        loaded = model.state_dict()
+        shared = [key for key in swin if key in loaded]
+        assert len(shared) == len(loaded) - 1, "everything but pos_embed comes from the checkpoint"
+        for key in shared:
+            torch.testing.assert_close(loaded[key], swin[key], rtol=0, atol=0, msg=key)
+    del swin["layers.2.blocks.4.mlp.fc2.bias"]
+    safetensors.torch.save_file(swin, tmp_path / "truncated.safetensors")
+    with pytest.raises(RuntimeError, match=r"layers\.2\.blocks\.4\.mlp\.fc2\.bias"):
+        timm.create_model("hmait_tiny_224", pretrained=True,
+                          pretrained_cfg_overlay=dict(file=str(tmp_path / "truncated.safetensors")))

@@ -16,7 +16,8 @@ init, no weight decay), as ViT/DeiT do; later stages inherit positions through p
 merging, and masked heads are local by construction.
 
 Parameter names follow timm's Swin (``layers.i.blocks.j.attn.qkv`` ...); the attention
-layers carry no relative-position tables, so Swin checkpoints load with ``strict=False``.
+layers carry no relative-position tables, so a Swin checkpoint loads (``pretrained_cfg_overlay=
+dict(file=...)``) with everything but those tables and ``pos_embed``, which keeps its initialisation.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 import torch.nn as nn
 from timm.layers import trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models.swin_transformer import SwinTransformer
+from timm.models.swin_transformer import SwinTransformer, checkpoint_filter_fn as swin_checkpoint_filter_fn
 
 from ..attention import MaskedAttention
 from ..masks import check_mask_size, max_useful_mask_size
@@ -135,10 +136,20 @@ class HMaiT(SwinTransformer):
         raise NotImplementedError("H-MaiT does not implement forward_intermediates; use forward_features")
 
 
+def swin_checkpoint_filter(state_dict: dict[str, torch.Tensor], model: HMaiT) -> dict[str, torch.Tensor]:
+    """A Swin (or H-MaiT) checkpoint for ``model``: without Swin's window-local relative-position
+    tables (H-MaiT has none), through timm's Swin conversions, with H-MaiT's initial ``pos_embed``
+    where the checkpoint has none.  Every other key loads strictly."""
+    state_dict = {key: value for key, value in state_dict.items() if not key.endswith("relative_position_bias_table")}
+    state_dict = swin_checkpoint_filter_fn(state_dict, model)
+    state_dict.setdefault("pos_embed", model.pos_embed.detach().clone())
+    return state_dict
+
+
 def _create_hmait(variant: str, pretrained: bool = False, **kwargs: Any) -> HMaiT:
     return build_model_with_cfg(
         HMaiT, variant, pretrained,
-        pretrained_strict=False,
+        pretrained_filter_fn=swin_checkpoint_filter,
         feature_cfg=dict(flatten_sequential=True, out_indices=(0, 1, 2, 3)),
         **kwargs,
     )
