@@ -222,8 +222,14 @@ def test_dense_checkpoint_loads_with_init_from_but_not_strictly(tmp_path: Path):
     model = build_model(config, build_loaders(config).info)
     with pytest.raises(UserError, match=r"predictor.*--init-from"):
         load_weights(model, path)
-    load_weights(model, path, strict=False)
+    report = load_weights(model, path, strict=False)
     torch.testing.assert_close(model.blocks[0].attn.qkv.weight, dense.blocks[0].attn.qkv.weight)
+    predictor_keys = [key for key in model.state_dict() if ".attn.predictor." in key]
+    assert report.reset == [] and report.missing == predictor_keys and len(predictor_keys) == 4 * 6
+    assert report.describe() == ("blocks.*.attn.predictor.reduce_n, blocks.*.attn.predictor.basis, "
+                                 "blocks.*.attn.predictor.reduce_c_q.weight, blocks.*.attn.predictor.reduce_c_q.bias, "
+                                 "blocks.*.attn.predictor.reduce_c_k.weight, blocks.*.attn.predictor.reduce_c_k.bias "
+                                 "(24 tensors) keep their initialisation (not in the checkpoint)")
 
 
 def test_cost_counts_kept_pairs_and_predictor_by_hand():

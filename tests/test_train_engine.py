@@ -128,6 +128,12 @@ def test_load_weights_reports_mismatched_keys(tmp_path: Path) -> None:
     other = timm.create_model("mait_nano4_8", depth=1, embed_dim=32, num_heads=2)
     with pytest.raises(UserError, match=r"shape mismatch: .*\(64,\) vs \(32,\)"):
         load_weights(other, tmp_path / "small.safetensors")
+    hmait = timm.create_model("hmait_tiny_224", img_size=32, depths=(1, 1, 1, 1), num_classes=3)
+    save_weights(hmait, tmp_path / "hmait.safetensors")
+    fresh = timm.create_model("hmait_tiny_224", img_size=32, depths=(1, 1, 1, 1), num_classes=5)
+    report = load_weights(fresh, tmp_path / "hmait.safetensors", allow_head_reset=True)
+    assert report.reset == ["head.fc.weight", "head.fc.bias"] and report.missing == []
+    assert report.describe() == "head.fc.weight, head.fc.bias start fresh (another class count)"
     bigger = timm.create_model("mait_nano4_8", depth=2)
     with pytest.raises(UserError, match=r"missing: blocks\.1\."):
         load_weights(bigger, tmp_path / "small.safetensors")

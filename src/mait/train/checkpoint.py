@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import random
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -22,7 +24,7 @@ import torch.nn as nn
 from ..errors import UserError
 
 LAST, BEST, STATE = "last.safetensors", "best.safetensors", "last.state.pt"
-HEAD_KEYS = ("head.weight", "head.bias", "head_dist.weight", "head_dist.bias")
+HEAD_KEYS = ("head.weight", "head.bias", "head_dist.weight", "head_dist.bias", "head.fc.weight", "head.fc.bias")
 
 
 def _atomic(path: Path, write) -> None:
@@ -104,13 +106,35 @@ def _mismatch_message(path: Path, missing: list[str], unexpected: list[str], sha
     return f"checkpoint {path} does not fit this model ({'; '.join(parts)}){hint}"
 
 
-def load_weights(model: nn.Module, path: Path, *, allow_head_reset: bool = False, strict: bool = True) -> list[str]:
-    """Load a safetensors file into ``model``; returns the classifier keys it reset (if allowed).
+@dataclass(frozen=True)
+class LoadReport:
+    """What :func:`load_weights` left at the model's initialisation: classifier keys of another
+    class count (``reset``) and keys the checkpoint lacks (``missing``, only with ``strict=False``)."""
+
+    reset: list[str]
+    missing: list[str]
+
+    def describe(self) -> str:
+        """One line for the log, e.g. ``"head.weight, head.bias start fresh (another class count);
+        blocks.*.attn.alpha (12 tensors) keep their initialisation (not in the checkpoint)"``."""
+        parts = []
+        if self.reset:
+            parts.append(f"{', '.join(self.reset)} start fresh (another class count)")
+        if self.missing:
+            patterns = dict.fromkeys(re.sub(r"\.\d+\.", ".*.", key) for key in self.missing)
+            parts.append(f"{', '.join(patterns)} ({len(self.missing)} tensors) keep their initialisation "
+                         f"(not in the checkpoint)")
+        return "; ".join(parts)
+
+
+def load_weights(model: nn.Module, path: Path, *, allow_head_reset: bool = False, strict: bool = True) -> LoadReport:
+    """Load a safetensors file into ``model``; returns what stayed at its initialisation.
 
     ViT checkpoints go through timm's ``checkpoint_filter_fn`` first (resizes position
     embeddings and patch kernels), so DeiT weights fine-tune into a MaiT at another size.
     With ``allow_head_reset`` a classifier of another class count is dropped (fresh head);
-    any other mismatch is an error listing the keys.  ``strict=False`` tolerates missing keys.
+    any other mismatch is an error listing the keys.  ``strict=False`` tolerates missing keys
+    (e.g. a soft head's α or the learned-mask predictor when starting from a dense model).
     """
     weights = read_weights(path)
     own = model.state_dict()
@@ -129,4 +153,4 @@ def load_weights(model: nn.Module, path: Path, *, allow_head_reset: bool = False
     if unexpected or shapes or (missing and strict):
         raise UserError(_mismatch_message(Path(path), missing, unexpected, shapes))
     model.load_state_dict(weights, strict=False)
-    return reset
+    return LoadReport(reset=reset, missing=missing)
