@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import safetensors.torch
 import timm
 import torch
 
@@ -102,6 +103,26 @@ def _copy_and_compare(ours: str, theirs: str, ours_kwargs: dict | None = None, *
 
 def test_mait_t12_none_equals_deit_tiny():
     _copy_and_compare("mait_t12_224", "deit_tiny_patch16_224")
+
+
+def test_pretrained_path_loads_deit_weights_into_a_soft_mait(tmp_path):
+    """``pretrained=True`` (timm's loader, a local DeiT-T file): every DeiT weight strictly, the soft
+    heads' α at its initialisation."""
+    torch.manual_seed(0)
+    reference = timm.create_model("deit_tiny_patch16_224").state_dict()
+    safetensors.torch.save_file(reference, tmp_path / "deit_tiny.safetensors")
+    model = timm.create_model("mait_t12_224", pretrained=True, soft_alpha_init=0.3,
+                              pretrained_cfg_overlay=dict(file=str(tmp_path / "deit_tiny.safetensors")))
+    loaded = model.state_dict()
+    assert set(loaded) - set(reference) == {f"blocks.{i}.attn.alpha_logit" for i in range(12)}
+    for key, value in reference.items():
+        torch.testing.assert_close(loaded[key], value, rtol=0, atol=0, msg=key)
+    torch.testing.assert_close(model.blocks[4].attn.alpha, torch.full((3,), 0.3))
+    truncated = {k: v for k, v in reference.items() if k != "blocks.7.attn.proj.bias"}
+    safetensors.torch.save_file(truncated, tmp_path / "truncated.safetensors")
+    with pytest.raises(RuntimeError, match=r"blocks\.7\.attn\.proj\.bias"):
+        timm.create_model("mait_t12_224", pretrained=True,
+                          pretrained_cfg_overlay=dict(file=str(tmp_path / "truncated.safetensors")))
 
 
 def test_deit_tiny_distilled_weights_load_into_distilled_mait():

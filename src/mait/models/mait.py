@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any, Set, Union
 
 import torch
+import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.deit import VisionTransformerDistilled
@@ -72,13 +73,31 @@ class MaiTDistilled(_MaskedViTMixin, VisionTransformerDistilled):
     """MaiT with DeiT's distillation token and head (paper Table 6)."""
 
 
+# Parameters MaiT adds to DeiT: soft heads' α and learned heads' connectivity predictor.
+MAIT_ONLY_KEYS = (".attn.alpha_logit", ".attn.predictor.")
+
+
+def deit_checkpoint_filter(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """A DeiT (or MaiT) checkpoint for ``model``: timm's ViT conversions, then the model's initial
+    values for the MaiT-only parameters (:data:`MAIT_ONLY_KEYS`) the checkpoint lacks.
+
+    Filling those in here keeps the load strict for every DeiT key, so a checkpoint of another
+    architecture fails loudly instead of leaving layers at their random initialisation.
+    """
+    state_dict = checkpoint_filter_fn(state_dict, model)
+    for key, value in model.state_dict().items():
+        if any(part in key for part in MAIT_ONLY_KEYS):
+            state_dict.setdefault(key, value)
+    return state_dict
+
+
 def _create_mait(variant: str, pretrained: bool = False, distilled: bool = False, **kwargs: Any):
     out_indices = kwargs.pop("out_indices", 3)
     return build_model_with_cfg(
         MaiTDistilled if distilled else MaiT,
         variant,
         pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
+        pretrained_filter_fn=deit_checkpoint_filter,
         feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
         **kwargs,
     )

@@ -19,11 +19,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models.vision_transformer import checkpoint_filter_fn
 
-from .mait import MaiT, _cfg
+from .mait import MaiT, _cfg, deit_checkpoint_filter
 from .small import MINI6_32, NANO4_8, default_cfgs as small_cfgs, pixel_pos_embed
 
 __all__ = ["sparsifiner_deit_tiny_224", "sparsifiner_deit_small_224", "sparsifiner_nano4_8", "sparsifiner_mini6_32"]
@@ -36,21 +34,6 @@ default_cfgs = generate_default_cfgs({
     "sparsifiner_nano4_8": {**small_cfgs["mait_nano4_8"].default.to_dict(), **_PAPER},
     "sparsifiner_mini6_32": {**small_cfgs["mait_mini6_32"].default.to_dict(), **_PAPER},
 })
-
-
-def deit_checkpoint_filter(state_dict: dict[str, torch.Tensor], model: MaiT) -> dict[str, torch.Tensor]:
-    """A DeiT (or Sparsifiner) checkpoint for ``model``: timm's ViT conversions, then the predictor's
-    initial values for every predictor key the checkpoint lacks.
-
-    DeiT checkpoints have no predictor; filling it in here keeps the load strict for every
-    backbone key, so a checkpoint of another architecture fails loudly instead of leaving
-    layers at their random initialisation.
-    """
-    state_dict = checkpoint_filter_fn(state_dict, model)
-    for key, value in model.state_dict().items():
-        if ".attn.predictor." in key:
-            state_dict.setdefault(key, value)
-    return state_dict
 
 
 def _create(variant: str, pretrained: bool, model_args: dict, kwargs: dict) -> MaiT:
