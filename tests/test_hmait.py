@@ -101,6 +101,9 @@ def test_swin_checkpoint_loads_strictly_except_position_tables(tmp_path):
         assert len(shared) == len(loaded) - 1, "everything but pos_embed comes from the checkpoint"
         for key in shared:
             torch.testing.assert_close(loaded[key], swin[key], rtol=0, atol=0, msg=key)
+    soft = timm.create_model("hmait_tiny_224", pretrained=True, scheme="soft",
+                             pretrained_cfg_overlay=dict(file=str(tmp_path / "timm.safetensors")))
+    torch.testing.assert_close(soft.layers[2].blocks[1].attn.qkv.weight, swin["layers.2.blocks.1.attn.qkv.weight"])
     del swin["layers.2.blocks.4.mlp.fc2.bias"]
     safetensors.torch.save_file(swin, tmp_path / "truncated.safetensors")
     with pytest.raises(RuntimeError, match=r"layers\.2\.blocks\.4\.mlp\.fc2\.bias"):

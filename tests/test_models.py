@@ -125,6 +125,18 @@ def test_pretrained_path_loads_deit_weights_into_a_soft_mait(tmp_path):
                           pretrained_cfg_overlay=dict(file=str(tmp_path / "truncated.safetensors")))
 
 
+def test_pretrained_path_loads_cait_weights_into_a_soft_masked_cait(tmp_path):
+    torch.manual_seed(0)
+    reference = timm.create_model("cait_xxs24_224").state_dict()
+    safetensors.torch.save_file({k: v.contiguous() for k, v in reference.items()}, tmp_path / "cait.safetensors")
+    model = timm.create_model("mait_cait_xxs24_224", pretrained=True, scheme="soft",
+                              pretrained_cfg_overlay=dict(file=str(tmp_path / "cait.safetensors")))
+    loaded = model.state_dict()
+    assert set(loaded) - set(reference) == {f"blocks.{i}.attn.alpha_logit" for i in range(24)}
+    for key, value in reference.items():
+        torch.testing.assert_close(loaded[key], value, rtol=0, atol=0, msg=key)
+
+
 def test_deit_tiny_distilled_weights_load_into_distilled_mait():
     _copy_and_compare("mait_xt24_distilled_224", "deit_tiny_distilled_patch16_224",
                       ours_kwargs=dict(embed_dim=192, depth=12, init_values=0.0))

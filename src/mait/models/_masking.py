@@ -11,6 +11,26 @@ from ..attention import MaskedAttention
 from ..masks import check_mask_size, max_useful_mask_size, to_grid
 from ..schemes import HeadsSpec, MaskingScheme, resolve_scheme
 
+# Parameters a masked model adds to its timm base: soft heads' α and learned heads' connectivity predictor.
+MAIT_ONLY_KEYS = (".attn.alpha_logit", ".attn.predictor.")
+
+
+def with_mait_only_parameters(filter_fn: Callable[[dict, nn.Module], dict]) -> Callable[[dict, nn.Module], dict]:
+    """A pretrained-checkpoint filter for a masked model: ``filter_fn`` (timm's conversions for the base
+    architecture), then the model's initial values for the parameters of :data:`MAIT_ONLY_KEYS` that the
+    checkpoint lacks.  Filling those in keeps the load strict for every other key, so a checkpoint of
+    another architecture fails loudly instead of leaving layers at their random initialisation."""
+
+    def filter_checkpoint(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+        state_dict = filter_fn(state_dict, model)
+        for key, value in model.state_dict().items():
+            if any(part in key for part in MAIT_ONLY_KEYS):
+                state_dict.setdefault(key, value)
+        return state_dict
+
+    return filter_checkpoint
+
+
 def check_image_size(img_size: Union[int, Sequence[int]], patch_size: Union[int, Sequence[int]]) -> None:
     """Masks live on the patch grid, so the image must tile exactly into patches."""
     img = to_grid(img_size)

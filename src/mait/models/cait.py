@@ -20,7 +20,8 @@ from timm.models.cait import Cait, checkpoint_filter_fn
 from ..attention import MaskedAttention
 from ..backends.reference import masked_scores
 from ..schemes import MaskingScheme
-from ._masking import alpha_no_weight_decay, apply_masking, check_image_size, check_input_size
+from ._masking import (alpha_no_weight_decay, apply_masking, check_image_size, check_input_size,
+                       with_mait_only_parameters)
 from .mait import _cfg
 
 __all__ = ["MaskedCait", "MaskedTalkingHeadAttn"]
@@ -77,7 +78,7 @@ def _create_masked_cait(variant: str, pretrained: bool = False, **kwargs: Any) -
     out_indices = kwargs.pop("out_indices", 3)
     return build_model_with_cfg(
         MaskedCait, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
+        pretrained_filter_fn=with_mait_only_parameters(checkpoint_filter_fn),
         feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
         **kwargs,
     )

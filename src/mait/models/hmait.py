@@ -33,7 +33,7 @@ from timm.models.swin_transformer import SwinTransformer, checkpoint_filter_fn a
 from ..attention import MaskedAttention
 from ..masks import check_mask_size, max_useful_mask_size
 from ..schemes import MaskingScheme, resolve_scheme
-from ._masking import alpha_no_weight_decay, check_input_size
+from ._masking import alpha_no_weight_decay, check_input_size, with_mait_only_parameters
 from .mait import _cfg
 
 __all__ = ["HMaiT", "HMaiTBlock"]
@@ -136,14 +136,17 @@ class HMaiT(SwinTransformer):
         raise NotImplementedError("H-MaiT does not implement forward_intermediates; use forward_features")
 
 
-def swin_checkpoint_filter(state_dict: dict[str, torch.Tensor], model: HMaiT) -> dict[str, torch.Tensor]:
-    """A Swin (or H-MaiT) checkpoint for ``model``: without Swin's window-local relative-position
-    tables (H-MaiT has none), through timm's Swin conversions, with H-MaiT's initial ``pos_embed``
-    where the checkpoint has none.  Every other key loads strictly."""
+def _from_swin(state_dict: dict[str, torch.Tensor], model: HMaiT) -> dict[str, torch.Tensor]:
+    """timm's Swin conversions, without Swin's window-local relative-position tables (H-MaiT has
+    none), with H-MaiT's initial ``pos_embed`` where the checkpoint has none."""
     state_dict = {key: value for key, value in state_dict.items() if not key.endswith("relative_position_bias_table")}
     state_dict = swin_checkpoint_filter_fn(state_dict, model)
     state_dict.setdefault("pos_embed", model.pos_embed.detach().clone())
     return state_dict
+
+
+# Swin (or H-MaiT) checkpoints; soft heads' α starts from its initialisation, every other key loads strictly.
+swin_checkpoint_filter = with_mait_only_parameters(_from_swin)
 
 
 def _create_hmait(variant: str, pretrained: bool = False, **kwargs: Any) -> HMaiT:

@@ -14,14 +14,14 @@ from __future__ import annotations
 from typing import Any, Set, Union
 
 import torch
-import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 from ..schemes import MaskingScheme
-from ._masking import alpha_no_weight_decay, apply_masking, check_image_size, check_input_size
+from ._masking import (alpha_no_weight_decay, apply_masking, check_image_size, check_input_size,
+                       with_mait_only_parameters)
 
 __all__ = ["MaiT", "MaiTDistilled"]
 
@@ -73,22 +73,8 @@ class MaiTDistilled(_MaskedViTMixin, VisionTransformerDistilled):
     """MaiT with DeiT's distillation token and head (paper Table 6)."""
 
 
-# Parameters MaiT adds to DeiT: soft heads' α and learned heads' connectivity predictor.
-MAIT_ONLY_KEYS = (".attn.alpha_logit", ".attn.predictor.")
-
-
-def deit_checkpoint_filter(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """A DeiT (or MaiT) checkpoint for ``model``: timm's ViT conversions, then the model's initial
-    values for the MaiT-only parameters (:data:`MAIT_ONLY_KEYS`) the checkpoint lacks.
-
-    Filling those in here keeps the load strict for every DeiT key, so a checkpoint of another
-    architecture fails loudly instead of leaving layers at their random initialisation.
-    """
-    state_dict = checkpoint_filter_fn(state_dict, model)
-    for key, value in model.state_dict().items():
-        if any(part in key for part in MAIT_ONLY_KEYS):
-            state_dict.setdefault(key, value)
-    return state_dict
+# DeiT (or MaiT) checkpoints: timm's ViT conversions; α and any predictor start from their initialisation.
+deit_checkpoint_filter = with_mait_only_parameters(checkpoint_filter_fn)
 
 
 def _create_mait(variant: str, pretrained: bool = False, distilled: bool = False, **kwargs: Any):
