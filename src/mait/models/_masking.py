@@ -15,16 +15,18 @@ from ..schemes import HeadsSpec, MaskingScheme, resolve_scheme
 MAIT_ONLY_KEYS = (".attn.alpha_logit", ".attn.predictor.")
 
 
-def with_mait_only_parameters(filter_fn: Callable[[dict, nn.Module], dict]) -> Callable[[dict, nn.Module], dict]:
+def with_mait_only_parameters(filter_fn: Callable[[dict, nn.Module], dict],
+                              own_keys: tuple[str, ...] = MAIT_ONLY_KEYS) -> Callable[[dict, nn.Module], dict]:
     """A pretrained-checkpoint filter for a masked model: ``filter_fn`` (timm's conversions for the base
-    architecture), then the model's initial values for the parameters of :data:`MAIT_ONLY_KEYS` that the
-    checkpoint lacks.  Filling those in keeps the load strict for every other key, so a checkpoint of
-    another architecture fails loudly instead of leaving layers at their random initialisation."""
+    architecture), then the model's initial values for the parameters the base lacks (keys containing one
+    of ``own_keys``) where the checkpoint has none.  Filling those in keeps the load strict for every other
+    key, so a checkpoint of another architecture fails loudly instead of leaving layers at their random
+    initialisation."""
 
     def filter_checkpoint(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
         state_dict = filter_fn(state_dict, model)
         for key, value in model.state_dict().items():
-            if any(part in key for part in MAIT_ONLY_KEYS):
+            if any(part in key for part in own_keys):
                 state_dict.setdefault(key, value)
         return state_dict
 

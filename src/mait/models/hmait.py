@@ -33,7 +33,7 @@ from timm.models.swin_transformer import SwinTransformer, checkpoint_filter_fn a
 from ..attention import MaskedAttention
 from ..masks import check_mask_size, max_useful_mask_size
 from ..schemes import MaskingScheme, resolve_scheme
-from ._masking import alpha_no_weight_decay, check_input_size, with_mait_only_parameters
+from ._masking import MAIT_ONLY_KEYS, alpha_no_weight_decay, check_input_size, with_mait_only_parameters
 from .mait import _cfg
 
 __all__ = ["HMaiT", "HMaiTBlock"]
@@ -137,16 +137,14 @@ class HMaiT(SwinTransformer):
 
 
 def _from_swin(state_dict: dict[str, torch.Tensor], model: HMaiT) -> dict[str, torch.Tensor]:
-    """timm's Swin conversions, without Swin's window-local relative-position tables (H-MaiT has
-    none), with H-MaiT's initial ``pos_embed`` where the checkpoint has none."""
+    """timm's Swin conversions, without Swin's window-local relative-position tables (H-MaiT has none)."""
     state_dict = {key: value for key, value in state_dict.items() if not key.endswith("relative_position_bias_table")}
-    state_dict = swin_checkpoint_filter_fn(state_dict, model)
-    state_dict.setdefault("pos_embed", model.pos_embed.detach().clone())
-    return state_dict
+    return swin_checkpoint_filter_fn(state_dict, model)
 
 
-# Swin (or H-MaiT) checkpoints; soft heads' α starts from its initialisation, every other key loads strictly.
-swin_checkpoint_filter = with_mait_only_parameters(_from_swin)
+# Swin (or H-MaiT) checkpoints: H-MaiT's pos_embed and soft heads' α start from their initialisation
+# where the checkpoint has none; every other key loads strictly.
+swin_checkpoint_filter = with_mait_only_parameters(_from_swin, MAIT_ONLY_KEYS + ("pos_embed",))
 
 
 def _create_hmait(variant: str, pretrained: bool = False, **kwargs: Any) -> HMaiT:

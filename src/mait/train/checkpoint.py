@@ -116,7 +116,7 @@ class LoadReport:
 
     def describe(self) -> str:
         """One line for the log, e.g. ``"head.weight, head.bias start fresh (another class count);
-        blocks.*.attn.alpha (12 tensors) keep their initialisation (not in the checkpoint)"``."""
+        blocks.*.attn.alpha_logit (12 tensors) keep their initialisation (not in the checkpoint)"``."""
         parts = []
         if self.reset:
             parts.append(f"{', '.join(self.reset)} start fresh (another class count)")

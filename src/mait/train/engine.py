@@ -277,8 +277,8 @@ def _train(config: TrainConfig, resume: bool, env: Dist, start: float) -> TrainR
     if config.init_from and state is None:
         check_against_card(model, config.model, read_card(Path(config.init_from)), Path(config.init_from),
                            consequence="fine-tuning starts from weights trained for another setting")
-        report = ckpt.load_weights(model, Path(config.init_from), allow_head_reset=True, strict=False)
-        say(f"initialised from {config.init_from}" + (f"; {report.describe()}" if report.describe() else ""))
+        kept_init = ckpt.load_weights(model, Path(config.init_from), allow_head_reset=True, strict=False).describe()
+        say(f"initialised from {config.init_from}" + (f"; {kept_init}" if kept_init else ""))
     teacher = build_teacher(config, loaders.info, model)
     model.to(env.device)
     card = make_card(config, loaders.info, model, loaders.val.dataset, build_transforms(config, loaders.info)[1])
