@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import subprocess
 import sys
@@ -98,6 +99,17 @@ def test_cifar_pickles_and_their_tarball(tmp_path: Path, monkeypatch: pytest.Mon
     assert len(extracted) == 1 and not extracted[0].name.startswith(".")    # renamed into place
     open_data(str(archive))
     assert list((tmp_path / "cache").iterdir()) == extracted                 # extracted once
+    copy = tmp_path / "elsewhere" / "cifar.tar.gz"                           # same bytes, new path and mtime
+    copy.parent.mkdir()
+    copy.write_bytes(archive.read_bytes())
+    os.utime(copy, ns=(0, 0))
+    open_data(str(copy))
+    assert list((tmp_path / "cache").iterdir()) == extracted                 # keyed by content
+    with tarfile.open(copy, "w:gz") as tar:                                  # new content: a new extraction
+        tar.add(folder / "test_batch" if layout == "cifar10" else folder / "test", arcname=f"{folder.name}/x")
+        tar.add(folder, arcname=folder.name)
+    open_data(str(copy))
+    assert len(list((tmp_path / "cache").iterdir())) == 2
 
 
 @pytest.mark.parametrize("make, message", [

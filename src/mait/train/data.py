@@ -10,7 +10,7 @@
 * a folder of class folders (an evaluation set such as ``imagenet/val``);
 * CIFAR-10/100 in their python-pickle format (``data_batch_*``/``test_batch`` or ``train``/``test``);
 * a ``.tar.gz``/``.tgz``/``.tar`` of any of these, extracted once into ``~/.cache/mait/``
-  (``$MAIT_CACHE`` overrides), atomically.
+  (``$MAIT_CACHE`` overrides), atomically, under a key of its content (:func:`archive_key`).
 
 Random augmentation is seeded per (seed, epoch, image), so it is the same whatever the
 number of loader workers and when a run resumes mid-epoch.
@@ -358,11 +358,27 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MAIT_CACHE", Path.home() / ".cache" / "mait"))
 
 
-def extract_archive(archive: Path) -> Path:
-    """Extract ``archive`` once into the cache (keyed by name, size and mtime) and return the folder."""
+#: Archives up to this size are keyed by their content, so a copy of the same archive (another
+#: checkout, a re-mounted data folder) reuses the extraction; larger ones by path, size and mtime.
+CONTENT_KEY_MAX_BYTES = 2 << 30
+
+
+def archive_key(archive: Path) -> str:
+    """A short key of ``archive``: its content hash when it is at most :data:`CONTENT_KEY_MAX_BYTES`
+    (hashing 1 GiB takes about a second), otherwise its resolved path, size and modification time."""
     stat = archive.stat()
-    digest = hashlib.sha1(f"{archive.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    target = cache_dir() / f"{archive.name.split('.')[0]}-{digest}"
+    if stat.st_size > CONTENT_KEY_MAX_BYTES:
+        return hashlib.sha1(f"{archive.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    digest = hashlib.sha1()
+    with open(archive, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:12]
+
+
+def extract_archive(archive: Path) -> Path:
+    """Extract ``archive`` once into the cache (keyed by :func:`archive_key`) and return the folder."""
+    target = cache_dir() / f"{archive.name.split('.')[0]}-{archive_key(archive)}"
     if target.is_dir():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
