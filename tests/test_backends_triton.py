@@ -10,8 +10,10 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+from packaging.version import Version
 
 import mait
 from mait.backends import triton_local
@@ -37,6 +39,10 @@ print("all match")
 def test_triton_matches_reference_under_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     result = subprocess.run([sys.executable, "-c", COMPARE], env=env, capture_output=True, text=True, timeout=600)
+    if (result.returncode and "only 0-dimensional arrays can be converted" in result.stderr
+            and Version(triton_local.triton.__version__) < Version("3.8") and Version(np.__version__) >= Version("2.4")):
+        pytest.skip("the interpreter of this triton turns loop bounds into ints with int(array), which NumPy >= 2.4 "
+                    "refuses (triton-lang/triton#9171); install numpy<2.4 to run this check with it")
     assert result.returncode == 0 and "all match" in result.stdout, result.stderr[-3000:]
 
 
