@@ -86,6 +86,58 @@ def test_local_gradients_match_reference():
         torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-11)
 
 
+MATMUL_ALPHAS = [[0.0, 0.0, 0.0], [0.0, 0.37, 1.0], [1.0, 1.0, 1.0], [0.9, 0.05, 0.5]]
+
+
+@pytest.mark.parametrize("prefix", PREFIXES)
+@pytest.mark.parametrize("alpha", MATMUL_ALPHAS)
+def test_matmul_matches_reference_float64(prefix, alpha):
+    """The dense ``matmul`` backend: every head kind, R, grid and both modes, on the local and on random masks."""
+    a = torch.tensor(alpha, dtype=torch.float64)
+    for seed, (grid, size) in enumerate(itertools.product(GRIDS, SIZES)):
+        q, k, v = _qkv(grid, prefix, seed=seed)
+        for mode in ("zero", "neg_inf") if not (set(alpha) - {0.0, 1.0}) else ("zero",):
+            kwargs = dict(grid_size=grid, mask_size=size, num_prefix_tokens=prefix, alpha=a, mode=mode)
+            got = mait.masked_attention(q, k, v, backend="matmul", **kwargs)
+            expected = mait.masked_attention(q, k, v, backend="reference", **kwargs)
+            torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12, msg=f"grid {grid} R {size} {mode}")
+        masks = [mait.random_mask(grid, size, prefix, seed=seed + h) for h in range(3)]
+        for mask in (masks[0], torch.stack(masks)):                  # one mask for all heads, one per head
+            kwargs = dict(grid_size=grid, mask_size=size, num_prefix_tokens=prefix, alpha=a, mask=mask)
+            torch.testing.assert_close(mait.masked_attention(q, k, v, backend="matmul", **kwargs),
+                                       mait.masked_attention(q, k, v, backend="reference", **kwargs),
+                                       rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("alpha,mode", [(alpha, "zero") for alpha in MATMUL_ALPHAS] +
+                         [(alpha, "neg_inf") for alpha in MATMUL_ALPHAS if not set(alpha) - {0.0, 1.0}])
+def test_matmul_gradients_match_reference(alpha, mode):
+    """Gradients for q, k, v and a learnable α (which must not be lost to the in-place mask)."""
+    grid, prefix, size = (6, 5), 1, 3
+    inputs = [t.requires_grad_() for t in _qkv(grid, prefix, seed=13)]
+    weight = torch.randn_like(inputs[0])
+    grads = []
+    for backend in ("reference", "matmul"):
+        a = torch.tensor(alpha, dtype=torch.float64, requires_grad=mode == "zero")
+        out = mait.masked_attention(*inputs, grid_size=grid, mask_size=size, num_prefix_tokens=prefix, alpha=a,
+                                    mode=mode, backend=backend)
+        wanted = inputs + ([a] if a.requires_grad else [])
+        grads.append(torch.autograd.grad((out * weight).sum(), wanted))
+    for got, expected in zip(grads[1], grads[0]):
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-11)
+
+
+def test_matmul_dropout_draws_like_the_reference():
+    """Attention dropout on the probabilities: the same seed gives the reference's exact output."""
+    q, k, v = _qkv((4, 4), 1, seed=21)
+    outs = []
+    for backend in ("reference", "matmul"):
+        torch.manual_seed(5)
+        outs.append(mait.masked_attention(q, k, v, grid_size=(4, 4), alpha=[0.0, 0.5, 1.0], dropout_p=0.3,
+                                          backend=backend))
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("grid", [(5, 7), (12, 12), (15, 9)])
 @pytest.mark.parametrize("alpha", [[0.0, 1.0, 0.3, 0.0], [1.0, 1.0, 0.0, 0.0], [0.7, 0.2, 0.0, 1.0], [1.0] * 4])
 def test_auto_mixed_heads_match_reference(grid, alpha):
@@ -146,14 +198,19 @@ def test_cpu_plans():
     assert not local_is_faster((7, 7), 3) and local_is_faster((14, 14), 3) and local_is_faster((56, 56), 3)
     assert not local_is_faster((14, 14), 7) and local_is_faster((56, 56), 7)
     assert _steps(plan_attention(_call())) == [("local", (0, 1))]
-    assert _steps(plan_attention(_call(grid=(7, 7)))) == [("reference", (0, 1))]
-    assert _steps(plan_attention(_call(custom=True))) == [("reference", (0, 1))]
-    assert _steps(plan_attention(_call(dropout=True))) == [("reference", (0, 1))]
-    assert _steps(plan_attention(_call(kinds="ss", grad=True))) == [("reference", (0, 1))]
+    assert _steps(plan_attention(_call(grid=(7, 7)))) == [("matmul", (0, 1))]
+    assert _steps(plan_attention(_call(custom=True))) == [("matmul", (0, 1))]
+    assert _steps(plan_attention(_call(dropout=True))) == [("matmul", (0, 1))]
+    assert _steps(plan_attention(_call(kinds="ss", grad=True))) == [("matmul", (0, 1))]
     assert _steps(plan_attention(_call(kinds="uu", grad=True))) == [("sdpa", (0, 1))]
-    assert _steps(plan_attention(_call(kinds="hsuh"))) == [("local", (0, 3)), ("reference", (1,)), ("sdpa", (2,))]
-    # on a small grid hard and soft heads share the dense reference: one step, not two
-    assert _steps(plan_attention(_call(grid=(7, 7), kinds="hsu"))) == [("reference", (0, 1)), ("sdpa", (2,))]
+    assert _steps(plan_attention(_call(kinds="hsuh"))) == [("local", (0, 3)), ("matmul", (1,)), ("sdpa", (2,))]
+    # on a small grid hard and soft heads share the dense matmul backend: one step, not two
+    assert _steps(plan_attention(_call(grid=(7, 7), kinds="hsu"))) == [("matmul", (0, 1)), ("sdpa", (2,))]
+    # auto never picks the reference: it is the truth, kept in the definition's form
+    for kinds, grid, custom, dropout, grad in itertools.product(("h", "s", "u", "hsu"), ((2, 2), (7, 7), (20, 20)),
+                                                               (False, True), (False, True), (False, True)):
+        call = _call(grid=grid, kinds=kinds, custom=custom, dropout=dropout, grad=grad)
+        assert "reference" not in {name for name, _ in _steps(plan_attention(call))}, call
 
 
 def test_gpu_plans():
@@ -170,7 +227,7 @@ def test_gpu_plans():
                                                                                                 (0, 1, 2))]
     assert _steps(plan_attention(_call(grid=(56, 56), kinds="hhu", **gpu))) == [("flex", (0, 1, 2))]
     # what FlexAttention's GPU kernels cannot take falls back to per-kind groups
-    assert _steps(plan_attention(_call(kinds="hsu", dropout=True, **gpu))) == [("reference", (0, 1)), ("sdpa", (2,))]
+    assert _steps(plan_attention(_call(kinds="hsu", dropout=True, **gpu))) == [("matmul", (0, 1)), ("sdpa", (2,))]
     assert _steps(plan_attention(_call(kinds="hu", head_dim=8, **gpu))) == [("local", (0,)), ("sdpa", (1,))]
     assert _steps(plan_attention(_call(kinds="hu", device="cuda", dtype=torch.float64))) == [("local", (0,)),
                                                                                           ("sdpa", (1,))]
@@ -195,7 +252,7 @@ def test_named_backend_refuses_what_it_cannot_run(backend, call, needle):
 def test_unknown_backend():
     with pytest.raises(ValueError, match="unknown attention backend 'nope'"):
         plan_attention(_call(), "nope")
-    assert {"reference", "local", "sdpa", "flex", "blocksparse"} <= set(BACKENDS)
+    assert {"reference", "matmul", "local", "sdpa", "flex", "blocksparse", "triton"} <= set(BACKENDS)
 
 
 def test_plan_is_decided_once_and_logged(caplog):
@@ -208,7 +265,7 @@ def test_plan_is_decided_once_and_logged(caplog):
         layer(x).sum().backward()
     plans = [r.getMessage() for r in caplog.records if "plan:" in r.getMessage()]
     assert len(plans) == 2, plans                        # inference and training: one plan each
-    assert "heads 0,3 (hh) -> local" in plans[0] and "heads 1 (s) -> reference" in plans[0]
+    assert "heads 0,3 (hh) -> local" in plans[0] and "heads 1 (s) -> matmul" in plans[0]
     assert "heads 2 (u) -> sdpa" in plans[0] and "train" in plans[1]
     layer.backend = "reference"                          # a new backend choice re-plans
     with caplog.at_level("DEBUG", logger="mait"):

@@ -24,7 +24,7 @@ def _rel(a, b):
 
 
 @pytest.mark.parametrize("kinds,backend", [("hsuh", "auto"), ("hhhh", "local"), ("hsuh", "reference"),
-                                           ("uuuu", "sdpa"), ("hrsu", "auto")])
+                                           ("hsuh", "matmul"), ("uuuu", "sdpa"), ("hrsu", "auto")])
 def test_module_forward_backward_under_cpu_bf16_autocast(kinds, backend):
     """Forward and gradients (inputs, weights, α) under bf16 autocast match float64 to bf16 accuracy."""
     layer = _layer(kinds)

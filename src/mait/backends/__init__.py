@@ -25,7 +25,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ..schemes import HeadKind
-from . import blocksparse, flex, local, reference, sdpa, triton_local
+from . import blocksparse, flex, local, matmul, reference, sdpa, triton_local
 
 logger = logging.getLogger("mait")
 
@@ -80,6 +80,7 @@ def register_backend(name: str, run: RunFn, can_run: Callable[[AttentionCall], O
 
 
 register_backend("reference", reference.run, reference.can_run, lambda call: True)
+register_backend("matmul", matmul.run, matmul.can_run, lambda call: True)
 register_backend("sdpa", sdpa.run, sdpa.can_run)
 register_backend("local", local.run, local.can_run)
 register_backend("flex", flex.run, flex.can_run, lambda call: call.custom_mask)
@@ -124,7 +125,7 @@ def _group_backend(call: AttentionCall) -> Backend:
     if kind is HeadKind.HARD and local.can_run(call) is None and (
             call.device_type == "cuda" or local_is_faster(call.grid_size, call.mask_size)):
         return BACKENDS["local"]
-    return BACKENDS["reference"]
+    return BACKENDS["matmul"]
 
 
 # ------------------------------------------------------------------------------ plans
@@ -191,7 +192,7 @@ def plan_attention(call: AttentionCall, backend: str = "auto") -> AttentionPlan:
     block-sparse identity for long all-hard layers, the fused FlexAttention kernel
     otherwise); on the CPU, and wherever no single fast backend fits, it groups heads by
     kind: unmasked heads on SDPA, hard heads on the linear backend when
-    :func:`local_is_faster` (always on CUDA), the rest on the dense reference.
+    :func:`local_is_faster` (always on CUDA), the rest on the dense ``matmul`` backend.
     A named backend that cannot run the call is an error naming the reason.
     """
     heads = tuple(range(len(call.head_kinds)))

@@ -310,15 +310,18 @@ def _plot_models(result: dict, path: str) -> None:
 
 # ---------------------------------------------------------------------------- attention op
 ATTENTION_METHODS = ("dense", "linear", "auto", "sdpa")
+DENSE_METHODS = ("dense", "matmul")                    # hold the (B, heads, T, T) logits
 GPU_METHODS = ("flex", "blocksparse", "triton")        # the GPU backends, timed on CUDA only
-METHOD_BACKENDS = {"dense": "reference", "linear": "local", "auto": "auto", "flex": "flex",
+EXTRA_METHODS = ("matmul",) + GPU_METHODS              # columns after the four above
+METHOD_BACKENDS = {"dense": "reference", "matmul": "matmul", "linear": "local", "auto": "auto", "flex": "flex",
                    "blocksparse": "blocksparse", "triton": "triton"}
 
 
 def attention_methods(device: torch.device, train: bool) -> tuple[str, ...]:
     if device.type != "cuda":
-        return ATTENTION_METHODS
-    return ATTENTION_METHODS + tuple(m for m in GPU_METHODS if not (train and m == "triton"))   # no backward
+        return ATTENTION_METHODS + ("matmul",)
+    return ATTENTION_METHODS + ("matmul",) + tuple(m for m in GPU_METHODS
+                                                   if not (train and m == "triton"))   # triton: no backward
 
 
 def _attention_fn(method: str, q, k, v, grid: int, args: argparse.Namespace) -> Callable[[], torch.Tensor]:
@@ -343,7 +346,7 @@ def bench_attention(args: argparse.Namespace, device: torch.device) -> dict:
         row: dict[str, Any] = {"grid": grid, "tokens": tokens}
         fns = {}
         for method in methods_here:
-            if method == "dense" and dense_gib > args.max_dense_gib:
+            if method in DENSE_METHODS and dense_gib > args.max_dense_gib:
                 continue
             fn = _attention_fn(method, q, k, v, grid, args)
             if args.train:
@@ -370,7 +373,7 @@ def bench_attention(args: argparse.Namespace, device: torch.device) -> dict:
             if not args.no_memory:
                 row[f"{method}_mib"] = (round(peak_extra_memory(fns[method], device) / 2 ** 20, 2)
                                         if method in fns else None)
-        best = min(row[f"{m}_ms"] for m in ("dense", "linear") if row[f"{m}_ms"] is not None)
+        best = min(row[f"{m}_ms"] for m in ("dense", "matmul", "linear") if row.get(f"{m}_ms") is not None)
         row["dense_over_linear"] = round(row["dense_ms"] / row["linear_ms"], 2) if row["dense_ms"] else None
         row["sdpa_over_linear"] = round(row["sdpa_ms"] / row["linear_ms"], 2)
         row["auto_over_best"] = round(row["auto_ms"] / best, 2)
@@ -390,19 +393,19 @@ def _attention_line(row: dict) -> str:
         return f"{row[key]:>10.2f}" if row.get(key) is not None else f"{'skipped':>10}"
     ratio = f"{row['dense_over_linear']:>10.1f}x" if row["dense_over_linear"] else f"{'-':>11}"
     memory = f"  mem dense/linear {row['dense_mem_over_linear']:.0f}x" if row.get("dense_mem_over_linear") else ""
-    gpu = "".join(ms(f"{m}_ms") for m in GPU_METHODS if f"{m}_ms" in row)
+    extra = "".join(ms(f"{m}_ms") for m in EXTRA_METHODS if f"{m}_ms" in row)
     return (f"{row['grid']:>4}x{row['grid']:<4}{row['tokens']:>7}{ms('dense_ms')}{ms('linear_ms')}{ms('auto_ms')}"
-            f"{ms('sdpa_ms')}{gpu}{ratio}{row['sdpa_over_linear']:>10.1f}x{row['auto_over_best']:>10.2f}x"
+            f"{ms('sdpa_ms')}{extra}{ratio}{row['sdpa_over_linear']:>10.1f}x{row['auto_over_best']:>10.2f}x"
             f"{row['sdpa_over_auto']:>10.2f}x{memory}")
 
 
 def _attention_header(args: argparse.Namespace, device: torch.device) -> str:
     dtype = args.dtype if amp_enabled(args, device) else "float32"
-    gpu = "".join(f"{m:>10}" for m in attention_methods(device, args.train) if m in GPU_METHODS)
+    extra = "".join(f"{m:>10}" for m in attention_methods(device, args.train) if m in EXTRA_METHODS)
     return (f"attention op, batch {args.batch_size or 4}, {args.heads} heads, d {args.head_dim}, R {args.mask_size}, "
             f"prefix {args.prefix}, {dtype}, {'forward + backward' if args.train else 'inference'}, median of "
             f"{args.repeats}, {_where(device)} (times in ms)\n"
-            f"{'grid':<9}{'tokens':>7}{'dense':>10}{'linear':>10}{'auto':>10}{'sdpa':>10}{gpu}"
+            f"{'grid':<9}{'tokens':>7}{'dense':>10}{'linear':>10}{'auto':>10}{'sdpa':>10}{extra}"
             f"{'dense/lin':>11}{'sdpa/lin':>11}{'auto/best':>11}{'sdpa/auto':>11}")
 
 
@@ -413,7 +416,8 @@ def _plot_attention(result: dict, path: str) -> None:
     rows = result["rows"]
     has_memory = "linear_mib" in rows[0]
     fig, axes = plt.subplots(1, 2 if has_memory else 1, figsize=(11 if has_memory else 6, 4), squeeze=False)
-    labels = {"dense": "dense masked (reference)", "linear": "linear (local)", "auto": "auto",
+    labels = {"dense": "dense masked (reference)", "matmul": "dense masked (matmul)", "linear": "linear (local)",
+              "auto": "auto",
               "sdpa": "unmasked SDPA", "flex": "fused FlexAttention", "blocksparse": "block-sparse identity",
               "triton": "Triton kernel"}
     for method in result.get("methods", ATTENTION_METHODS):

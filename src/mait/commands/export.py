@@ -3,7 +3,7 @@
 Masked layers export through plain PyTorch ops, never FlexAttention (the model is traced
 on the CPU): with ``--attention auto`` (default) hard-masked heads take the exact
 linear-time backend where the grid is large enough for it to pay (else the dense one),
-unmasked heads ``scaled_dot_product_attention`` and soft heads the dense reference; with
+unmasked heads ``scaled_dot_product_attention`` and soft heads the dense ``matmul`` backend; with
 ``--attention reference`` every masked layer is the dense masked attention.  After writing the file
 the command runs the exported program on random images (ONNX: with onnxruntime, the
 ``[export]`` extra) and fails when its logits differ from PyTorch's by more than ``--atol``.
