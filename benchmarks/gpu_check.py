@@ -63,7 +63,8 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 # ------------------------------------------------------------------------------ 1. correctness
 CASES = [((14, 14), 3, 1, [0.0, 0.0, 0.0]), ((14, 14), 3, 1, [0.0, 0.35, 1.0]), ((9, 15), 5, 2, [0.0, 1.0, 0.6]),
          ((28, 28), 3, 0, [0.0, 0.0, 1.0]), ((7, 7), 7, 1, [0.2, 0.0, 1.0]), ((56, 56), 3, 1, [0.0, 0.0, 0.0])]
-BACKENDS_FOR = {"all_hard": ("flex", "blocksparse", "triton", "local", "auto"), "mixed": ("flex", "auto")}
+BACKENDS_FOR = {"all_hard": ("flex", "blocksparse", "triton", "local", "matmul", "auto"),
+                "mixed": ("flex", "matmul", "auto")}
 PRECISIONS = {"float32": (None, 2e-5, 2e-5), "bfloat16": (torch.bfloat16, 2e-2, 4e-2),
               "float16": (torch.float16, 4e-3, 8e-3)}
 HALF_CASES = (1, 5)          # the cases also checked in bf16 and fp16 (every case compiles its own kernels)

@@ -21,5 +21,13 @@ run models --models swin_tiny_patch4_window7_224 hmait_tiny_224 mait_xs24_224 de
     mait_t24_224:scheme=sch1 mait_t24_224:scheme=none --batch-size 64 --warmup 1 --repeats 5
 # 5. training step (forward + backward), H-MaiT-T vs Swin-T
 run models_train --models swin_tiny_patch4_window7_224 hmait_tiny_224 --train --batch-size 64 --warmup 1 --repeats 3
-# 6. training images/s of the small presets: in-memory data vs timm's loader (one run, interleaved rounds)
+# 6. the dense matmul backend against the reference: the op, and a CIFAR-size model through either
+run attention_matmul --attention --grids 4 7 8 14 28 56 --batch-size 4 --repeats 9 --no-memory
+run attention_matmul_train --attention --train --grids 4 7 8 14 28 --batch-size 4 --repeats 9 --no-memory
+CIFAR_MODELS="mait_mini6_32:scheme=all,num_classes=10,attention_backend=reference mait_mini6_32:scheme=all,num_classes=10
+    mait_mini6_32:scheme=soft,num_classes=10,attention_backend=reference mait_mini6_32:scheme=soft,num_classes=10
+    mait_mini6_32:scheme=none,num_classes=10"
+run models_matmul --models $CIFAR_MODELS --batch-size 128 --repeats 9
+run models_matmul_train --models $CIFAR_MODELS --train --batch-size 128 --repeats 7
+# 7. training images/s of the small presets: in-memory data vs timm's loader (one run, interleaved rounds)
 python benchmarks/train_throughput.py --train-subset 2560 --repeats 3 --threads "$T" 2>&1 | grep -v -E '^(USDT|ERROR:)' | tail -n 8

@@ -67,4 +67,4 @@ def test_gpu_check_script_runs_its_smoke_mode(capsys):
     spec.loader.exec_module(gpu_check)
     assert gpu_check.main(["--smoke", "--skip", "attention", "models", "train"]) == 0
     out = capsys.readouterr().out
-    assert "correctness: 6 of 6 checks within tolerance" in out and "backend=flex" in out
+    assert "correctness: 8 of 8 checks within tolerance" in out and "backend=flex" in out and "backend=matmul" in out

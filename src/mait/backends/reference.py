@@ -43,6 +43,11 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, keep:
                      dropout_p: float = 0.0, **_: object) -> torch.Tensor:
     """Dense masked attention ``softmax(Mα ⊙ S) @ v``; dropout (if any) is applied to the probabilities."""
     probs = attention_probs(q, k, keep=keep, alpha=alpha, mode=mode, scale=scale)
+    return weighted_values(probs, v, dropout_p)
+
+
+def weighted_values(probs: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
+    """``dropout(probs) @ v``: the attention output from its probabilities (dropout in training only)."""
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p, training=True)
     return probs @ v
