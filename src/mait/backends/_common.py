@@ -36,7 +36,7 @@ def hard_local_only(call: Any) -> Optional[str]:
     if call.custom_mask:
         return "it only implements the local R x R mask, not a custom mask"
     if call.dropout:
-        return "attention dropout needs the dense probabilities (use dropout_p=0 or the reference backend)"
+        return "attention dropout needs the dense probabilities (use dropout_p=0, or the matmul or reference backend)"
     if set(call.head_kinds) != {HeadKind.HARD}:
         return (f"every head must be hard-masked (alpha a constant 0), got head kinds "
                 f"{''.join(k.value for k in call.head_kinds)!r}")

@@ -106,7 +106,7 @@ def can_run(call: Any) -> Optional[str]:
     if not available():
         return "torch.nn.attention.flex_attention is not available in this torch"
     if call.dropout:
-        return "FlexAttention has no attention dropout (use dropout_p=0 or the reference backend)"
+        return "FlexAttention has no attention dropout (use dropout_p=0, or the matmul or reference backend)"
     if call.device_type != "cuda" and call.needs_grad:
         return "FlexAttention has no backward on the CPU (use the reference or local backend to train there)"
     return gpu_kernel_limits(call, "FlexAttention's GPU kernel")
