@@ -69,7 +69,12 @@ class _LocalRows(torch.autograd.Function):
         pad = (0, 0, r, r, r, r)
         kpad, vpad = F.pad(kg, pad), F.pad(vg, pad)
         # Window logits (B, heads, H, W, R²); padded slots are exactly 0 (see the module docstring).
-        scores = torch.stack([(qg * kw).sum(-1) for kw in _windows(kpad, size, h, w)], dim=-1)
+        # One product buffer for all slots: fresh (B, heads, H, W, d) temporaries cost page faults.
+        scores = qg.new_empty(batch, heads, h, w, size * size)
+        product = torch.empty_like(qg)
+        for i, kw in enumerate(_windows(kpad, size, h, w)):
+            torch.sum(torch.mul(qg, kw, out=product), -1, out=scores[..., i])
+        del product
         if not zero:
             scores += _pad_bias((h, w), size, scores.dtype, str(scores.device))
         peak = scores.amax(-1, keepdim=True)
@@ -87,7 +92,7 @@ class _LocalRows(torch.autograd.Function):
         for i, vw in enumerate(_windows(vpad, size, h, w)):
             out.addcmul_(probs[..., i, None] - rest, vw)
         if zero:
-            out = out + rest * (vg.sum((2, 3)) + vp.sum(2))[:, :, None, None, :]
+            out.addcmul_(rest, (vg.sum((2, 3)) + vp.sum(2))[:, :, None, None, :])
         ctx.save_for_backward(qg, kpad, vpad, kp, vp, probs, prefix_probs, rest, out)
         ctx.size = size
         return out
@@ -104,17 +109,18 @@ class _LocalRows(torch.autograd.Function):
         batch, heads, h, w, dim = qg.shape
         r, n, p = (size - 1) // 2, h * w, kp.shape[2]
         grad = grad.contiguous().to(qg.dtype)
-        delta = (grad * out).sum(-1, keepdim=True)                       # Σ_j P_ij dP_ij
+        product = torch.empty_like(grad)                  # reused: see the forward pass
+        delta = torch.sum(torch.mul(grad, out, out=product), -1, keepdim=True)     # Σ_j P_ij dP_ij
         dq = torch.zeros_like(qg)
         dkpad, dvpad = torch.zeros_like(kpad), torch.zeros_like(vpad)
         windows = zip(_windows(kpad, size, h, w), _windows(vpad, size, h, w),
                       _windows(dkpad, size, h, w), _windows(dvpad, size, h, w))
         for i, (kw, vw, dkw, dvw) in enumerate(windows):
             slot = probs[..., i, None]
-            dscore = slot * ((grad * vw).sum(-1, keepdim=True) - delta)
-            dq += dscore * kw
-            dkw += dscore * qg
-            dvw += (slot - rest) * grad
+            dscore = slot * (torch.sum(torch.mul(grad, vw, out=product), -1, keepdim=True) - delta)
+            dq.addcmul_(dscore, kw)
+            dkw.addcmul_(dscore, qg)
+            dvw.addcmul_(slot - rest, grad)
         grad_rows = grad.reshape(batch, heads, n, dim)
         dprefix = prefix_probs * ((grad_rows @ vp.transpose(-2, -1)).reshape(batch, heads, h, w, p) - delta)
         dprefix = dprefix.reshape(batch, heads, n, p)
