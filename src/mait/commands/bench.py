@@ -318,10 +318,10 @@ METHOD_BACKENDS = {"dense": "reference", "matmul": "matmul", "linear": "local", 
 
 
 def attention_methods(device: torch.device, train: bool) -> tuple[str, ...]:
+    methods = ATTENTION_METHODS + ("matmul",)
     if device.type != "cuda":
-        return ATTENTION_METHODS + ("matmul",)
-    return ATTENTION_METHODS + ("matmul",) + tuple(m for m in GPU_METHODS
-                                                   if not (train and m == "triton"))   # triton: no backward
+        return methods
+    return methods + tuple(m for m in GPU_METHODS if not (train and m == "triton"))   # triton: no backward
 
 
 def _attention_fn(method: str, q, k, v, grid: int, args: argparse.Namespace) -> Callable[[], torch.Tensor]:
@@ -417,8 +417,7 @@ def _plot_attention(result: dict, path: str) -> None:
     has_memory = "linear_mib" in rows[0]
     fig, axes = plt.subplots(1, 2 if has_memory else 1, figsize=(11 if has_memory else 6, 4), squeeze=False)
     labels = {"dense": "dense masked (reference)", "matmul": "dense masked (matmul)", "linear": "linear (local)",
-              "auto": "auto",
-              "sdpa": "unmasked SDPA", "flex": "fused FlexAttention", "blocksparse": "block-sparse identity",
+              "auto": "auto", "sdpa": "unmasked SDPA", "flex": "fused FlexAttention", "blocksparse": "block-sparse identity",
               "triton": "Triton kernel"}
     for method in result.get("methods", ATTENTION_METHODS):
         points = [(r["tokens"], r[f"{method}_ms"]) for r in rows if r[f"{method}_ms"]]

@@ -32,6 +32,7 @@ import random
 import shutil
 import tarfile
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
@@ -367,10 +368,17 @@ def archive_key(archive: Path) -> str:
     """A short key of ``archive``: its content hash when it is at most :data:`CONTENT_KEY_MAX_BYTES`
     (hashing 1 GiB takes about a second), otherwise its resolved path, size and modification time."""
     stat = archive.stat()
-    if stat.st_size > CONTENT_KEY_MAX_BYTES:
-        return hashlib.sha1(f"{archive.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    return _archive_key(str(archive.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@lru_cache(maxsize=16)
+def _archive_key(path: str, size: int, mtime_ns: int) -> str:
+    """:func:`archive_key` of one file version, hashed once per process (opening the data and
+    reading its class names both ask)."""
+    if size > CONTENT_KEY_MAX_BYTES:
+        return hashlib.sha1(f"{path}:{size}:{mtime_ns}".encode()).hexdigest()[:12]
     digest = hashlib.sha1()
-    with open(archive, "rb") as handle:
+    with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 22), b""):
             digest.update(chunk)
     return digest.hexdigest()[:12]
