@@ -25,7 +25,8 @@ import torch
 import mait.backends.local as current
 
 ROOT = Path(__file__).resolve().parents[1]
-CASES = [((14, 14), 16), ((28, 28), 4), ((56, 56), 4)]      # (grid, batch); 3 heads, d 32, R 3, 1 prefix
+# (grid, batch, heads, d), R 3, 1 prefix token; the last is one MaiT-S layer on a 1344-px image.
+CASES = [((14, 14), 16, 3, 32), ((28, 28), 4, 3, 32), ((56, 56), 4, 3, 32), ((84, 84), 1, 6, 64)]
 
 
 def module_at(revision: str) -> ModuleType:
@@ -61,12 +62,12 @@ def main() -> None:
                                capture_output=True, text=True).stdout.strip()
     versions = {"base": module_at(args.base), "current": current}
     rows = []
-    print(f"linear backend, {args.base} against the working tree; 3 heads, d 32, R 3, 1 prefix token, float32, "
+    print(f"linear backend, {args.base} against the working tree; R 3, 1 prefix token, float32, "
           f"median of {args.repeats} interleaved rounds, {args.threads} thread(s), torch {torch.__version__}")
-    print(f"{'grid':<8}{'batch':>6}{'pass':>10}{'base (ms)':>12}{'now (ms)':>12}{'base / now':>12}")
+    print(f"{'grid':<8}{'batch':>6}{'heads x d':>10}{'pass':>10}{'base (ms)':>12}{'now (ms)':>12}{'base / now':>12}")
     for train in (False, True):
-        for grid, batch in CASES:
-            q, k, v = (torch.randn(batch, 3, 1 + grid[0] * grid[1], 32, requires_grad=train) for _ in range(3))
+        for grid, batch, heads, dim in CASES:
+            q, k, v = (torch.randn(batch, heads, 1 + grid[0] * grid[1], dim, requires_grad=train) for _ in range(3))
             times: dict[str, list[float]] = {name: [] for name in versions}
             for module in versions.values():                          # untimed warm-up
                 step(module, q, k, v, grid, train)
@@ -76,10 +77,12 @@ def main() -> None:
                     step(module, q, k, v, grid, train)
                     times[name].append(time.perf_counter() - start)
             base, now = (1e3 * statistics.median(times[name]) for name in ("base", "current"))
-            rows.append({"grid": f"{grid[0]}x{grid[1]}", "batch": batch, "pass": "train" if train else "inference",
+            rows.append({"grid": f"{grid[0]}x{grid[1]}", "batch": batch, "heads": heads, "head_dim": dim,
+                         "pass": "train" if train else "inference",
                          "base_ms": round(base, 2), "now_ms": round(now, 2), "ratio": round(base / now, 2)})
             row = rows[-1]
-            print(f"{row['grid']:<8}{batch:>6}{row['pass']:>10}{base:>12.2f}{now:>12.2f}{row['ratio']:>11.2f}x",
+            print(f"{row['grid']:<8}{batch:>6}{f'{heads} x {dim}':>10}{row['pass']:>10}{base:>12.2f}{now:>12.2f}"
+                  f"{row['ratio']:>11.2f}x",
                   flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"base": args.base, "repeats": args.repeats, "threads": args.threads,

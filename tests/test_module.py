@@ -82,7 +82,7 @@ def test_random_heads_use_a_random_mask_with_the_local_kept_fraction():
 
 def test_wrong_token_count_is_a_clear_error():
     attn = _module()
-    with pytest.raises(ValueError, match="got 10 tokens but was built for 13"):
+    with pytest.raises(ValueError, match=r"got 10 tokens but its patch grid holds 13 \(1 prefix \+ 4x3 grid\)"):
         attn(torch.randn(1, 10, 24))
 
 

@@ -11,23 +11,30 @@ runs which heads, decided once per call shape and cached.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from functools import lru_cache
-from typing import Optional, Sequence, Union
+from typing import Any, Hashable, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
+from timm.layers import register_notrace_module
 
 from .backends import AttentionCall, AttentionPlan, logger, plan_attention, reference
 from .backends.local import empty_sdpa_layout
 from .learned import add_predictor, learned_heads_forward
-from .masks import GridSize, check_mask_size, check_num_prefix_tokens, local_mask, random_mask, to_grid
+from .masks import (GridSize, check_mask_fits_grid, check_mask_size, check_num_prefix_tokens, local_mask, random_mask,
+                    to_grid)
 from .schemes import HeadKind
 
 MODES = ("zero", "neg_inf")
 AlphaLike = Union[float, int, torch.Tensor, Sequence[float]]
+MASK_CACHE_SIZE = 8      # grids whose masks a layer (or the shared local-mask cache, x2) keeps per device
+PLAN_CACHE_SIZE = 32     # (grid, device, dtype, gradient, dropout) plans a layer keeps
+SCRIPTING_UNSUPPORTED = ("mait's masked attention does not compile with TorchScript (deprecated in PyTorch); "
+                         "use torch.export, torch.compile or `mait export` instead (docs/backbones.md)")
 
 
-@lru_cache(maxsize=32)
+@lru_cache(maxsize=2 * MASK_CACHE_SIZE)
 def _cached_local_mask(grid: tuple[int, int], mask_size: int, num_prefix_tokens: int, device: str) -> torch.Tensor:
     # Built outside inference mode even when first asked for inside it, so training can use it later.
     with torch.inference_mode(False):
@@ -140,16 +147,50 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid_
                     dropout_p=float(dropout_p))
 
 
+class BoundedCache(OrderedDict):
+    """A small least-recently-used map: per-grid plans and masks of a layer stay bounded at ``maxsize``.
+
+    Not state: a copied or pickled layer (``copy.deepcopy``, EMA, ``torch.save``) starts with an empty cache.
+    """
+
+    def __init__(self, maxsize: int) -> None:
+        super().__init__()
+        self.maxsize = maxsize
+
+    def __reduce__(self) -> tuple:
+        return type(self), (self.maxsize,)
+
+    def lookup(self, key: Hashable) -> Any:
+        value = self.get(key)
+        if value is not None:
+            self.move_to_end(key)
+        return value
+
+    def store(self, key: Hashable, value: Any) -> Any:
+        self[key] = value
+        self.move_to_end(key)
+        while len(self) > self.maxsize:
+            self.popitem(last=False)
+        return value
+
+
+@register_notrace_module   # an fx leaf, like timm's own attention layers: traced models call it as a whole
 class MaskedAttention(nn.Module):
     """Drop-in replacement for timm's ``Attention`` with one α per head.
 
     Parameter names (``qkv``, ``q_norm``, ``k_norm``, ``proj``) match timm's, so DeiT/ViT
     checkpoints load.  Each head is hard-masked (α = 0), soft-masked (learnable α =
     sigmoid(``alpha_logit``) in (0, 1)), a random-mask control, or unmasked (α = 1), given by
-    ``head_kinds`` (default: every head hard).  The boolean mask is a non-persistent buffer.
-    Learned heads (``l``) need ``keep_rate``: the layer then holds a connectivity predictor
-    (``predictor``) and runs those heads through :func:`mait.learned.learned_attention`
-    (``learned_mode`` ``"neg_inf"`` or ``"zero"``; no attention dropout on them).
+    ``head_kinds`` (default: every head hard).  Learned heads (``l``) need ``keep_rate``: the
+    layer then holds a connectivity predictor (``predictor``) and runs those heads through
+    :func:`mait.learned.learned_attention` (``learned_mode`` ``"neg_inf"`` or ``"zero"``; no
+    attention dropout on them).
+
+    The layer works on the patch grid ``grid_size``: the one it was built for, or the grid of
+    the current batch, which a dynamic-size model hands over with :meth:`set_grid` (or a
+    caller passes as ``forward(x, grid_size=...)``).  Attention plans are decided once per
+    (grid, device, dtype, gradient, dropout) and logged; keep masks are built only for plans
+    that read them, once per grid and device; both caches are bounded.
 
     Set ``capture_attention = True`` to keep the last attention probabilities in
     ``last_attention`` (``(B, heads, T, T)``, detached) for analysis; off by default so the
@@ -162,9 +203,8 @@ class MaskedAttention(nn.Module):
                  num_prefix_tokens: int = 1, head_kinds: Optional[Sequence[Union[HeadKind, str]]] = None,
                  soft_alpha_init: float = 0.5, mask_seed: int = 0, mode: str = "zero", backend: str = "auto",
                  keep_rate: Optional[float] = None, learned_mode: str = "neg_inf", qkv_bias: bool = False,
-                 qk_norm: bool = False, proj_bias: bool = True,
-                 attn_drop: float = 0.0, proj_drop: float = 0.0, norm_layer: Optional[type[nn.Module]] = None,
-                 **_: object) -> None:
+                 qk_norm: bool = False, proj_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0,
+                 norm_layer: Optional[type[nn.Module]] = None) -> None:
         super().__init__()
         if dim % num_heads != 0:
             raise ValueError(f"dim {dim} must be divisible by num_heads {num_heads}")
@@ -181,8 +221,10 @@ class MaskedAttention(nn.Module):
                             mode, backend, keep_rate, learned_mode)
 
     @classmethod
-    def from_attention(cls, attn: nn.Module, **masking: object) -> "MaskedAttention":
+    def from_attention(cls, attn: nn.Module, **masking: Any) -> "MaskedAttention":
         """Wrap an existing timm attention layer, reusing its (already initialised) sub-modules."""
+        if getattr(attn, "gate", None) is not None or not isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity):
+            raise ValueError("MaskedAttention does not support gated or scale-normed timm attention")
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self.num_heads = attn.num_heads
@@ -190,9 +232,7 @@ class MaskedAttention(nn.Module):
         self.scale = attn.scale
         for name in cls._reused_modules:
             setattr(self, name, getattr(attn, name))
-        if getattr(attn, "gate", None) is not None or not isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity):
-            raise ValueError("MaskedAttention does not support gated or scale-normed timm attention")
-        self._setup_masking(**masking)  # type: ignore[arg-type]
+        self._setup_masking(**masking)
         return self
 
     def _setup_masking(self, grid_size: GridSize, mask_size: int = 3, num_prefix_tokens: int = 1,
@@ -209,27 +249,16 @@ class MaskedAttention(nn.Module):
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if mode == "neg_inf" and HeadKind.SOFT in kinds:
             raise ValueError("mode='neg_inf' cannot be combined with soft-masked heads")
-        self.grid_size = to_grid(grid_size)
         self.mask_size = check_mask_size(mask_size)
         self.num_prefix_tokens = check_num_prefix_tokens(num_prefix_tokens)
-        self.num_tokens = self.num_prefix_tokens + self.grid_size[0] * self.grid_size[1]
         self.head_kinds = kinds
         self.mode = mode
+        self.mask_seed = mask_seed
         self.capture_attention = False
         self.last_attention: Optional[torch.Tensor] = None
+        self.custom_mask = HeadKind.RANDOM in kinds      # random-mask heads: a per-layer (heads, T, T) mask
+        self._random_masks = BoundedCache(MASK_CACHE_SIZE)
 
-        # The keep mask is a (non-persistent) buffer, so it follows the module across devices and
-        # tracing; a layer without masked heads builds it only when asked (``mask``).
-        self.custom_mask = HeadKind.RANDOM in kinds
-        keep = None
-        if any(k.is_masked for k in kinds):
-            keep = local_mask(self.grid_size, mask_size, num_prefix_tokens)
-        if self.custom_mask:
-            keep = keep.expand(heads, -1, -1).clone()
-            for h, kind in enumerate(kinds):
-                if kind is HeadKind.RANDOM:
-                    keep[h] = random_mask(self.grid_size, mask_size, num_prefix_tokens, seed=mask_seed * 1009 + h)
-        self.register_buffer("keep", keep, persistent=False)
         fixed = torch.tensor([1.0 if k in (HeadKind.NONE, HeadKind.LEARNED) else 0.0 for k in kinds])
         self.register_buffer("alpha_fixed", fixed, persistent=False)
         soft = [h for h, k in enumerate(kinds) if k is HeadKind.SOFT]
@@ -242,8 +271,13 @@ class MaskedAttention(nn.Module):
         fixed_heads = [h for h, k in enumerate(kinds) if k is not HeadKind.LEARNED]
         self._fixed_heads: Union[slice, list[int]] = slice(None) if len(fixed_heads) == heads else fixed_heads
         self._call_kinds = tuple(HeadKind.HARD if kinds[h] is HeadKind.RANDOM else kinds[h] for h in fixed_heads)
+        self.predictor = None
+        self.set_grid(grid_size)
         add_predictor(self, keep_rate, learned_mode)
         self.backend = backend
+
+    def __prepare_scriptable__(self) -> "MaskedAttention":
+        raise RuntimeError(SCRIPTING_UNSUPPORTED)
 
     @property
     def backend(self) -> str:
@@ -253,25 +287,75 @@ class MaskedAttention(nn.Module):
     @backend.setter
     def backend(self, name: str) -> None:
         self._backend = name
-        self._plans: dict[tuple, AttentionPlan] = {}
+        self._plans = BoundedCache(PLAN_CACHE_SIZE)
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens of a call on the current grid: prefix tokens plus ``H * W`` patches."""
+        return self.num_prefix_tokens + self.grid_size[0] * self.grid_size[1]
+
+    def set_grid(self, grid_size: GridSize) -> None:
+        """Make ``grid_size`` the patch grid of the next calls (a dynamic-size model sets each batch's grid).
+
+        A grid that the ``R x R`` window covers from every patch would leave masked heads unmasked, and a
+        learned head's predictor holds tables for one token count: both are one-line errors.
+        """
+        grid = to_grid(grid_size)
+        if grid == getattr(self, "grid_size", None):
+            return
+        if any(kind.is_masked for kind in self.head_kinds):
+            check_mask_fits_grid(self.mask_size, grid)
+        if self.predictor is not None and self.num_prefix_tokens + grid[0] * grid[1] != self.predictor.num_tokens:
+            predictor_grid = self.grid_size
+            raise ValueError(f"a learned head's connectivity predictor holds per-token tables for the "
+                             f"{predictor_grid[0]}x{predictor_grid[1]} patch grid, not {grid[0]}x{grid[1]}; "
+                             f"build the model for the image size it runs at (img_size=...)")
+        self.grid_size = grid
+        if self.custom_mask and not torch.compiler.is_compiling():
+            self.keep_mask("cpu")     # built eagerly, so a later trace (torch.export) reads it as a constant
+
+    def keep_mask(self, device: Union[torch.device, str, None] = None) -> torch.Tensor:
+        """The boolean keep mask of the current grid on ``device`` (default: the layer's):
+        ``(T, T)`` local window, or ``(heads, T, T)`` with random-mask heads.  Built once per grid and device."""
+        device = torch.device(device) if device is not None else self.alpha_fixed.device
+        if not self.custom_mask:
+            return _local_mask(self.grid_size, self.mask_size, self.num_prefix_tokens, device)
+        key = (self.grid_size, str(device))
+        mask = self._random_masks.lookup(key)
+        if mask is not None:
+            return mask
+        on_cpu = self._random_masks.lookup((self.grid_size, "cpu"))
+        if torch.compiler.is_compiling():            # a tensor made while tracing must not be cached
+            return (on_cpu if on_cpu is not None else self._random_keep()).to(device)
+        with torch.inference_mode(False):            # usable by training even when first asked for in inference
+            mask = (on_cpu if on_cpu is not None else self._random_keep()).to(device)
+        return self._random_masks.store(key, mask)
+
+    def _random_keep(self) -> torch.Tensor:
+        """``(heads, T, T)``: the local window for masked heads, a seeded random mask for random-mask heads."""
+        grid, size, prefix = self.grid_size, self.mask_size, self.num_prefix_tokens
+        keep = local_mask(grid, size, prefix).expand(self.num_heads, -1, -1).clone()
+        for head, kind in enumerate(self.head_kinds):
+            if kind is HeadKind.RANDOM:
+                keep[head] = random_mask(grid, size, prefix, seed=self.mask_seed * 1009 + head)
+        return keep
 
     @property
     def mask(self) -> torch.Tensor:
-        """Boolean keep mask, ``(T, T)`` local window or ``(heads, T, T)`` with random-mask heads."""
-        if self.keep is not None:
-            return self.keep
-        return local_mask(self.grid_size, self.mask_size, self.num_prefix_tokens, device=self.alpha_fixed.device)
+        """Boolean keep mask of the current grid (see :meth:`keep_mask`) on the layer's device."""
+        return self.keep_mask()
 
     def plan(self, q: torch.Tensor, dropout: bool = False) -> AttentionPlan:
-        """The layer's attention plan for inputs like ``q``; decided once per device, dtype and grad."""
+        """The layer's attention plan for inputs like ``q`` on the current grid; decided once per grid,
+        device, dtype, gradient and dropout."""
         needs_grad = _needs_grad(q) or (self.alpha_logit is not None and _needs_grad(self.alpha_logit))
-        key = (q.device.type, q.dtype, needs_grad, dropout)
-        plan = self._plans.get(key)
+        key = (self.grid_size, q.device.type, q.dtype, needs_grad, dropout)
+        plan = self._plans.lookup(key)
         if plan is None:
             call = AttentionCall(self.grid_size, self.mask_size, self.num_prefix_tokens, self._call_kinds,
                                  mode=self.mode, custom_mask=self.custom_mask, device_type=q.device.type,
                                  dtype=q.dtype, head_dim=self.head_dim, needs_grad=needs_grad, dropout=dropout)
-            plan = self._plans[key] = plan_attention(call, self.backend)
+            plan = self._plans.store(key, plan_attention(call, self.backend))
             logger.debug("%s(%s) plan: %s", type(self).__name__, "".join(k.value for k in self.head_kinds),
                          plan.describe())
         return plan
@@ -288,18 +372,25 @@ class MaskedAttention(nn.Module):
         return (f"heads={self.num_heads}, grid={self.grid_size}, mask_size={self.mask_size}, "
                 f"prefix={self.num_prefix_tokens}, kinds={kinds!r}, mode={self.mode!r}")
 
-    def _check_tokens(self, tokens: int) -> None:
+    def _begin_call(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor], is_causal: bool,
+                    grid_size: Optional[GridSize]) -> None:
+        """Checks shared by every forward: no outside mask, and tokens that fit the call's grid."""
+        if attn_mask is not None or is_causal:
+            raise ValueError("MaskedAttention builds its own mask; an extra attn_mask or is_causal is not supported")
+        if grid_size is not None:
+            self.set_grid(grid_size)
+        tokens = x.shape[1]
         if tokens != self.num_tokens:
-            raise ValueError(f"{type(self).__name__} got {tokens} tokens but was built for {self.num_tokens} "
+            raise ValueError(f"{type(self).__name__} got {tokens} tokens but its patch grid holds {self.num_tokens} "
                              f"({self.num_prefix_tokens} prefix + {self.grid_size[0]}x{self.grid_size[1]} grid); "
-                             f"build the model with the image size you feed it")
+                             f"run it inside its model, or pass grid_size=(H, W) for this input")
 
     def _fixed_heads_forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor,
                              dropout_p: float) -> torch.Tensor:
         """Every head but the learned ones through the layer's plan; learned heads' slots are left for
         :func:`mait.learned.learned_heads_forward` to fill."""
         plan = self.plan(q, dropout_p > 0.0)
-        keep = self.mask if plan.needs_keep else None
+        keep = self.keep_mask(q.device) if plan.needs_keep else None
         fixed = self._fixed_heads
         if isinstance(fixed, slice):
             return plan.run(q, k, v, alpha=alpha, keep=keep, scale=self.scale, dropout_p=dropout_p)
@@ -309,11 +400,11 @@ class MaskedAttention(nn.Module):
                                  scale=self.scale, dropout_p=dropout_p)
         return out
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, **_: object) -> torch.Tensor:
-        if attn_mask is not None:
-            raise ValueError("MaskedAttention builds its own mask; an extra attn_mask is not supported")
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
+                grid_size: Optional[GridSize] = None) -> torch.Tensor:
+        """``x``: ``(B, T, C)`` tokens on the current patch grid, or on ``grid_size`` when given."""
+        self._begin_call(x, attn_mask, is_causal, grid_size)
         batch, tokens, channels = x.shape
-        self._check_tokens(tokens)
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
@@ -322,7 +413,8 @@ class MaskedAttention(nn.Module):
         out = None if self.all_learned else self._fixed_heads_forward(q, k, v, alpha, dropout_p)
         if self.capture_attention:
             self.last_attention = reference.attention_probs(
-                q.detach(), k.detach(), keep=self.mask, alpha=alpha.detach(), mode=self.mode, scale=self.scale)
+                q.detach(), k.detach(), keep=self.keep_mask(q.device), alpha=alpha.detach(), mode=self.mode,
+                scale=self.scale)
         if self.predictor is not None:
             out = learned_heads_forward(self, q, k, v, out)
         x = out.transpose(1, 2).reshape(batch, tokens, channels)

@@ -47,6 +47,16 @@ def max_useful_mask_size(grid_size: GridSize) -> int:
     return 2 * max(h, w) - 1
 
 
+def check_mask_fits_grid(mask_size: int, grid_size: GridSize) -> None:
+    """A masked head needs a window smaller than its grid: once ``R`` covers the whole grid from every
+    patch, the head would be unmasked.  One-line error naming the largest useful ``R``."""
+    h, w = to_grid(grid_size)
+    limit = max_useful_mask_size((h, w))
+    if mask_size > limit:
+        raise ValueError(f"mask_size {mask_size} is larger than the {h}x{w} patch grid needs (R = {limit} already "
+                         f"covers it, so masked heads would be unmasked); use R <= {limit} or larger images")
+
+
 @lru_cache(maxsize=64)
 def _patch_neighbours(h: int, w: int, mask_size: int) -> torch.Tensor:
     rows = torch.arange(h).repeat_interleave(w)
@@ -57,10 +67,18 @@ def _patch_neighbours(h: int, w: int, mask_size: int) -> torch.Tensor:
     return near_rows & near_cols
 
 
+def _neighbours(h: int, w: int, mask_size: int) -> torch.Tensor:
+    """:func:`_patch_neighbours`, cached except while tracing (torch.compile / torch.export), where a cached
+    tensor would be a traced one."""
+    if torch.compiler.is_compiling():
+        return _patch_neighbours.__wrapped__(h, w, mask_size)
+    return _patch_neighbours(h, w, mask_size)
+
+
 def patch_neighbours(grid_size: GridSize, mask_size: int = 3) -> torch.Tensor:
     """Boolean ``(H*W, H*W)`` matrix: ``True`` where two patches are spatial neighbours."""
     h, w = to_grid(grid_size)
-    return _patch_neighbours(h, w, check_mask_size(mask_size)).clone()
+    return _neighbours(h, w, check_mask_size(mask_size)).clone()
 
 
 def local_mask(grid_size: GridSize, mask_size: int = 3, num_prefix_tokens: int = 1,
@@ -74,7 +92,7 @@ def local_mask(grid_size: GridSize, mask_size: int = 3, num_prefix_tokens: int =
     p = check_num_prefix_tokens(num_prefix_tokens)
     n = h * w
     mask = torch.ones(p + n, p + n, dtype=torch.bool)
-    mask[p:, p:] = _patch_neighbours(h, w, check_mask_size(mask_size))
+    mask[p:, p:] = _neighbours(h, w, check_mask_size(mask_size))
     return mask.to(device) if device is not None else mask
 
 
@@ -109,7 +127,7 @@ def random_mask(grid_size: GridSize, mask_size: int = 3, num_prefix_tokens: int 
     h, w = to_grid(grid_size)
     p = check_num_prefix_tokens(num_prefix_tokens)
     n = h * w
-    kept = int(_patch_neighbours(h, w, check_mask_size(mask_size)).sum())
+    kept = int(_neighbours(h, w, check_mask_size(mask_size)).sum())
     generator = torch.Generator().manual_seed(int(seed))
     chosen = torch.randperm(n * n, generator=generator)[:kept]
     block = torch.zeros(n * n, dtype=torch.bool)

@@ -44,9 +44,23 @@ def _pad_bias(grid: tuple[int, int], mask_size: int, dtype: torch.dtype, device:
     return bias.masked_fill(inside.reshape(h, w, -1) == 0, float("-inf")).to(device)
 
 
-def _windows(x: torch.Tensor, size: int, h: int, w: int):
-    """The ``R²`` shifted ``(…, H, W, d)`` views of a zero-padded grid tensor, in window-slot order."""
-    return [x[:, :, dy:dy + h, dx:dx + w] for dy in range(size) for dx in range(size)]
+BAND_BYTES = 1 << 19      # a row band's (B, heads, rows, W, d) slice: small enough to stay in a core's L2 cache
+
+
+def row_bands(qg: torch.Tensor) -> list[tuple[int, int]]:
+    """Row ranges ``[y0, y1)`` of the grid, each holding at most :data:`BAND_BYTES` of a ``(B, heads, H, W, d)``
+    tensor (at least one row).  Every pass over the ``R²`` window slots runs band by band, so the slot loop
+    re-reads cache-resident data instead of streaming the whole grid from memory ``R²`` times."""
+    batch, heads, h, w, dim = qg.shape
+    rows = max(1, BAND_BYTES // (batch * heads * w * dim * qg.element_size()))
+    return [(y0, min(h, y0 + rows)) for y0 in range(0, h, rows)]
+
+
+def _windows(x: torch.Tensor, size: int, rows: tuple[int, int], w: int):
+    """The ``R²`` shifted ``(…, rows, W, d)`` views of a zero-padded grid tensor for grid rows ``[y0, y1)``,
+    in window-slot order."""
+    y0, y1 = rows
+    return [x[:, :, y0 + dy:y1 + dy, dx:dx + w] for dy in range(size) for dx in range(size)]
 
 
 class _LocalRows(torch.autograd.Function):
@@ -55,6 +69,7 @@ class _LocalRows(torch.autograd.Function):
     Inputs are the scaled grid queries ``qg`` and grid keys/values ``kg, vg`` (``(B, h, H, W, d)``)
     and the prefix keys/values ``kp, vp`` (``(B, h, P, d)``).  Autograd through the slot loop
     would allocate one full padded gradient per slot; here gradients accumulate in place.
+    Both passes walk the grid in row bands (:func:`row_bands`).
     """
 
     @staticmethod
@@ -68,15 +83,19 @@ class _LocalRows(torch.autograd.Function):
         r, n, p = (size - 1) // 2, h * w, kp.shape[2]
         pad = (0, 0, r, r, r, r)
         kpad, vpad = F.pad(kg, pad), F.pad(vg, pad)
+        bands = row_bands(qg)
         # Window logits (B, heads, H, W, R²); padded slots are exactly 0 (see the module docstring).
-        # One product buffer for all slots: fresh (B, heads, H, W, d) temporaries cost page faults.
+        # One product buffer, the size of a band, for every slot and band.
         scores = qg.new_empty(batch, heads, h, w, size * size)
-        product = torch.empty_like(qg)
-        for i, kw in enumerate(_windows(kpad, size, h, w)):
-            torch.sum(torch.mul(qg, kw, out=product), -1, out=scores[..., i])
+        product = qg.new_empty(batch, heads, bands[0][1] - bands[0][0], w, dim)
+        for y0, y1 in bands:
+            band_product = product[:, :, :y1 - y0]
+            for i, kw in enumerate(_windows(kpad, size, (y0, y1), w)):
+                torch.sum(torch.mul(qg[:, :, y0:y1], kw, out=band_product), -1, out=scores[:, :, y0:y1, :, i])
         del product
         if not zero:
-            scores += _pad_bias((h, w), size, scores.dtype, str(scores.device))
+            bias = _pad_bias.__wrapped__ if torch.compiler.is_compiling() else _pad_bias   # no traced tensor cached
+            scores += bias((h, w), size, scores.dtype, str(scores.device))
         peak = scores.amax(-1, keepdim=True)
         prefix_scores = (qg.reshape(batch, heads, n, dim) @ kp.transpose(-2, -1)).reshape(batch, heads, h, w, p)
         if p:
@@ -88,9 +107,12 @@ class _LocalRows(torch.autograd.Function):
         rest = torch.exp(-peak) if zero else torch.zeros_like(peak)       # weight of each zero logit
         den = probs.sum(-1, keepdim=True) + prefix_probs.sum(-1, keepdim=True) + (n - size * size) * rest
         probs, prefix_probs, rest = probs / den, prefix_probs / den, rest / den
+        slot_weights = probs - rest
         out = ((prefix_probs - rest).reshape(batch, heads, n, p) @ vp).reshape(batch, heads, h, w, dim)
-        for i, vw in enumerate(_windows(vpad, size, h, w)):
-            out.addcmul_(probs[..., i, None] - rest, vw)
+        for y0, y1 in bands:
+            band_out = out[:, :, y0:y1]
+            for i, vw in enumerate(_windows(vpad, size, (y0, y1), w)):
+                band_out.addcmul_(slot_weights[:, :, y0:y1, :, i, None], vw)
         if zero:
             out.addcmul_(rest, (vg.sum((2, 3)) + vp.sum(2))[:, :, None, None, :])
         ctx.save_for_backward(qg, kpad, vpad, kp, vp, probs, prefix_probs, rest, out)
@@ -109,18 +131,23 @@ class _LocalRows(torch.autograd.Function):
         batch, heads, h, w, dim = qg.shape
         r, n, p = (size - 1) // 2, h * w, kp.shape[2]
         grad = grad.contiguous().to(qg.dtype)
-        product = torch.empty_like(grad)                  # reused: see the forward pass
-        delta = torch.sum(torch.mul(grad, out, out=product), -1, keepdim=True)     # Σ_j P_ij dP_ij
+        bands = row_bands(qg)
+        product = qg.new_empty(batch, heads, bands[0][1] - bands[0][0], w, dim)   # reused, as in the forward
+        delta = (grad * out).sum(-1, keepdim=True)                                # Σ_j P_ij dP_ij
         dq = torch.zeros_like(qg)
         dkpad, dvpad = torch.zeros_like(kpad), torch.zeros_like(vpad)
-        windows = zip(_windows(kpad, size, h, w), _windows(vpad, size, h, w),
-                      _windows(dkpad, size, h, w), _windows(dvpad, size, h, w))
-        for i, (kw, vw, dkw, dvw) in enumerate(windows):
-            slot = probs[..., i, None]
-            dscore = slot * (torch.sum(torch.mul(grad, vw, out=product), -1, keepdim=True) - delta)
-            dq.addcmul_(dscore, kw)
-            dkw.addcmul_(dscore, qg)
-            dvw.addcmul_(slot - rest, grad)
+        for y0, y1 in bands:
+            band_grad, band_q, band_dq = grad[:, :, y0:y1], qg[:, :, y0:y1], dq[:, :, y0:y1]
+            band_product, band_delta = product[:, :, :y1 - y0], delta[:, :, y0:y1]
+            band_probs, band_rest = probs[:, :, y0:y1], rest[:, :, y0:y1]
+            windows = zip(_windows(kpad, size, (y0, y1), w), _windows(vpad, size, (y0, y1), w),
+                          _windows(dkpad, size, (y0, y1), w), _windows(dvpad, size, (y0, y1), w))
+            for i, (kw, vw, dkw, dvw) in enumerate(windows):
+                slot = band_probs[..., i, None]
+                dscore = slot * (torch.sum(torch.mul(band_grad, vw, out=band_product), -1, keepdim=True) - band_delta)
+                band_dq.addcmul_(dscore, kw)
+                dkw.addcmul_(dscore, band_q)
+                dvw.addcmul_(slot - band_rest, band_grad)
         grad_rows = grad.reshape(batch, heads, n, dim)
         dprefix = prefix_probs * ((grad_rows @ vp.transpose(-2, -1)).reshape(batch, heads, h, w, p) - delta)
         dprefix = dprefix.reshape(batch, heads, n, p)
