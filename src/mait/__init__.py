@@ -9,7 +9,7 @@ import os as _os
 from .analysis import attention_locality_score, collect_attention, cross_layer_similarity, harden, read_alphas
 from .attention import MaskedAttention, masked_attention
 from .masks import local_mask, neighbour_counts, patch_neighbours, random_mask
-from .models import HMaiT, MaiT, MaiTDistilled, MaskedCait
+from .models import HMaiT, MaiT, MaiTDistilled, MaskedCait, mask_model
 from .schemes import BUILTIN_SCHEMES, HeadKind, MaskingScheme, resolve_scheme
 
 __version__ = "0.1.0"
@@ -35,5 +35,5 @@ _configure_logging()
 __all__ = [
     "BUILTIN_SCHEMES", "HMaiT", "HeadKind", "MaiT", "MaiTDistilled", "MaskedAttention", "MaskedCait", "MaskingScheme",
     "attention_locality_score", "collect_attention", "cross_layer_similarity", "harden", "read_alphas",
-    "local_mask", "masked_attention", "neighbour_counts", "patch_neighbours", "random_mask", "resolve_scheme",
+    "local_mask", "mask_model", "masked_attention", "neighbour_counts", "patch_neighbours", "random_mask", "resolve_scheme",
 ]

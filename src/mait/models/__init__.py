@@ -3,6 +3,7 @@
 from .cait import MaskedCait, MaskedTalkingHeadAttn
 from .hmait import HMaiT
 from .mait import MaiT, MaiTDistilled
+from .mask_model import mask_model
 from . import small, sparsifiner  # noqa: F401  (register the small and Sparsifiner models)
 
-__all__ = ["HMaiT", "MaiT", "MaiTDistilled", "MaskedCait", "MaskedTalkingHeadAttn"]
+__all__ = ["HMaiT", "MaiT", "MaiTDistilled", "MaskedCait", "MaskedTalkingHeadAttn", "mask_model"]

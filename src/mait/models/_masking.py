@@ -1,14 +1,17 @@
-"""Shared plumbing: turn the attention layers of a timm model into masked ones, per a scheme."""
+"""Shared plumbing: turn the attention layers of a timm model into masked ones, per a scheme, and route each
+batch's patch grid to them."""
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
+from timm.layers import register_notrace_module, resample_abs_pos_embed, resample_abs_pos_embed_nhwc
 
 from ..attention import MaskedAttention
-from ..masks import check_mask_size, max_useful_mask_size, to_grid
+from ..masks import check_mask_size, to_grid
 from ..schemes import HeadsSpec, MaskingScheme, resolve_scheme
 
 # Parameters a masked model adds to its timm base: soft heads' α and learned heads' connectivity predictor.
@@ -52,23 +55,22 @@ def apply_masking(blocks: Iterable[nn.Module], *, scheme: Union[str, MaskingSche
     Unmasked layers are converted too (their α is 1 and they run plain SDPA), so every layer
     exposes the same ``alpha`` / ``head_kinds`` / ``capture_attention`` interface.  Learned
     (``l``) heads get a connectivity predictor keeping ``keep_rate`` of the keys (a model that
-    passes no ``keep_rate`` cannot hold learned heads).
+    passes no ``keep_rate`` cannot hold learned heads).  A mask too large for the grid is an
+    error raised by the layers (:meth:`mait.MaskedAttention.set_grid`).
     """
     resolved = resolve_scheme(scheme, depth, num_heads)
     check_mask_size(mask_size)
-    limit = max_useful_mask_size(grid_size)
-    if mask_size > limit and any(resolved.num_masked(i) for i in range(depth)):
-        raise ValueError(f"mask_size {mask_size} is larger than the {grid_size[0]}x{grid_size[1]} patch grid needs "
-                         f"(R = {limit} already covers it, so masked heads would be unmasked); use R <= {limit}")
     learned = dict(keep_rate=keep_rate, learned_mode=learned_mode) if resolved.has_learned else {}
     if resolved.has_learned and keep_rate is None:
         raise ValueError(f"scheme {str(resolved)!r} has learned heads ('l'), but this model builds no connectivity "
                          f"predictor; use a MaiT / Sparsifiner model (keep_rate=...)")
-    for index, block in enumerate(blocks):
-        block.attn = wrap(block.attn, grid_size=tuple(grid_size), mask_size=mask_size,
-                          num_prefix_tokens=num_prefix_tokens, head_kinds=resolved.layer(index),
-                          soft_alpha_init=soft_alpha_init, mask_seed=mask_seed + index, mode=attention_mode,
-                          backend=attention_backend, **learned)
+    blocks = list(blocks)
+    masked = [wrap(block.attn, grid_size=tuple(grid_size), mask_size=mask_size, num_prefix_tokens=num_prefix_tokens,
+                   head_kinds=resolved.layer(index), soft_alpha_init=soft_alpha_init, mask_seed=mask_seed + index,
+                   mode=attention_mode, backend=attention_backend, **learned)
+              for index, block in enumerate(blocks)]
+    for block, layer in zip(blocks, masked):      # only once every layer is built: an error changes nothing
+        block.attn = layer
     return resolved
 
 
@@ -77,7 +79,53 @@ def alpha_no_weight_decay(model: nn.Module) -> set[str]:
     return {name for name, _ in model.named_parameters() if name.endswith("alpha_logit")}
 
 
-def check_input_size(x: torch.Tensor, img_size: Sequence[int]) -> None:
-    if tuple(x.shape[-2:]) != tuple(img_size):
-        raise ValueError(f"input images are {tuple(x.shape[-2:])} but the model was built for img_size "
-                         f"{tuple(img_size)}; resize them or create the model with img_size={tuple(x.shape[-2:])}")
+@register_notrace_module
+class PatchGrid(nn.Module):
+    """Hands the patch grid of each batch to a model's masked attention layers (dynamic image size).
+
+    Called on the ``(B, H, W, C)`` patch embeddings before they are flattened into tokens, it
+    sets ``(H, W)`` on every layer and returns its input unchanged.  It is an fx leaf, so a
+    traced model keeps calling it and its layers follow the grid of every batch there too.
+    The layers are referenced, not owned (they stay registered where they are).
+    """
+
+    def __init__(self, layers: Sequence[MaskedAttention]) -> None:
+        super().__init__()
+        self.layers = tuple(layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        grid = (int(x.shape[1]), int(x.shape[2]))
+        for layer in self.layers:
+            layer.set_grid(grid)
+        return x
+
+    def extra_repr(self) -> str:
+        return f"layers={len(self.layers)}"
+
+
+def fit_position_embedding(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Resample a checkpoint's absolute position embedding to ``model``'s patch grid, as timm does for ViTs.
+
+    Token layouts ``(1, P + h*w, C)`` (ViT/DeiT/CaiT, ``P`` prefix positions, the checkpoint's grid square)
+    and grid layouts ``(1, h, w, C)`` (H-MaiT, whose earlier checkpoints keep it as ``pos_embed``) are
+    resampled bicubically; a checkpoint at the model's own size passes unchanged.  A token count that fits no square grid is a one-line error.
+    """
+    own_state = model.state_dict()
+    if "patch_embed.pos_embed" in own_state and "pos_embed" in state_dict:   # H-MaiT's earlier key
+        state_dict["patch_embed.pos_embed"] = state_dict.pop("pos_embed")
+    for key in ("pos_embed", "patch_embed.pos_embed"):
+        theirs, own = state_dict.get(key), own_state.get(key)
+        if theirs is None or own is None or theirs.shape == own.shape or theirs.dim() != own.dim():
+            continue
+        if own.dim() == 4:
+            state_dict[key] = resample_abs_pos_embed_nhwc(theirs, list(own.shape[1:3]))
+            continue
+        grid = tuple(model.patch_embed.grid_size)
+        prefix = own.shape[1] - grid[0] * grid[1]
+        side = math.isqrt(max(theirs.shape[1] - prefix, 0))
+        if side * side != theirs.shape[1] - prefix:
+            raise ValueError(f"the checkpoint's {key} holds {theirs.shape[1]} positions, which is not {prefix} prefix "
+                             f"positions plus a square patch grid; load it into a model of its own image size")
+        state_dict[key] = resample_abs_pos_embed(theirs, new_size=list(grid), old_size=[side, side],
+                                                 num_prefix_tokens=prefix)
+    return state_dict

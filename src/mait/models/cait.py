@@ -14,32 +14,36 @@ from __future__ import annotations
 from typing import Any, Optional, Set, Union
 
 import torch
+from timm.layers import register_notrace_module
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.cait import Cait, checkpoint_filter_fn
 
 from ..attention import MaskedAttention
 from ..backends.reference import masked_scores
+from ..masks import GridSize
 from ..schemes import MaskingScheme
-from ._masking import (alpha_no_weight_decay, apply_masking, check_image_size, check_input_size,
+from ._masking import (alpha_no_weight_decay, apply_masking, check_image_size, fit_position_embedding,
                        with_mait_only_parameters)
 from .mait import _cfg
 
 __all__ = ["MaskedCait", "MaskedTalkingHeadAttn"]
 
 
+@register_notrace_module
 class MaskedTalkingHeadAttn(MaskedAttention):
     """CaiT's talking-heads attention with per-head α masks (dense: heads mix after softmax)."""
 
     _reused_modules = ("qkv", "attn_drop", "proj", "proj_l", "proj_w", "proj_drop")
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, **_: object) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
+                grid_size: Optional[GridSize] = None) -> torch.Tensor:
+        self._begin_call(x, attn_mask, is_causal, grid_size)
         batch, tokens, channels = x.shape
-        self._check_tokens(tokens)
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0] * self.scale, qkv[1], qkv[2]
         attn = self.proj_l((q @ k.transpose(-2, -1)).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         if not self.unmasked:
-            attn = masked_scores(attn, self.mask, self.alpha, self.mode)
+            attn = masked_scores(attn, self.keep_mask(x.device), self.alpha, self.mode)
         attn = attn.softmax(dim=-1)
         if self.capture_attention:
             self.last_attention = attn.detach()
@@ -55,6 +59,9 @@ class MaskedCait(Cait):
     def __init__(self, *, scheme: Union[str, MaskingScheme] = "sch1", mask_size: int = 3,
                  soft_alpha_init: float = 0.5, mask_seed: int = 0, attention_mode: str = "zero",
                  **kwargs: Any) -> None:
+        if kwargs.pop("dynamic_img_size", False):
+            raise ValueError("timm's CaiT runs at the image size it was built for (no dynamic_img_size), and so does "
+                             "Masked CaiT; build it with img_size=...")
         check_image_size(kwargs.get("img_size", 224), kwargs.get("patch_size", 16))
         kwargs.pop("attention_backend", None)  # talking heads always run densely
         super().__init__(**kwargs)
@@ -69,16 +76,13 @@ class MaskedCait(Cait):
     def no_weight_decay(self) -> Set[str]:
         return super().no_weight_decay() | alpha_no_weight_decay(self)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        check_input_size(x, self.patch_embed.img_size)
-        return super().forward_features(x)
-
 
 def _create_masked_cait(variant: str, pretrained: bool = False, **kwargs: Any) -> MaskedCait:
     out_indices = kwargs.pop("out_indices", 3)
     return build_model_with_cfg(
         MaskedCait, variant, pretrained,
-        pretrained_filter_fn=with_mait_only_parameters(checkpoint_filter_fn),
+        pretrained_filter_fn=with_mait_only_parameters(
+            lambda state_dict, model: fit_position_embedding(checkpoint_filter_fn(state_dict, model), model)),
         feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
         **kwargs,
     )

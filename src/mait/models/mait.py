@@ -11,53 +11,98 @@ Parameter names are timm's, so DeiT checkpoints load into a MaiT of the same sha
 
 from __future__ import annotations
 
-from typing import Any, Set, Union
+from typing import Any, Optional, Set, Tuple, Union
 
 import torch
+import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
-from ..schemes import MaskingScheme
-from ._masking import (alpha_no_weight_decay, apply_masking, check_image_size, check_input_size,
-                       with_mait_only_parameters)
+from ..masks import check_mask_fits_grid, to_grid
+from ..schemes import MaskingScheme, resolve_scheme
+from ._masking import PatchGrid, alpha_no_weight_decay, apply_masking, check_image_size, with_mait_only_parameters
 
 __all__ = ["MaiT", "MaiTDistilled"]
 
 
-class _MaskedViTMixin:
-    """Adds per-layer masked attention to a timm ``VisionTransformer`` (or its distilled variant)."""
+class MaskedViTMixin:
+    """Adds per-layer masked attention to a timm ``VisionTransformer`` (or a subclass such as the distilled one).
+
+    The masks live on the patch grid.  A model built for one image size keeps its grid; with
+    ``dynamic_img_size=True`` (any image size, as for timm's ViTs) each batch's grid is handed to
+    the layers (:class:`PatchGrid`) and the position embedding is resampled by timm, and
+    :meth:`set_input_size` moves the model to another size for good.
+    """
 
     def __init__(self, *, scheme: Union[str, MaskingScheme] = "sch1", mask_size: int = 3,
                  soft_alpha_init: float = 0.5, mask_seed: int = 0, attention_mode: str = "zero",
                  attention_backend: str = "auto", keep_rate: float = 0.25, learned_mode: str = "neg_inf",
-                 **kwargs: Any) -> None:
-        if kwargs.get("dynamic_img_size"):
-            raise ValueError("MaiT masks are built for one patch grid; dynamic_img_size is not supported")
+                 pos_embed_std: Optional[float] = None, **kwargs: Any) -> None:
         check_image_size(kwargs.get("img_size", 224), kwargs.get("patch_size", 16))
         super().__init__(**kwargs)
-        depth = len(self.blocks)
-        self.mask_size = mask_size
+        self.install_masks(scheme=scheme, mask_size=mask_size, soft_alpha_init=soft_alpha_init, mask_seed=mask_seed,
+                           attention_mode=attention_mode, attention_backend=attention_backend, keep_rate=keep_rate,
+                           learned_mode=learned_mode)
+        if pos_embed_std is not None:      # e.g. pixel tokens, whose embedding is far larger than timm's 0.02
+            nn.init.trunc_normal_(self.pos_embed, std=pos_embed_std)
+
+    def install_masks(self, *, scheme: Union[str, MaskingScheme], mask_size: int = 3, soft_alpha_init: float = 0.5,
+                      mask_seed: int = 0, attention_mode: str = "zero", attention_backend: str = "auto",
+                      keep_rate: Optional[float] = 0.25, learned_mode: str = "neg_inf") -> None:
+        """Replace every block's attention by a masked layer per ``scheme`` (keeping its weights)."""
+        if not isinstance(self.patch_drop, nn.Identity):
+            raise ValueError("patch dropout removes tokens from the patch grid, which masked attention needs whole; "
+                             "use patch_drop_rate=0")
+        depth, heads = len(self.blocks), self.blocks[0].attn.num_heads
+        if self.dynamic_img_size and resolve_scheme(scheme, depth, heads).has_learned:
+            raise ValueError(_FIXED_SIZE_LEARNED.format(what="dynamic_img_size=True"))
         self.scheme = apply_masking(
-            self.blocks, scheme=scheme, depth=depth, num_heads=self.blocks[0].attn.num_heads,
-            grid_size=self.patch_embed.grid_size, num_prefix_tokens=self.num_prefix_tokens, mask_size=mask_size,
-            soft_alpha_init=soft_alpha_init, mask_seed=mask_seed, attention_mode=attention_mode,
-            attention_backend=attention_backend, keep_rate=keep_rate, learned_mode=learned_mode)
+            self.blocks, scheme=scheme, depth=depth, num_heads=heads, grid_size=self.patch_embed.grid_size,
+            num_prefix_tokens=self.num_prefix_tokens, mask_size=mask_size, soft_alpha_init=soft_alpha_init,
+            mask_seed=mask_seed, attention_mode=attention_mode, attention_backend=attention_backend,
+            keep_rate=keep_rate, learned_mode=learned_mode)
+        self.mask_size = mask_size
+        self.patch_grid = PatchGrid([block.attn for block in self.blocks])
 
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:
         return super().no_weight_decay() | alpha_no_weight_decay(self)
 
-    def forward_features(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        check_input_size(x, self.patch_embed.img_size)
-        return super().forward_features(x, *args, **kwargs)
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dynamic_img_size:      # x is (B, H, W, C): this batch's patch grid
+            x = self.patch_grid(x)
+        return super()._pos_embed(x)
+
+    def set_input_size(self, img_size: Optional[Union[int, Tuple[int, int]]] = None,
+                       patch_size: Optional[Union[int, Tuple[int, int]]] = None) -> None:
+        """Move the model to another image (or patch) size: timm resamples the position embedding, the
+        masked layers take the new grid.  Refused, before anything changes, for a mask the new grid cannot
+        hold and for learned heads (their predictor is built for one token count)."""
+        if self.scheme.has_learned:
+            raise ValueError(_FIXED_SIZE_LEARNED.format(what="set_input_size()"))
+        new_img = to_grid(img_size) if img_size is not None else self.patch_embed.img_size
+        new_patch = to_grid(patch_size) if patch_size is not None else self.patch_embed.patch_size
+        check_image_size(new_img, new_patch)
+        grid = (new_img[0] // new_patch[0], new_img[1] // new_patch[1])
+        if any(self.scheme.num_masked(index) for index in range(len(self.blocks))):
+            check_mask_fits_grid(self.mask_size, grid)
+        super().set_input_size(img_size=img_size, patch_size=patch_size)
+        for block in self.blocks:
+            block.attn.set_grid(self.patch_embed.grid_size)
 
 
-class MaiT(_MaskedViTMixin, VisionTransformer):
+_FIXED_SIZE_LEARNED = ("{what} is not available with learned (Sparsifiner) heads: their connectivity predictor "
+                       "holds per-token tables for one patch grid; build the model for the image size it runs at "
+                       "(img_size=...)")
+
+
+class MaiT(MaskedViTMixin, VisionTransformer):
     """Monolithic MaiT: a timm ``VisionTransformer`` with masked attention heads.
 
-    Args (beyond timm's ``VisionTransformer``):
+    Args (beyond timm's ``VisionTransformer``, whose ``dynamic_img_size`` and ``set_input_size``
+    work as usual):
         scheme: built-in scheme name or scheme text (see :mod:`mait.schemes`).
         mask_size: odd window size R (3 in the paper).
         soft_alpha_init: initial α of soft-masked heads.
@@ -66,10 +111,11 @@ class MaiT(_MaskedViTMixin, VisionTransformer):
         attention_backend: backend of :func:`mait.masked_attention` (``"auto"``).
         keep_rate: fraction of keys a learned (``l``) head keeps per patch query (see :mod:`mait.learned`).
         learned_mode: ``"neg_inf"`` (Sparsifiner) or ``"zero"`` (MaiT's semantics) for learned heads.
+        pos_embed_std: initialise the position embedding with this std instead of timm's 0.02.
     """
 
 
-class MaiTDistilled(_MaskedViTMixin, VisionTransformerDistilled):
+class MaiTDistilled(MaskedViTMixin, VisionTransformerDistilled):
     """MaiT with DeiT's distillation token and head (paper Table 6)."""
 
 

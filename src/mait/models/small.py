@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch.nn as nn
 from timm.models import generate_default_cfgs, register_model
 
 from .mait import MaiT, _cfg, _model
@@ -25,15 +24,9 @@ __all__ = ["mait_nano4_8", "mait_micro4_32", "mait_mini6_32"]
 PIXEL_POS_EMBED_STD = 0.5
 # Backbone shapes shared with the Sparsifiner variants (models/sparsifiner.py).
 NANO4_8 = dict(img_size=8, patch_size=1, in_chans=1, num_classes=10, embed_dim=64, depth=4, num_heads=4,
-               mlp_ratio=2.0)
+               mlp_ratio=2.0, pos_embed_std=PIXEL_POS_EMBED_STD)
 MINI6_32 = dict(img_size=32, patch_size=4, num_classes=10, embed_dim=96, depth=6, num_heads=3)
 
-
-def pixel_pos_embed(model: MaiT, pretrained: bool) -> MaiT:
-    """Pixel tokens: start the position embedding at the pixel embedding's scale (see the module docstring)."""
-    if not pretrained:
-        nn.init.trunc_normal_(model.pos_embed, std=PIXEL_POS_EMBED_STD)
-    return model
 
 default_cfgs = generate_default_cfgs({
     "mait_nano4_8": _cfg(num_classes=10, input_size=(1, 8, 8), crop_pct=1.0, mean=(0.3053,), std=(0.3760,),
@@ -48,7 +41,7 @@ default_cfgs = generate_default_cfgs({
 @register_model
 def mait_nano4_8(pretrained: bool = False, **kwargs: Any) -> MaiT:
     """Digits default: 8x8 grayscale, patch 1, D=64, 4 heads, 4 layers, MLP ratio 2, Sch.1."""
-    return pixel_pos_embed(_model("mait_nano4_8", pretrained, dict(NANO4_8, scheme="sch1"), kwargs), pretrained)
+    return _model("mait_nano4_8", pretrained, dict(NANO4_8, scheme="sch1"), kwargs)
 
 
 @register_model

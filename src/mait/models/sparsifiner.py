@@ -22,7 +22,7 @@ from typing import Any
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from .mait import MaiT, _cfg, deit_checkpoint_filter
-from .small import MINI6_32, NANO4_8, default_cfgs as small_cfgs, pixel_pos_embed
+from .small import MINI6_32, NANO4_8, default_cfgs as small_cfgs
 
 __all__ = ["sparsifiner_deit_tiny_224", "sparsifiner_deit_small_224", "sparsifiner_nano4_8", "sparsifiner_mini6_32"]
 
@@ -62,7 +62,7 @@ def sparsifiner_deit_small_224(pretrained: bool = False, **kwargs: Any) -> MaiT:
 @register_model
 def sparsifiner_nano4_8(pretrained: bool = False, **kwargs: Any) -> MaiT:
     """Digits: ``mait_nano4_8``'s shape (8x8 pixel tokens, D=64, 4 heads, 4 layers) with every head learned."""
-    return pixel_pos_embed(_create("sparsifiner_nano4_8", pretrained, NANO4_8, kwargs), pretrained)
+    return _create("sparsifiner_nano4_8", pretrained, NANO4_8, kwargs)
 
 
 @register_model

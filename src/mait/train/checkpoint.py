@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import UserError
+from ..models._masking import fit_position_embedding
 
 LAST, BEST, STATE = "last.safetensors", "best.safetensors", "last.state.pt"
 HEAD_KEYS = ("head.weight", "head.bias", "head_dist.weight", "head_dist.bias", "head.fc.weight", "head.fc.bias")
@@ -100,7 +101,10 @@ def _mismatch_message(path: Path, missing: list[str], unexpected: list[str], sha
             shown = ", ".join(keys[:6]) + (f", ... ({len(keys)} in all)" if len(keys) > 6 else "")
             parts.append(f"{label}: {shown}")
     hint = ""
-    if missing and not unexpected and not shapes and all(".predictor." in key for key in missing):
+    if shapes and any(".predictor." in key for key in shapes):
+        hint = ("; learned heads' connectivity predictors hold per-token tables, so a Sparsifiner checkpoint loads "
+                "only into a model of its own image size")
+    elif missing and not unexpected and not shapes and all(".predictor." in key for key in missing):
         hint = ("; only the learned-mask predictor is missing: a dense checkpoint, which a Sparsifiner model "
                 "starts from with --init-from")
     return f"checkpoint {path} does not fit this model ({'; '.join(parts)}){hint}"
@@ -130,13 +134,18 @@ class LoadReport:
 def load_weights(model: nn.Module, path: Path, *, allow_head_reset: bool = False, strict: bool = True) -> LoadReport:
     """Load a safetensors file into ``model``; returns what stayed at its initialisation.
 
-    ViT checkpoints go through timm's ``checkpoint_filter_fn`` first (resizes position
-    embeddings and patch kernels), so DeiT weights fine-tune into a MaiT at another size.
+    The position embedding is resampled to the model's patch grid (as timm does for ViTs), so a
+    checkpoint loads into the same model built for another image size; with ``allow_head_reset``,
+    ViT checkpoints also go through timm's ``checkpoint_filter_fn`` (other key layouts, patch
+    kernels), so DeiT weights fine-tune into a MaiT at another size.
     With ``allow_head_reset`` a classifier of another class count is dropped (fresh head);
     any other mismatch is an error listing the keys.  ``strict=False`` tolerates missing keys
     (e.g. a soft head's α or the learned-mask predictor when starting from a dense model).
     """
-    weights = read_weights(path)
+    try:
+        weights = fit_position_embedding(read_weights(path), model)
+    except ValueError as error:
+        raise UserError(f"checkpoint {path}: {error}") from None
     own = model.state_dict()
     if allow_head_reset:
         from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn

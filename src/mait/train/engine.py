@@ -30,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import mait  # noqa: F401  (registers the MaiT models in timm)
+from ..models import mask_model
 
 from ..errors import Interrupted, UserError
 from ..learned import reconstruction_loss
@@ -63,18 +64,22 @@ def build_model(config: TrainConfig, info: DataInfo) -> nn.Module:
     kwargs: dict[str, Any] = dict(num_classes=info.num_classes, in_chans=info.in_chans)
     if info.img_size or config.img_size:
         kwargs["img_size"] = info.img_size or config.img_size
+    masking: dict[str, Any] = {}
     if config.scheme is not None:
-        kwargs["scheme"] = config.scheme
+        masking["scheme"] = config.scheme
     if config.mask_size is not None:
-        kwargs["mask_size"] = config.mask_size
+        masking["mask_size"] = config.mask_size
     if config.drop_path:
         kwargs["drop_path_rate"] = config.drop_path
     kwargs.update(config.model_kwargs)
     check_model_name(config.model)
+    ours = is_mait_model(config.model)
     try:
-        model = timm.create_model(config.model, pretrained=False, **kwargs)
+        model = timm.create_model(config.model, pretrained=False, **kwargs, **(masking if ours else {}))
     except TypeError as error:
-        raise UserError(f"model {config.model} rejects its arguments {kwargs}: {error}") from None
+        raise UserError(f"model {config.model} rejects its arguments {dict(kwargs, **masking)}: {error}") from None
+    if masking and not ours:       # a timm ViT: the masks go onto the model as built (mait.mask_model)
+        model = mask_model(model, **masking)
     patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
     if patch is not None and "img_size" in kwargs and kwargs["img_size"] < max(patch):
         remedy = "mait_nano4_8 for the digits" if info.img_size else "or set a larger --img-size"
@@ -82,6 +87,11 @@ def build_model(config: TrainConfig, info: DataInfo) -> nn.Module:
                         f"{kwargs['img_size']}x{kwargs['img_size']} images of {info.name}; choose a model with "
                         f"smaller patches ({remedy})")
     return model
+
+
+def is_mait_model(name: str) -> bool:
+    """Whether ``name`` is one of mait's registered models (which take the masking arguments themselves)."""
+    return timm.models.model_entrypoint(name).__module__.startswith("mait.")
 
 
 def check_model_name(name: str) -> None:
