@@ -1,0 +1,183 @@
+"""Inference time and peak memory against image size: linear (masked) against quadratic (global) attention.
+
+    python benchmarks/resolution.py                              # CPU, one thread, batch 1, 224-1344 px
+    python benchmarks/resolution.py --sizes 224 448 --repeats 2  # a quick look
+    python benchmarks/resolution.py --device cuda                # on a GPU (benchmarks/gpu.sh runs it)
+
+Each model is built for each image size (``img_size=``) and timed in interleaved rounds (every
+round times every model once, in a fresh random order, after one untimed call), in inference
+mode; the median is reported, with the time per 16x16 patch (the image area over 256 px², so
+linear growth shows as a flat line and quadratic growth as a rising one) and the peak memory of
+one call above what the model holds.  Ratios are against DeiT-S at the same size, measured in the
+same rounds.  Results go to ``benchmarks/results/resolution[_<device>].{txt,json,png}``; the
+docs (docs/backbones.md) quote them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import time
+from pathlib import Path
+
+import timm
+import torch
+
+import mait
+from mait.commands.bench import environment, parse_spec, peak_extra_memory
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MODELS = {
+    "MaiT-S all hard": "mait_s12_224:scheme=all",
+    "MaiT-S Sch.2": "mait_s12_224:scheme=sch2",
+    "DeiT-S": "deit_small_patch16_224",
+    "Swin-T": "swin_tiny_patch4_window7_224",
+    "H-MaiT-T": "hmait_tiny_224",
+}
+BASELINE = "DeiT-S"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def measure_size(size: int, args: argparse.Namespace, device: torch.device) -> list[dict]:
+    """Median seconds per forward and peak extra memory of every model at ``size`` px, timed in shared rounds."""
+    models, calls = {}, {}
+    image = torch.randn(args.batch_size, 3, size, size, device=device)
+    for label, spec in MODELS.items():
+        name, kwargs = parse_spec(spec)
+        torch.manual_seed(0)
+        models[label] = timm.create_model(name, img_size=size, **kwargs).eval().to(device)
+
+        def call(model=models[label]) -> None:
+            with torch.inference_mode():
+                model(image)
+        calls[label] = call
+    times: dict[str, list[float]] = {label: [] for label in MODELS}
+    for _ in range(args.repeats):
+        order = list(MODELS)
+        random.shuffle(order)
+        for label in order:
+            calls[label]()
+            times[label].append(_timed(calls[label], device))
+    patches = size * size / 256
+    rows = []
+    for label in MODELS:
+        seconds = statistics.median(times[label])
+        memory = peak_extra_memory(calls[label], device) / 2**20 if args.memory else None
+        rows.append(dict(model=label, spec=MODELS[label], size=size, patches=patches, seconds=seconds,
+                         us_per_patch=1e6 * seconds / patches, peak_mib=memory, runs=times[label]))
+    baseline = next(row["seconds"] for row in rows if row["model"] == BASELINE)
+    for row in rows:
+        row["speedup_vs_deit_s"] = baseline / row["seconds"]
+    return rows
+
+
+def table(rows: list[dict]) -> list[str]:
+    lines = ["| size (px) | 16-px patches | " + " | ".join(MODELS) + " |", "|---|---|" + "---|" * len(MODELS)]
+    for size in dict.fromkeys(row["size"] for row in rows):
+        at = {row["model"]: row for row in rows if row["size"] == size}
+        cells = []
+        for label in MODELS:
+            row = at[label]
+            cell = f"{row['seconds'] * 1e3:.0f} ms, {row['us_per_patch']:.0f} µs/patch"
+            if label != BASELINE:
+                cell += f", **{row['speedup_vs_deit_s']:.2f}x**"
+            if row["peak_mib"] is not None:
+                cell += f", {row['peak_mib']:.0f} MiB"
+            cells.append(cell)
+        lines.append(f"| {size} | {int(at[BASELINE]['patches'])} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def targets(rows: list[dict]) -> list[str]:
+    """The figures the library promises on a CPU, one thread (docs/backbones.md)."""
+    def row(label: str, size: int):
+        return next((r for r in rows if r["model"] == label and r["size"] == size), None)
+
+    lines = []
+    for size, goal in ((896, 3.0), (1344, 5.0)):
+        r = row("MaiT-S all hard", size)
+        if r:
+            lines.append(f"MaiT-S all hard / DeiT-S at {size} px: {r['speedup_vs_deit_s']:.2f}x "
+                         f"(target >= {goal:.0f}x): {'met' if r['speedup_vs_deit_s'] >= goal else 'NOT met'}")
+    small, large = row("MaiT-S all hard", 448), row("MaiT-S all hard", 1344)
+    if small and large:
+        growth = large["us_per_patch"] / small["us_per_patch"]
+        lines.append(f"MaiT-S all hard, time per patch 784 -> 7056 patches: {growth:.2f}x "
+                     f"(target <= 1.2x): {'met' if growth <= 1.2 else 'NOT met'}")
+    mait_896, swin_896 = row("MaiT-S all hard", 896), row("Swin-T", 896)
+    if mait_896 and swin_896:
+        ratio = swin_896["seconds"] / mait_896["seconds"]
+        lines.append(f"Swin-T / MaiT-S all hard at 896 px: {ratio:.2f}x (target > 1x): "
+                     f"{'met' if ratio > 1 else 'NOT met'}")
+    return lines
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for label in MODELS:
+        mine = [r for r in rows if r["model"] == label]
+        left.plot([r["size"] for r in mine], [r["seconds"] for r in mine], marker="o", label=label)
+        right.plot([r["patches"] for r in mine], [r["us_per_patch"] for r in mine], marker="o", label=label)
+    left.set(xlabel="image size (px, square)", ylabel="seconds per image", yscale="log", title="inference time")
+    right.set(xlabel="16x16 patches", ylabel="µs per patch", xscale="log", title="time per patch (flat = linear)")
+    for axis in (left, right):
+        axis.grid(alpha=0.3)
+    right.legend(fontsize=8)
+    figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[224, 448, 672, 896, 1120, 1344])
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds per size (median reported)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads on the CPU")
+    parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory call")
+    parser.add_argument("--output-stem", help="results file name (default resolution, resolution_<device>)")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.set_num_threads(args.threads)
+    env = environment(device)
+    title = (f"{env.get('gpu', env['cpu'])}, {args.threads if device.type == 'cpu' else ''}"
+             f"{' thread(s), ' if device.type == 'cpu' else ''}batch {args.batch_size}, float32 inference, "
+             f"torch {torch.__version__}, timm {timm.__version__}, mait {mait.__version__}")
+    print(title, flush=True)
+    rows = []
+    for size in args.sizes:
+        rows += measure_size(size, args, device)
+        print("\n".join(table([r for r in rows if r["size"] == size])[2:]), flush=True)
+    lines = [title, f"load average at the end: {os.getloadavg()[0]:.1f}", ""] + table(rows) + [""] + targets(rows)
+    text = "\n".join(lines) + "\n"
+    print(text)
+    RESULTS.mkdir(exist_ok=True)
+    stem = args.output_stem or "resolution" + ("" if device.type == "cpu" else f"_{device.type}")
+    (RESULTS / f"{stem}.txt").write_text(text)
+    (RESULTS / f"{stem}.json").write_text(json.dumps({"args": vars(args), "environment": env, "rows": rows},
+                                                     indent=1))
+    plot(rows, RESULTS / f"{stem}.png", title)
+    print(f"wrote {RESULTS / stem}.txt, .json, .png")
+
+
+if __name__ == "__main__":
+    main()
