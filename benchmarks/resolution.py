@@ -9,8 +9,10 @@ round times every model once, in a fresh random order, after one untimed call), 
 mode; the median is reported, with the time per 16x16 patch (the image area over 256 px², so
 linear growth shows as a flat line and quadratic growth as a rising one) and the peak memory of
 one call above what the model holds.  Ratios are against DeiT-S at the same size, measured in the
-same rounds.  Results go to ``benchmarks/results/resolution[_<device>].{txt,json,png}``; the
-docs (docs/backbones.md) quote them.
+same rounds.  The last column, DeiT-S without its attention op (:class:`ValuesOnly`), is the floor
+of any attention implementation: DeiT-S / floor bounds what masking can gain at each size.
+Results go to ``benchmarks/results/resolution[_bf16][_<device>].{txt,json,png}``; the docs
+(docs/backbones.md) quote them.
 """
 
 from __future__ import annotations
@@ -30,14 +32,47 @@ import mait
 from mait.commands.bench import environment, parse_spec, peak_extra_memory
 
 RESULTS = Path(__file__).resolve().parent / "results"
+FLOOR = "floor (no attention op)"
 MODELS = {
     "MaiT-S all hard": "mait_s12_224:scheme=all",
     "MaiT-S Sch.2": "mait_s12_224:scheme=sch2",
     "DeiT-S": "deit_small_patch16_224",
     "Swin-T": "swin_tiny_patch4_window7_224",
     "H-MaiT-T": "hmait_tiny_224",
+    FLOOR: "deit_small_patch16_224",
 }
 BASELINE = "DeiT-S"
+
+
+class ValuesOnly(torch.nn.Module):
+    """DeiT-S's attention layer without the attention op: the qkv and output projections only (``out = v``).
+
+    A model of these layers does every computation of DeiT-S and MaiT-S except attending, so its time is
+    the floor no attention implementation, masked or not, can go below; DeiT-S / floor is the largest
+    speed-up any attention could give at that size.
+    """
+
+    def __init__(self, attention: torch.nn.Module) -> None:
+        super().__init__()
+        self.qkv, self.proj, self.heads = attention.qkv, attention.proj, attention.num_heads
+
+    def forward(self, x: torch.Tensor, **_: object) -> torch.Tensor:
+        return self.proj(self.qkv(x).unflatten(-1, (3, -1))[..., 2, :])
+
+
+def build(label: str, size: int, device: torch.device) -> torch.nn.Module:
+    name, kwargs = parse_spec(MODELS[label])
+    torch.manual_seed(0)
+    model = timm.create_model(name, img_size=size, **kwargs)
+    if label == FLOOR:
+        for block in model.blocks:
+            block.attn = ValuesOnly(block.attn)
+    return model.eval().to(device)
+
+
+def autocast(args: argparse.Namespace, device: torch.device):
+    """bf16 autocast with ``--amp`` (the CPU's native bf16 where it has it), else float32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)
 
 
 def _sync(device: torch.device) -> None:
@@ -55,15 +90,11 @@ def _timed(fn, device: torch.device) -> float:
 
 def measure_size(size: int, args: argparse.Namespace, device: torch.device) -> list[dict]:
     """Median seconds per forward and peak extra memory of every model at ``size`` px, timed in shared rounds."""
-    models, calls = {}, {}
+    calls = {}
     image = torch.randn(args.batch_size, 3, size, size, device=device)
-    for label, spec in MODELS.items():
-        name, kwargs = parse_spec(spec)
-        torch.manual_seed(0)
-        models[label] = timm.create_model(name, img_size=size, **kwargs).eval().to(device)
-
-        def call(model=models[label]) -> None:
-            with torch.inference_mode():
+    for label in MODELS:
+        def call(model=build(label, size, device)) -> None:
+            with torch.inference_mode(), autocast(args, device):
                 model(image)
         calls[label] = call
     times: dict[str, list[float]] = {label: [] for label in MODELS}
@@ -110,10 +141,11 @@ def targets(rows: list[dict]) -> list[str]:
 
     lines = []
     for size, goal in ((896, 3.0), (1344, 5.0)):
-        r = row("MaiT-S all hard", size)
+        r, floor = row("MaiT-S all hard", size), row(FLOOR, size)
         if r:
+            bound = f"; no attention op at all would give {floor['speedup_vs_deit_s']:.2f}x" if floor else ""
             lines.append(f"MaiT-S all hard / DeiT-S at {size} px: {r['speedup_vs_deit_s']:.2f}x "
-                         f"(target >= {goal:.0f}x): {'met' if r['speedup_vs_deit_s'] >= goal else 'NOT met'}")
+                         f"(target >= {goal:.0f}x): {'met' if r['speedup_vs_deit_s'] >= goal else 'NOT met'}{bound}")
     small, large = row("MaiT-S all hard", 448), row("MaiT-S all hard", 1344)
     if small and large:
         growth = large["us_per_patch"] / small["us_per_patch"]
@@ -154,13 +186,15 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch threads on the CPU")
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory call")
+    parser.add_argument("--amp", action="store_true", help="bf16 autocast (default float32)")
     parser.add_argument("--output-stem", help="results file name (default resolution, resolution_<device>)")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     env = environment(device)
     title = (f"{env.get('gpu', env['cpu'])}, {args.threads if device.type == 'cpu' else ''}"
-             f"{' thread(s), ' if device.type == 'cpu' else ''}batch {args.batch_size}, float32 inference, "
+             f"{' thread(s), ' if device.type == 'cpu' else ''}batch {args.batch_size}, "
+             f"{'bf16 autocast' if args.amp else 'float32'} inference, "
              f"torch {torch.__version__}, timm {timm.__version__}, mait {mait.__version__}")
     print(title, flush=True)
     rows = []
@@ -171,7 +205,8 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     RESULTS.mkdir(exist_ok=True)
-    stem = args.output_stem or "resolution" + ("" if device.type == "cpu" else f"_{device.type}")
+    stem = args.output_stem or ("resolution" + ("_bf16" if args.amp else "")
+                                + ("" if device.type == "cpu" else f"_{device.type}"))
     (RESULTS / f"{stem}.txt").write_text(text)
     (RESULTS / f"{stem}.json").write_text(json.dumps({"args": vars(args), "environment": env, "rows": rows},
                                                      indent=1))

@@ -3,7 +3,10 @@ and masks on any timm ViT (``mait.mask_model``)."""
 
 from __future__ import annotations
 
+import json
 import logging
+import subprocess
+import sys
 
 import pytest
 import safetensors.torch
@@ -264,3 +267,24 @@ def test_deepcopy_and_ema_of_a_dynamic_model_route_their_own_grid():
     with torch.no_grad():
         clone(_images(96, 64, batch=1))
     assert clone.blocks[0].attn.grid_size == (6, 4) and model.blocks[0].attn.grid_size == (14, 14)
+
+
+def test_mait_train_masks_a_timm_vit_and_eval_rebuilds_it(tmp_path):
+    """``mait train --model vit_* --scheme ...`` trains the ViT with mait's masks (mask_model); the checkpoint
+    evaluates as the same masked model."""
+    run = tmp_path / "vit"
+    kwargs = '{"patch_size": 1, "depth": 2, "embed_dim": 16, "num_heads": 2}'
+    common = ["--model", "vit_tiny_patch16_224", "--scheme", "sch1", "--model-kwargs", kwargs]
+    train = subprocess.run([sys.executable, "-m", "mait", "train", *common, "--epochs", "1", "--train-subset", "64",
+                            "--val-subset", "32", "--output", str(run), "--no-progress"],
+                           capture_output=True, text=True, timeout=300)
+    assert train.returncode == 0, train.stderr
+    evaluated = subprocess.run([sys.executable, "-m", "mait", "eval", "--checkpoint", str(run / "last.safetensors")],
+                               capture_output=True, text=True, timeout=300)
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert "top-1" in evaluated.stdout
+    from mait.train import TrainConfig, build_loaders, build_model
+    config = TrainConfig.from_dict(dict(model="vit_tiny_patch16_224", scheme="sch1", model_kwargs=json.loads(kwargs),
+                                        train_subset=64, val_subset=32))
+    model = build_model(config, build_loaders(config).info)
+    assert isinstance(model, mait.MaiT) and str(model.scheme) == "*:1h" and model.blocks[0].attn.grid_size == (8, 8)

@@ -114,7 +114,8 @@ def test_default_config_features_and_head(name):
             assert features.shape[get_channel_dim(model.output_fmt)] == model.num_features
         else:                         # timm's ViTs: tokens, prefix tokens first
             grid = model.patch_embed.grid_size
-            assert features.shape == (1, model.num_prefix_tokens + grid[0] * grid[1], model.num_features)
+            prefix = getattr(model, "num_prefix_tokens", 1)      # CaiT's class token (no attribute before timm 1.0.31)
+            assert features.shape == (1, prefix + grid[0] * grid[1], model.num_features)
         model.reset_classifier(0)
         pooled = model(x)
         assert pooled.shape == pre_logits.shape

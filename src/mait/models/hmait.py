@@ -134,6 +134,8 @@ class HMaiT(SwinTransformer):
                  mask_size: int = 3, soft_alpha_init: float = 0.5, mask_seed: int = 0, attention_mode: str = "zero",
                  attention_backend: str = "auto", **kwargs: Any) -> None:
         kwargs.pop("window_size", None)
+        if kwargs.pop("dynamic_img_size", False):     # Swin's spelling of it (older timm releases know only this)
+            kwargs["strict_img_size"] = False
         check_image_size(kwargs.get("img_size", 224), kwargs.get("patch_size", 4))
         super().__init__(embed_layer=PositionalPatchEmbed, **kwargs)
         depths = [len(stage.blocks) for stage in self.layers]
