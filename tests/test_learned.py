@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from pathlib import Path
@@ -14,8 +15,8 @@ import torch
 import mait
 from mait.cli import UserError
 from mait.cost import count_macs
-from mait.learned import (ConnectivityPredictor, keep_mask, kept_keys, learned_attention, mask_locality,
-                          measure_mask_locality, reconstruction_loss)
+from mait.analysis.learned_masks import mask_locality, measure_mask_locality
+from mait.learned import ConnectivityPredictor, keep_mask, kept_keys, learned_attention, reconstruction_loss
 from mait.schemes import HeadKind, MaskingScheme
 from mait.train import TrainConfig, build_model, load_weights, train
 from mait.train.data import build_loaders
@@ -178,11 +179,27 @@ def test_hybrid_model_trains_and_reports_the_reconstruction_loss():
     assert reconstruction_loss(model) is None, "no reconstruction loss in eval mode"
 
 
+def test_hybrid_layer_plan_is_one_plan_with_the_layers_head_numbers(caplog):
+    """Fixed-mask, learned and unmasked heads are steps of one plan, logged with the layer's own head numbers."""
+    torch.manual_seed(0)
+    model = timm.create_model("mait_nano4_8", scheme="*:hllu", keep_rate=0.25, depth=1).eval()
+    layer = model.blocks[0].attn
+    with caplog.at_level(logging.DEBUG, logger="mait"), torch.no_grad():
+        model(torch.randn(2, 1, 8, 8))
+    plans = [r.message for r in caplog.records if r.message.startswith("MaskedAttention(hllu) plan:")]
+    assert len(plans) == 1
+    assert plans[0].endswith("heads 0 (h) -> matmul, heads 1-2 (ll) -> learned, heads 3 (u) -> sdpa"), plans[0]
+    assert isinstance(layer.predictor, ConnectivityPredictor) and "predictor" in dict(layer.named_children())
+    with pytest.raises(ValueError, match="backend 'learned' cannot run this call: it runs learned"):
+        layer.backend = "learned"
+        model(torch.randn(2, 1, 8, 8))
+
+
 @pytest.mark.parametrize("mode", ["neg_inf", "zero"])
 def test_model_modes_differ(mode):
     torch.manual_seed(0)
     model = timm.create_model("sparsifiner_nano4_8", keep_rate=0.25, mode=mode).eval()
-    assert all(block.attn.learned_mode == mode for block in model.blocks)
+    assert all(block.attn.predictor.mode == mode for block in model.blocks)
     assert model(torch.randn(2, 1, 8, 8)).shape == (2, 10)
 
 

@@ -203,7 +203,7 @@ def report() -> None:
     import torch
     from mait.analysis import measure_als
     from mait.train.runs import held_out_images, load_model, run_config
-    from mait.learned import measure_mask_locality
+    from mait.analysis.learned_masks import measure_mask_locality
     RESULTS.mkdir(exist_ok=True)
     cifar = [v for v in VARIANTS if VARIANTS[v][1].get("cifar")]
     speed = side_by_side_speed([v for v in VARIANTS if v not in cifar], (1, 8, 8))

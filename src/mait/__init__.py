@@ -7,7 +7,8 @@ import logging as _logging
 import os as _os
 
 from .analysis import attention_locality_score, collect_attention, cross_layer_similarity, harden, read_alphas
-from .attention import MaskedAttention, masked_attention
+from .attention import MaskedAttention
+from .functional import masked_attention
 from .masks import local_mask, neighbour_counts, patch_neighbours, random_mask
 from .models import HMaiT, MaiT, MaiTDistilled, MaskedCait, mask_model
 from .schemes import BUILTIN_SCHEMES, HeadKind, MaskingScheme, resolve_scheme

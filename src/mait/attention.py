@@ -1,18 +1,14 @@
-"""Masked attention: the functional op :func:`masked_attention` and the module :class:`MaskedAttention`.
+"""The masked attention layer :class:`MaskedAttention`: timm's ``Attention`` with one α per head.
 
-Semantics (docs/semantics.md, paper Eq. 2): ``A = softmax(Mα ⊙ (q kᵀ / √d))``, ``out = A v``
-where ``Mα`` is 1 on prefix rows/columns and on spatial neighbours within the ``R x R``
-window and the head's α elsewhere.  α = 0 is the paper's hard mask (non-neighbour logits
-become 0, *not* -inf), 0 < α < 1 a soft mask, α = 1 plain attention.
-
-Both run through an attention plan (:func:`mait.backends.plan_attention`): which backend
-runs which heads, decided once per call shape and cached.
+It computes what the functional op :func:`mait.masked_attention` computes (docs/semantics.md,
+paper Eq. 2), through an attention plan per layer (:func:`mait.backends.plan_attention`):
+which backend runs which of its heads, learned heads included, decided once per patch grid,
+device, dtype, gradient and dropout, and logged.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from functools import lru_cache
 from typing import Any, Hashable, Optional, Sequence, Union
 
 import torch
@@ -20,131 +16,16 @@ import torch.nn as nn
 from timm.layers import register_notrace_module
 
 from .backends import AttentionCall, AttentionPlan, logger, plan_attention, reference
-from .backends.local import empty_sdpa_layout
-from .learned import add_predictor, learned_heads_forward
+from .functional import MODES, cached_local_mask, needs_grad
+from .learned import ConnectivityPredictor, check_learned_mode
 from .masks import (GridSize, check_mask_fits_grid, check_mask_size, check_num_prefix_tokens, local_mask, random_mask,
                     to_grid)
 from .schemes import HeadKind
 
-MODES = ("zero", "neg_inf")
-AlphaLike = Union[float, int, torch.Tensor, Sequence[float]]
-MASK_CACHE_SIZE = 8      # grids whose masks a layer (or the shared local-mask cache, x2) keeps per device
+MASK_CACHE_SIZE = 8      # grids whose random masks a layer keeps per device
 PLAN_CACHE_SIZE = 32     # (grid, device, dtype, gradient, dropout) plans a layer keeps
 SCRIPTING_UNSUPPORTED = ("mait's masked attention does not compile with TorchScript (deprecated in PyTorch); "
                          "use torch.export, torch.compile or `mait export` instead (docs/backbones.md)")
-
-
-@lru_cache(maxsize=2 * MASK_CACHE_SIZE)
-def _cached_local_mask(grid: tuple[int, int], mask_size: int, num_prefix_tokens: int, device: str) -> torch.Tensor:
-    # Built outside inference mode even when first asked for inside it, so training can use it later.
-    with torch.inference_mode(False):
-        return local_mask(grid, mask_size, num_prefix_tokens, device=device)
-
-
-def _local_mask(grid: tuple[int, int], mask_size: int, num_prefix_tokens: int, device: torch.device) -> torch.Tensor:
-    """The ``(T, T)`` local keep mask for the functional op: cached per geometry and device, except
-    while tracing (torch.compile / torch.export), where a cached tensor would be a traced one."""
-    if torch.compiler.is_compiling():
-        return local_mask(grid, mask_size, num_prefix_tokens, device=device)
-    return _cached_local_mask(grid, mask_size, num_prefix_tokens, str(device))
-
-
-def _alpha_tensor(alpha: AlphaLike, heads: int, like: torch.Tensor) -> torch.Tensor:
-    """Validate α and return it as a ``(heads,)`` tensor on ``like``'s device and dtype."""
-    if not isinstance(alpha, torch.Tensor):
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float, list, tuple)):
-            raise TypeError(f"alpha must be a float, a sequence of floats or a tensor, got {type(alpha).__name__}")
-        if isinstance(alpha, (int, float)):      # the common case: checked without a tensor round trip
-            if not 0.0 <= alpha <= 1.0:
-                raise ValueError(f"alpha must lie in [0, 1] (0 hard mask, 1 unmasked), got {alpha}")
-            return torch.full((heads,), float(alpha), dtype=like.dtype, device=like.device)
-        alpha = torch.tensor(alpha, dtype=like.dtype)
-    if alpha.dim() == 0:
-        alpha = alpha.expand(heads)
-    if alpha.dim() != 1 or alpha.shape[0] != heads:
-        raise ValueError(f"alpha must be a scalar or have one value per head ({heads},), got shape {tuple(alpha.shape)}")
-    if not torch.is_floating_point(alpha):
-        alpha = alpha.to(like.dtype)
-    bad = (alpha.detach() < 0) | (alpha.detach() > 1) | torch.isnan(alpha.detach())
-    if bool(bad.any()):
-        raise ValueError(f"alpha must lie in [0, 1] (0 hard mask, 1 unmasked), got {alpha.detach().tolist()}")
-    return alpha.to(device=like.device)
-
-
-def _head_kinds(alpha: AlphaLike, alpha_t: torch.Tensor) -> tuple[HeadKind, ...]:
-    """Head kinds of a functional call: from a plain number without a host sync, else from α's values."""
-    if isinstance(alpha, (int, float)):
-        values = [float(alpha)] * alpha_t.shape[0]
-    elif alpha_t.requires_grad:
-        return (HeadKind.SOFT,) * alpha_t.shape[0]      # every head needs its α gradient
-    else:
-        values = alpha_t.detach().tolist()               # one host sync; the α vector is tiny
-    return tuple(HeadKind.HARD if a == 0 else HeadKind.NONE if a == 1 else HeadKind.SOFT for a in values)
-
-
-def _check_mode(mode: str, alpha: torch.Tensor) -> None:
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if mode == "neg_inf":
-        soft = (alpha.detach() > 0) & (alpha.detach() < 1)
-        if bool(soft.any()):
-            raise ValueError(f"mode='neg_inf' supports only hard (α = 0) and unmasked (α = 1) heads; "
-                             f"got soft α {alpha.detach().tolist()}")
-
-
-def _needs_grad(*tensors: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
-
-def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid_size: GridSize,
-                     mask_size: int = 3, num_prefix_tokens: int = 1, alpha: AlphaLike = 0.0,
-                     mode: str = "zero", mask: Optional[torch.Tensor] = None, scale: Optional[float] = None,
-                     dropout_p: float = 0.0, backend: str = "auto") -> torch.Tensor:
-    """Masked multi-head attention with the paper's semantics.
-
-    Args:
-        q, k, v: ``(B, heads, T, d)`` with ``T = num_prefix_tokens + H * W``.
-        grid_size: ``(H, W)`` patch grid (or one int for a square grid).
-        mask_size: odd window size ``R >= 1``.
-        num_prefix_tokens: class/distillation tokens in front of the grid (never masked).
-        alpha: float or ``(heads,)`` tensor in [0, 1]: 0 hard mask, 1 unmasked, between soft.
-            Differentiable.
-        mode: ``"zero"`` (paper: non-neighbour logits times α) or ``"neg_inf"`` (hard heads get
-            -inf outside the window: strict neighbourhood attention; soft α is an error).
-        mask: optional boolean ``(T, T)`` or ``(heads, T, T)`` mask replacing the local window
-            (``True`` = full-strength logit), e.g. :func:`mait.random_mask`.
-        scale: logit scale, default ``d ** -0.5``.
-        dropout_p: dropout on the attention probabilities (training only).
-        backend: ``"auto"`` or the name of a registered backend (see :mod:`mait.backends`).
-
-    Returns:
-        ``(B, heads, T, d)`` output.
-    """
-    if q.dim() != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"q, k, v must be (B, heads, T, d) with matching B, heads, T; got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    heads, tokens = q.shape[1], q.shape[2]
-    grid = to_grid(grid_size)
-    check_mask_size(mask_size)
-    check_num_prefix_tokens(num_prefix_tokens)
-    if tokens != num_prefix_tokens + grid[0] * grid[1]:
-        raise ValueError(f"T = {tokens} tokens does not match grid_size {grid} with {num_prefix_tokens} prefix "
-                         f"tokens (expected {num_prefix_tokens + grid[0] * grid[1]})")
-    alpha_t = _alpha_tensor(alpha, heads, q)
-    _check_mode(mode, alpha_t)
-    if mask is not None and (mask.dtype != torch.bool or mask.shape[-2:] != (tokens, tokens)
-                             or mask.dim() not in (2, 3) or (mask.dim() == 3 and mask.shape[0] != heads)):
-        raise ValueError(f"mask must be a bool tensor of shape (T, T) or (heads, T, T) = ({heads}, {tokens}, "
-                         f"{tokens}); got {mask.dtype} {tuple(mask.shape)}")
-    call = AttentionCall(grid, mask_size, num_prefix_tokens, _head_kinds(alpha, alpha_t), mode=mode,
-                         custom_mask=mask is not None, device_type=q.device.type, dtype=q.dtype,
-                         head_dim=q.shape[-1], needs_grad=_needs_grad(q, k, v, alpha_t), dropout=dropout_p > 0.0)
-    plan = plan_attention(call, backend)
-    keep = None
-    if plan.needs_keep:
-        keep = mask.to(q.device) if mask is not None else _local_mask(grid, mask_size, num_prefix_tokens, q.device)
-    return plan.run(q, k, v, alpha=alpha_t, keep=keep, scale=q.shape[-1] ** -0.5 if scale is None else float(scale),
-                    dropout_p=float(dropout_p))
 
 
 class BoundedCache(OrderedDict):
@@ -182,9 +63,9 @@ class MaskedAttention(nn.Module):
     checkpoints load.  Each head is hard-masked (α = 0), soft-masked (learnable α =
     sigmoid(``alpha_logit``) in (0, 1)), a random-mask control, or unmasked (α = 1), given by
     ``head_kinds`` (default: every head hard).  Learned heads (``l``) need ``keep_rate``: the
-    layer then holds a connectivity predictor (``predictor``) and runs those heads through
-    :func:`mait.learned.learned_attention` (``learned_mode`` ``"neg_inf"`` or ``"zero"``; no
-    attention dropout on them).
+    layer then owns a connectivity predictor (``predictor``, one per layer, shared by those heads)
+    and runs them as the ``learned`` step of its plan (:func:`mait.learned.learned_attention`,
+    ``learned_mode`` ``"neg_inf"`` or ``"zero"``; no attention dropout on them).
 
     The layer works on the patch grid ``grid_size``: the one it was built for, or the grid of
     the current batch, which a dynamic-size model hands over with :meth:`set_grid` (or a
@@ -258,6 +139,7 @@ class MaskedAttention(nn.Module):
         self.last_attention: Optional[torch.Tensor] = None
         self.custom_mask = HeadKind.RANDOM in kinds      # random-mask heads: a per-layer (heads, T, T) mask
         self._random_masks = BoundedCache(MASK_CACHE_SIZE)
+        check_learned_mode(learned_mode)
 
         fixed = torch.tensor([1.0 if k in (HeadKind.NONE, HeadKind.LEARNED) else 0.0 for k in kinds])
         self.register_buffer("alpha_fixed", fixed, persistent=False)
@@ -266,14 +148,19 @@ class MaskedAttention(nn.Module):
         init_logit = torch.logit(torch.tensor(soft_alpha_init))
         self.alpha_logit = nn.Parameter(init_logit.repeat(len(soft))) if soft else None
         self.unmasked = all(k is HeadKind.NONE for k in kinds)
-        # What the backends see: the fixed-mask heads (learned heads run through mait.learned), random
-        # heads as hard heads whose window is the stored mask.
-        fixed_heads = [h for h, k in enumerate(kinds) if k is not HeadKind.LEARNED]
-        self._fixed_heads: Union[slice, list[int]] = slice(None) if len(fixed_heads) == heads else fixed_heads
-        self._call_kinds = tuple(HeadKind.HARD if kinds[h] is HeadKind.RANDOM else kinds[h] for h in fixed_heads)
-        self.predictor = None
+        # What the plan sees: random-mask heads as hard heads whose window is the stored mask.
+        self._call_kinds = tuple(HeadKind.HARD if kind is HeadKind.RANDOM else kind for kind in kinds)
+        learned = [h for h, kind in enumerate(kinds) if kind is HeadKind.LEARNED]
+        self.register_buffer("learned_index", torch.tensor(learned, dtype=torch.long), persistent=False)
+        self.predictor: Optional[ConnectivityPredictor] = None
         self.set_grid(grid_size)
-        add_predictor(self, keep_rate, learned_mode)
+        if learned:
+            if keep_rate is None:
+                raise ValueError(f"learned heads (kind 'l', heads {learned}) need a connectivity predictor, but this "
+                                 f"layer was built without one (keep_rate=None); models that support learned heads "
+                                 f"take keep_rate")
+            self.predictor = ConnectivityPredictor(self.head_dim, self.num_tokens, self.num_prefix_tokens, keep_rate,
+                                                   learned_mode)
         self.backend = backend
 
     def __prepare_scriptable__(self) -> "MaskedAttention":
@@ -319,7 +206,7 @@ class MaskedAttention(nn.Module):
         ``(T, T)`` local window, or ``(heads, T, T)`` with random-mask heads.  Built once per grid and device."""
         device = torch.device(device) if device is not None else self.alpha_fixed.device
         if not self.custom_mask:
-            return _local_mask(self.grid_size, self.mask_size, self.num_prefix_tokens, device)
+            return cached_local_mask(self.grid_size, self.mask_size, self.num_prefix_tokens, device)
         key = (self.grid_size, str(device))
         mask = self._random_masks.lookup(key)
         if mask is not None:
@@ -348,13 +235,13 @@ class MaskedAttention(nn.Module):
     def plan(self, q: torch.Tensor, dropout: bool = False) -> AttentionPlan:
         """The layer's attention plan for inputs like ``q`` on the current grid; decided once per grid,
         device, dtype, gradient and dropout."""
-        needs_grad = _needs_grad(q) or (self.alpha_logit is not None and _needs_grad(self.alpha_logit))
-        key = (self.grid_size, q.device.type, q.dtype, needs_grad, dropout)
+        grad = needs_grad(q) or (self.alpha_logit is not None and needs_grad(self.alpha_logit))
+        key = (self.grid_size, q.device.type, q.dtype, grad, dropout)
         plan = self._plans.lookup(key)
         if plan is None:
             call = AttentionCall(self.grid_size, self.mask_size, self.num_prefix_tokens, self._call_kinds,
                                  mode=self.mode, custom_mask=self.custom_mask, device_type=q.device.type,
-                                 dtype=q.dtype, head_dim=self.head_dim, needs_grad=needs_grad, dropout=dropout)
+                                 dtype=q.dtype, head_dim=self.head_dim, needs_grad=grad, dropout=dropout)
             plan = self._plans.store(key, plan_attention(call, self.backend))
             logger.debug("%s(%s) plan: %s", type(self).__name__, "".join(k.value for k in self.head_kinds),
                          plan.describe())
@@ -385,20 +272,19 @@ class MaskedAttention(nn.Module):
                              f"({self.num_prefix_tokens} prefix + {self.grid_size[0]}x{self.grid_size[1]} grid); "
                              f"run it inside its model, or pass grid_size=(H, W) for this input")
 
-    def _fixed_heads_forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor,
-                             dropout_p: float) -> torch.Tensor:
-        """Every head but the learned ones through the layer's plan; learned heads' slots are left for
-        :func:`mait.learned.learned_heads_forward` to fill."""
-        plan = self.plan(q, dropout_p > 0.0)
-        keep = self.keep_mask(q.device) if plan.needs_keep else None
-        fixed = self._fixed_heads
-        if isinstance(fixed, slice):
-            return plan.run(q, k, v, alpha=alpha, keep=keep, scale=self.scale, dropout_p=dropout_p)
-        out = empty_sdpa_layout(v)
-        out[:, fixed] = plan.run(q[:, fixed], k[:, fixed], v[:, fixed], alpha=alpha[fixed],
-                                 keep=keep[fixed] if keep is not None and keep.dim() == 3 else keep,
-                                 scale=self.scale, dropout_p=dropout_p)
-        return out
+    def _probabilities(self, q: torch.Tensor, k: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+        """The attention probabilities of a call, for analysis: the fixed-mask heads' from the definition, the
+        learned heads' from the masks their predictor kept in that call."""
+        q, k = q.detach(), k.detach()
+        probs = reference.attention_probs(q, k, keep=self.keep_mask(q.device), alpha=alpha.detach(), mode=self.mode,
+                                          scale=self.scale)
+        if self.predictor is None:
+            return probs
+        heads = self.learned_index
+        learned = reference.attention_probs(q.index_select(1, heads), k.index_select(1, heads),
+                                            keep=self.predictor.last_keep, alpha=q.new_zeros(len(heads)),
+                                            mode=self.predictor.mode, scale=self.scale)
+        return probs.index_copy(1, heads, learned)
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
                 grid_size: Optional[GridSize] = None) -> torch.Tensor:
@@ -410,12 +296,11 @@ class MaskedAttention(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         dropout_p = self.attn_drop.p if self.training else 0.0
         alpha = self.alpha
-        out = None if self.all_learned else self._fixed_heads_forward(q, k, v, alpha, dropout_p)
+        plan = self.plan(q, dropout_p > 0.0)
+        out = plan.run(q, k, v, alpha=alpha, keep=self.keep_mask(q.device) if plan.needs_keep else None,
+                       scale=self.scale, dropout_p=dropout_p, predictor=self.predictor,
+                       capture=self.capture_attention)
         if self.capture_attention:
-            self.last_attention = reference.attention_probs(
-                q.detach(), k.detach(), keep=self.keep_mask(q.device), alpha=alpha.detach(), mode=self.mode,
-                scale=self.scale)
-        if self.predictor is not None:
-            out = learned_heads_forward(self, q, k, v, out)
+            self.last_attention = self._probabilities(q, k, alpha)
         x = out.transpose(1, 2).reshape(batch, tokens, channels)
         return self.proj_drop(self.proj(x))

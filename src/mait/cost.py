@@ -7,7 +7,7 @@ outputs x in/groups x kernel area).  Attention maps follow paper Table 1: ``q k�
 prefix rows are dense).  Soft-masked heads need every logit, so they count as full heads;
 so do masked talking-heads layers (CaiT mixes heads before the softmax).  A learned
 (Sparsifiner) head costs its kept pairs, ``2·d·(P·T + (T-P)·k)``, plus its connectivity
-predictor (counted apart, in ``predictor``; see :func:`mait.learned.predictor_macs`).  Norms,
+predictor (counted apart, in ``predictor``; see :func:`predictor_macs`).  Norms,
 activations, softmax and top-k are not counted, as in the paper and fvcore.
 
 :func:`count_macs` runs one forward pass with hooks and reports MACs per layer and per
@@ -27,7 +27,7 @@ from timm.models.swin_transformer import WindowAttention
 from timm.models.vision_transformer import Attention
 
 from .attention import MaskedAttention
-from .learned import ConnectivityPredictor, learned_map_macs, predictor_macs
+from .learned import ConnectivityPredictor
 from .models.cait import MaskedTalkingHeadAttn
 from .schemes import HeadKind
 
@@ -40,6 +40,25 @@ def attention_map_macs(tokens: int, dim: int, *, num_heads: int = 1, masked_head
     full = 2 * tokens * tokens * head_dim
     masked = 2 * head_dim * (patches * (mask_size * mask_size + num_prefix_tokens) + num_prefix_tokens * tokens)
     return (num_heads - masked_heads) * full + masked_heads * masked
+
+
+def learned_map_macs(tokens: int, head_dim: int, kept: int, num_prefix_tokens: int) -> int:
+    """MACs of ``q kᵀ`` and ``A v`` of one learned head for one image: ``2·d·(P·T + (T-P)·k)`` kept pairs."""
+    return 2 * head_dim * (num_prefix_tokens * tokens + (tokens - num_prefix_tokens) * kept)
+
+
+def predictor_macs(predictor: ConnectivityPredictor, head_dim: int) -> int:
+    """MACs of one head's connectivity predictor for one image (dense products, as published before pruning).
+
+    ``reduce_c`` on the patch queries and on every key (``d -> c``), ``k_c`` onto the ``n``
+    basis tokens (``c·T·n``), the coefficients (``(T-P)·c·n``) and the map from the basis
+    (``(T-P)·n·T``).
+    """
+    tokens, prefix = predictor.num_tokens, predictor.num_prefix_tokens
+    reduced, basis = predictor.reduce_c_q.out_features, predictor.basis.shape[0]
+    rows = tokens - prefix
+    return (rows + tokens) * head_dim * reduced + reduced * tokens * basis + rows * reduced * basis \
+        + rows * basis * tokens
 
 
 def block_macs(tokens: int, dim: int, *, mlp_ratio: float = 4.0, **attention: int) -> tuple[int, int]:

@@ -1,4 +1,4 @@
-"""Learned (Sparsifiner) masks of one image: which keys a patch query keeps, drawn over the input image."""
+"""Learned (Sparsifiner) masks: how local they are (mask ALS), and which keys a patch query keeps in one image."""
 
 from __future__ import annotations
 
@@ -8,7 +8,59 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 
-from ..learned import learned_layers
+from ..attention import MaskedAttention
+from .als import attention_locality_score
+from .collect import Images, _batches
+
+
+def learned_layers(model: nn.Module) -> list[tuple[str, MaskedAttention]]:
+    """``(name, layer)`` of every attention layer holding a connectivity predictor, in forward order."""
+    return [(name, module) for name, module in model.named_modules()
+            if isinstance(module, MaskedAttention) and module.predictor is not None]
+
+
+def mask_locality(keep: torch.Tensor, grid_size: tuple[int, int], mask_size: int = 3,
+                  num_prefix_tokens: int = 1) -> torch.Tensor:
+    """ALS of a binary mask ``(B, heads, T, T)``: per head, the fraction of each patch row's kept keys that lie
+    in its ``R x R`` window (prefix keys count as outside), averaged over patch rows and images -> ``(heads,)``.
+
+    This is the ALS of the attention map that spreads each row uniformly over its kept keys.
+    """
+    uniform = keep.double() / keep.sum(dim=-1, keepdim=True).clamp_min(1)
+    return attention_locality_score(uniform, grid_size, mask_size, num_prefix_tokens).float()
+
+
+@torch.no_grad()
+def measure_mask_locality(model: nn.Module, images: Images, mask_size: int = 3) -> list[torch.Tensor]:
+    """Mask ALS (:func:`mask_locality`) of every learned head of every learned layer: a list of ``(learned heads,)``.
+
+    ``images`` is a ``(B, C, H, W)`` batch or an iterable of batches / ``(images, labels)``
+    pairs; the mean is over all images.
+    """
+    layers = learned_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no learned (Sparsifiner) heads; mask ALS needs a model with "
+                         f"'l' heads")
+    device = next(model.parameters()).device
+    sums: list[torch.Tensor] = [torch.zeros(len(layer.learned_index), dtype=torch.float64) for _, layer in layers]
+    count, was_training = 0, model.training
+    model.eval()
+    try:
+        for _, layer in layers:
+            layer.capture_attention = True
+        for batch in _batches(images):
+            model(batch.to(device))
+            for index, (_, layer) in enumerate(layers):
+                sums[index] += mask_locality(layer.predictor.last_keep, layer.grid_size, mask_size,
+                                             layer.num_prefix_tokens).double().cpu() * len(batch)
+            count += len(batch)
+    finally:
+        model.train(was_training)
+        for _, layer in layers:
+            layer.capture_attention, layer.last_attention, layer.predictor.last_keep = False, None, None
+    if count == 0:
+        raise ValueError("no images: the data is empty")
+    return [(total / count).float() for total in sums]
 
 
 def query_keys(model: nn.Module, image: torch.Tensor, layer: int, query: int) -> tuple[torch.Tensor, str]:
@@ -33,9 +85,9 @@ def query_keys(model: nn.Module, image: torch.Tensor, layer: int, query: int) ->
         with torch.no_grad():
             model.eval()(image[None])
         prefix = module.num_prefix_tokens
-        keep = module.last_keep[0, :, prefix + query, prefix:]
+        keep = module.predictor.last_keep[0, :, prefix + query, prefix:]
     finally:
-        module.capture_attention, module.last_attention, module.last_keep = False, None, None
+        module.capture_attention, module.last_attention, module.predictor.last_keep = False, None, None
     return keep.cpu(), name
 
 

@@ -20,12 +20,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, replace
 from functools import lru_cache
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
 from ..schemes import HeadKind
-from . import blocksparse, flex, local, matmul, reference, sdpa, triton_local
+from . import blocksparse, flex, learned, local, matmul, reference, sdpa, triton_local
 
 logger = logging.getLogger("mait")
 
@@ -68,15 +68,17 @@ class Backend:
     run: RunFn
     can_run: Callable[[AttentionCall], Optional[str]]
     needs_keep: Callable[[AttentionCall], bool]   # whether ``run`` reads the boolean keep mask
+    takes_predictor: bool = False                 # whether ``run`` needs the layer's connectivity predictor
 
 
 BACKENDS: dict[str, Backend] = {}
 
 
 def register_backend(name: str, run: RunFn, can_run: Callable[[AttentionCall], Optional[str]],
-                     needs_keep: Callable[[AttentionCall], bool] = lambda call: False) -> None:
-    """Make a backend selectable by name (and by ``auto`` once :data:`AUTO_ORDER` lists it)."""
-    BACKENDS[name] = Backend(name, run, can_run, needs_keep)
+                     needs_keep: Callable[[AttentionCall], bool] = lambda call: False,
+                     takes_predictor: bool = False) -> None:
+    """Make a backend selectable by name (``auto`` picks among them by the rules below)."""
+    BACKENDS[name] = Backend(name, run, can_run, needs_keep, takes_predictor)
 
 
 register_backend("reference", reference.run, reference.can_run, lambda call: True)
@@ -86,6 +88,7 @@ register_backend("local", local.run, local.can_run)
 register_backend("flex", flex.run, flex.can_run, lambda call: call.custom_mask)
 register_backend("blocksparse", blocksparse.run, blocksparse.can_run)
 register_backend("triton", triton_local.run, triton_local.can_run)   # by name only until measured on a GPU
+register_backend("learned", learned.run, learned.can_run, takes_predictor=True)   # a layer's learned heads
 
 
 # ------------------------------------------------------------------------------ auto's rules
@@ -164,18 +167,26 @@ class AttentionPlan:
                 f"{' train' if call.needs_grad else ''}: {parts}")
 
     def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, alpha: torch.Tensor,
-            keep: Optional[torch.Tensor], scale: float, dropout_p: float = 0.0) -> torch.Tensor:
+            keep: Optional[torch.Tensor], scale: float, dropout_p: float = 0.0, predictor: Optional[Any] = None,
+            capture: bool = False) -> torch.Tensor:
+        """Every step on its heads; ``predictor`` (and ``capture``) go to a layer's learned-heads step."""
         if len(self.steps) == 1:
-            step = self.steps[0]
-            return step.backend.run(q, k, v, alpha=alpha, keep=keep, call=step.call, scale=scale,
-                                    dropout_p=dropout_p)
+            return self._run_step(self.steps[0], q, k, v, alpha, keep, scale, dropout_p, predictor, capture)
         out = local.empty_sdpa_layout(v)        # not torch.cat: keeps the module's transpose a free view
         for step in self.steps:
             index = step.index
             step_keep = keep[index] if keep is not None and keep.dim() == 3 else keep
-            out[:, index] = step.backend.run(q[:, index], k[:, index], v[:, index], alpha=alpha[index],
-                                             keep=step_keep, call=step.call, scale=scale, dropout_p=dropout_p)
+            out[:, index] = self._run_step(step, q[:, index], k[:, index], v[:, index], alpha[index], step_keep,
+                                           scale, dropout_p, predictor, capture)
         return out
+
+    @staticmethod
+    def _run_step(step: PlanStep, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor,
+                  keep: Optional[torch.Tensor], scale: float, dropout_p: float, predictor: Optional[Any],
+                  capture: bool) -> torch.Tensor:
+        extra = dict(predictor=predictor, capture=capture) if step.backend.takes_predictor else {}
+        return step.backend.run(q, k, v, alpha=alpha, keep=keep, call=step.call, scale=scale, dropout_p=dropout_p,
+                                **extra)
 
 
 def _span(heads: tuple[int, ...]) -> str:
@@ -186,15 +197,32 @@ def _span(heads: tuple[int, ...]) -> str:
 
 @lru_cache(maxsize=512)
 def plan_attention(call: AttentionCall, backend: str = "auto") -> AttentionPlan:
-    """The plan for ``call``: one named backend for every head, or ``auto``'s choice.
+    """The plan for ``call``: one named backend for every fixed-mask head, or ``auto``'s choice.
 
     ``auto`` on CUDA runs a whole layer in one kernel (SDPA when no head is masked, the
     block-sparse identity for long all-hard layers, the fused FlexAttention kernel
     otherwise); on the CPU, and wherever no single fast backend fits, it groups heads by
     kind: unmasked heads on SDPA, hard heads on the linear backend when
     :func:`local_is_faster` (always on CUDA), the rest on the dense ``matmul`` backend.
-    A named backend that cannot run the call is an error naming the reason.
+    Learned heads (a layer's Sparsifiner heads) are always one ``learned`` step, whichever
+    backend runs the others.  A named backend that cannot run its heads is an error naming
+    the reason.  Steps are numbered with the layer's own heads.
     """
+    heads = range(len(call.head_kinds))
+    learned_heads = tuple(h for h in heads if call.head_kinds[h] is HeadKind.LEARNED)
+    fixed_heads = tuple(h for h in heads if call.head_kinds[h] is not HeadKind.LEARNED)
+    steps = []
+    if fixed_heads:
+        fixed = call.subset(fixed_heads) if learned_heads else call
+        steps += [PlanStep(step.backend, tuple(fixed_heads[h] for h in step.heads), step.call)
+                  for step in _fixed_steps(fixed, backend)]
+    if learned_heads:
+        steps.append(PlanStep(BACKENDS["learned"], learned_heads, call.subset(learned_heads)))
+    return AttentionPlan(call, tuple(sorted(steps, key=lambda step: step.heads[0])))
+
+
+def _fixed_steps(call: AttentionCall, backend: str) -> list[PlanStep]:
+    """Steps for heads with fixed masks (numbered within ``call``): the named backend, or ``auto``'s groups."""
     heads = tuple(range(len(call.head_kinds)))
     if backend != "auto":
         if backend not in BACKENDS:
@@ -203,20 +231,19 @@ def plan_attention(call: AttentionCall, backend: str = "auto") -> AttentionPlan:
         reason = chosen.can_run(call)
         if reason is not None:
             raise ValueError(f"backend {backend!r} cannot run this call: {reason}")
-        return AttentionPlan(call, (PlanStep(chosen, heads, call),))
+        return [PlanStep(chosen, heads, call)]
     if call.device_type == "cuda":
         whole = _gpu_whole_layer(call)
         if whole is not None:
-            return AttentionPlan(call, (PlanStep(whole, heads, call),))
+            return [PlanStep(whole, heads, call)]
     groups: dict[str, list[int]] = {}
     for kind in dict.fromkeys(call.head_kinds):
         members = [h for h in heads if call.head_kinds[h] is kind]
         groups.setdefault(_group_backend(call.subset(members)).name, []).extend(members)
     if len(groups) == 1:
-        return AttentionPlan(call, (PlanStep(BACKENDS[next(iter(groups))], heads, call),))
-    steps = tuple(PlanStep(BACKENDS[name], tuple(sorted(members)), call.subset(sorted(members)))
-                  for name, members in groups.items())
-    return AttentionPlan(call, steps)
+        return [PlanStep(BACKENDS[next(iter(groups))], heads, call)]
+    return [PlanStep(BACKENDS[name], tuple(sorted(members)), call.subset(sorted(members)))
+            for name, members in groups.items()]
 
 
 __all__ = ["AttentionCall", "AttentionPlan", "BACKENDS", "Backend", "PlanStep", "local_is_faster",

@@ -50,8 +50,11 @@ BAND_BYTES = 1 << 19      # a row band's (B, heads, rows, W, d) slice: small eno
 def row_bands(qg: torch.Tensor) -> list[tuple[int, int]]:
     """Row ranges ``[y0, y1)`` of the grid, each holding at most :data:`BAND_BYTES` of a ``(B, heads, H, W, d)``
     tensor (at least one row).  Every pass over the ``R²`` window slots runs band by band, so the slot loop
-    re-reads cache-resident data instead of streaming the whole grid from memory ``R²`` times."""
+    re-reads cache-resident data instead of streaming the whole grid from memory ``R²`` times.  Eager only:
+    under torch.compile / torch.export the grid is one band."""
     batch, heads, h, w, dim = qg.shape
+    if torch.compiler.is_compiling():        # a traced graph (its batch may be symbolic) takes the grid whole
+        return [(0, h)]
     rows = max(1, BAND_BYTES // (batch * heads * w * dim * qg.element_size()))
     return [(y0, min(h, y0 + rows)) for y0 in range(0, h, rows)]
 

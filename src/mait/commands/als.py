@@ -7,7 +7,7 @@ import argparse
 from ..analysis import measure_als, model_scheme, save_report
 from ._model import add_model_arguments, prepare
 from ..attention import MaskedAttention
-from ..learned import learned_layers, measure_mask_locality
+from ..analysis.learned_masks import learned_layers, measure_mask_locality
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
