@@ -91,14 +91,19 @@ def test_every_key_kept_is_plain_attention():
         torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v), rtol=0, atol=0)
 
 
-def test_predictor_keeps_exactly_k_per_row_and_depends_on_the_input():
+@pytest.mark.parametrize("sparse_basis", [True, False])
+def test_predictor_keeps_exactly_k_per_row_and_depends_on_the_input(sparse_basis):
     torch.manual_seed(0)
-    predictor = ConnectivityPredictor(head_dim=16, num_tokens=65, num_prefix_tokens=1, keep_rate=0.25)
+    predictor = ConnectivityPredictor(head_dim=16, num_tokens=65, num_prefix_tokens=1, keep_rate=0.25,
+                                      sparse_basis=sparse_basis)
     with torch.no_grad():                  # a trained predictor's scale (the init is nearly input-independent)
-        predictor.reduce_n.normal_()
-        predictor.basis.normal_()
+        predictor.proj_n.normal_()
+        predictor.proj_back_n.normal_()
     q, k = torch.randn(2, 3, 65, 16), torch.randn(2, 3, 65, 16)
-    approx, index = predictor(q, k)
+    _, index = predictor(q, k)
+    coef = predictor.coefficients(q, k)
+    approx = predictor.pruned_coefficients(coef) @ predictor.pruned_basis() if sparse_basis else \
+        coef @ predictor.proj_back_n.t()
     assert approx.shape == (2, 3, 64, 65) and index.shape == (2, 3, 64, kept_keys(65, 0.25)) and index.shape[-1] == 17
     keep = keep_mask(index, 65, 1)
     assert bool((keep[:, :, 1:].sum(-1) == 17).all()) and bool(keep[:, :, 0].all())
@@ -173,7 +178,7 @@ def test_hybrid_model_trains_and_reports_the_reconstruction_loss():
     assert reconstruction_loss(model) is None, "a layer's loss is handed out once"
     (out.sum() + loss).backward()
     predictor = model.blocks[0].attn.predictor
-    assert predictor.basis.grad is not None and predictor.reduce_c_q.weight.grad is not None
+    assert predictor.proj_back_n.grad is not None and predictor.proj_c_q.weight.grad is not None
     model.eval()
     model(torch.randn(3, 1, 8, 8))
     assert reconstruction_loss(model) is None, "no reconstruction loss in eval mode"
@@ -221,13 +226,18 @@ def test_reconstruction_loss_decreases_when_training_the_predictor():
 
 
 def test_short_digits_run_logs_the_reconstruction_loss(tmp_path: Path):
+    """mait's joint variant from scratch: one stage, each layer's own attention as the target."""
     config = TrainConfig.from_dict(dict(model="sparsifiner_nano4_8", epochs=3, warmup_epochs=1, batch_size=32,
                                         train_subset=256, val_subset=64, progress=False, lr=5e-3,
                                         output=str(tmp_path / "run")))
+    with pytest.raises(UserError, match="needs a teacher.*or set reconstruction_target: self"):
+        train(config)          # the released target is the dense teacher's attention
+    config = TrainConfig.from_dict(dict(reconstruction_target="self", reconstruction_reduction="row_mean",
+                                        reconstruction_weight=1.0, output=str(tmp_path / "run2")), base=config)
     result = train(config)
     recon = [row["train_recon_loss"] for row in result.history]
     assert recon[-1] < recon[0]
-    header = (tmp_path / "run" / "metrics.csv").read_text().splitlines()[0]
+    header = (tmp_path / "run2" / "metrics.csv").read_text().splitlines()[0]
     assert "train_recon_loss" in header
 
 
@@ -243,17 +253,17 @@ def test_dense_checkpoint_loads_with_init_from_but_not_strictly(tmp_path: Path):
     torch.testing.assert_close(model.blocks[0].attn.qkv.weight, dense.blocks[0].attn.qkv.weight)
     predictor_keys = [key for key in model.state_dict() if ".attn.predictor." in key]
     assert report.reset == [] and report.missing == predictor_keys and len(predictor_keys) == 4 * 6
-    assert report.describe() == ("blocks.*.attn.predictor.reduce_n, blocks.*.attn.predictor.basis, "
-                                 "blocks.*.attn.predictor.reduce_c_q.weight, blocks.*.attn.predictor.reduce_c_q.bias, "
-                                 "blocks.*.attn.predictor.reduce_c_k.weight, blocks.*.attn.predictor.reduce_c_k.bias "
+    assert report.describe() == ("blocks.*.attn.predictor.proj_n, blocks.*.attn.predictor.proj_back_n, "
+                                 "blocks.*.attn.predictor.proj_c_q.weight, blocks.*.attn.predictor.proj_c_q.bias, "
+                                 "blocks.*.attn.predictor.proj_c_k.weight, blocks.*.attn.predictor.proj_c_k.bias "
                                  "(24 tensors) keep their initialisation (not in the checkpoint)")
 
 
 def test_cost_counts_kept_pairs_and_predictor_by_hand():
-    # DeiT-S at keep 0.25: T = 197, P = 1, 6 heads of d = 64, k = 50, c = 32, n = 24.
+    # DeiT-S at keep 0.25: T = 197, P = 1, 6 heads of d = 64, k = 50, c = 32, n = 197 // 6 = 32.
     report = count_macs(timm.create_model("sparsifiner_deit_small_224", keep_rate=0.25))
     kept_pairs = 2 * 64 * (1 * 197 + 196 * 50) * 6
-    predictor = ((196 + 197) * 64 * 32 + 32 * 197 * 24 + 196 * 32 * 24 + 196 * 24 * 197) * 6
+    predictor = ((196 + 197) * 64 * 32 + 32 * 197 * 32 + 196 * 32 * 32 + 196 * 32 * 197) * 6
     assert report.attention_map == 12 * kept_pairs
     assert report.predictor == 12 * predictor
     dense = count_macs(timm.create_model("deit_small_patch16_224"))

@@ -17,7 +17,7 @@ from PIL import Image
 import mait  # noqa: F401
 from mait.errors import UserError
 from mait.train import TrainConfig, build_loaders, build_model, evaluate, load_config, load_weights, save_weights, train
-from mait.train.engine import DistillationLoss, build_teacher
+from mait.train.objectives import Objective, build_teacher
 
 TINY = {"model_kwargs": {"depth": 1, "embed_dim": 16, "num_heads": 2}, "epochs": 2, "batch_size": 32,
         "train_subset": 128, "val_subset": 64, "warmup_epochs": 1, "progress": False}
@@ -142,12 +142,17 @@ def test_load_weights_reports_mismatched_keys(tmp_path: Path) -> None:
         load_weights(small, tmp_path / "junk.safetensors")
 
 
+def _hard_distillation(teacher: nn.Module, alpha: float, model: nn.Module) -> Objective:
+    return Objective({"ce": 1 - alpha, "hard_distillation": alpha}, nn.CrossEntropyLoss(), teacher, model)
+
+
 def test_distillation_loss_is_deit_hard_distillation() -> None:
     torch.manual_seed(0)
     teacher = nn.Linear(5, 4)
     images, targets = torch.randn(6, 5), torch.randint(0, 4, (6,))
     cls_out, dist_out = torch.randn(6, 4), torch.randn(6, 4)
-    loss = DistillationLoss(nn.CrossEntropyLoss(), teacher, alpha=0.3)(images, (cls_out, dist_out), targets)
+    loss, recon = _hard_distillation(teacher, 0.3, nn.Identity())(nn.Identity(), images, (cls_out, dist_out), targets)
+    assert recon is None
     want = 0.7 * F.cross_entropy(cls_out, targets) + 0.3 * F.cross_entropy(dist_out, teacher(images).argmax(1))
     torch.testing.assert_close(loss, want)
 
@@ -184,9 +189,9 @@ def test_teacher_without_a_distillation_token_distils_into_the_class_head(tmp_pa
                                         teacher_kwargs=TINY["model_kwargs"]))
     torch.manual_seed(0)
     info = build_loaders(config).info
-    student, teacher_model = build_model(config, info).eval(), build_teacher(config, info, build_model(config, info))
+    student, teacher_model = build_model(config, info).eval(), build_teacher(config, info, build_model)
     images, targets = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])
-    loss = DistillationLoss(torch.nn.CrossEntropyLoss(), teacher_model, 0.5)(images, student(images), targets)
+    loss, _ = _hard_distillation(teacher_model, 0.5, student)(student, images, student(images), targets)
     logits = student(images)
     want = 0.5 * F.cross_entropy(logits, targets) + 0.5 * F.cross_entropy(logits, teacher_model(images).argmax(1))
     torch.testing.assert_close(loss, want)

@@ -9,7 +9,7 @@ device, dtype, gradient and dropout, and logged.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Hashable, Optional, Sequence, Union
+from typing import Any, Hashable, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -63,9 +63,10 @@ class MaskedAttention(nn.Module):
     checkpoints load.  Each head is hard-masked (α = 0), soft-masked (learnable α =
     sigmoid(``alpha_logit``) in (0, 1)), a random-mask control, or unmasked (α = 1), given by
     ``head_kinds`` (default: every head hard).  Learned heads (``l``) need ``keep_rate``: the
-    layer then owns a connectivity predictor (``predictor``, one per layer, shared by those heads)
-    and runs them as the ``learned`` step of its plan (:func:`mait.learned.learned_attention`,
-    ``learned_mode`` ``"neg_inf"`` or ``"zero"``; no attention dropout on them).
+    layer then owns a connectivity predictor (``predictor``, one per layer, shared by those heads;
+    ``predictor_options`` are its further keywords, e.g. ``basis_threshold``) and runs them as the
+    ``learned`` step of its plan (:func:`mait.learned.learned_attention`, ``learned_mode``
+    ``"neg_inf"`` or ``"zero"``; no attention dropout on them).
 
     The layer works on the patch grid ``grid_size``: the one it was built for, or the grid of
     the current batch, which a dynamic-size model hands over with :meth:`set_grid` (or a
@@ -83,8 +84,9 @@ class MaskedAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int = 8, *, grid_size: GridSize, mask_size: int = 3,
                  num_prefix_tokens: int = 1, head_kinds: Optional[Sequence[Union[HeadKind, str]]] = None,
                  soft_alpha_init: float = 0.5, mask_seed: int = 0, mode: str = "zero", backend: str = "auto",
-                 keep_rate: Optional[float] = None, learned_mode: str = "neg_inf", qkv_bias: bool = False,
-                 qk_norm: bool = False, proj_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0,
+                 keep_rate: Optional[float] = None, learned_mode: str = "neg_inf",
+                 predictor_options: Optional[Mapping[str, Any]] = None, qkv_bias: bool = False, qk_norm: bool = False,
+                 proj_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0,
                  norm_layer: Optional[type[nn.Module]] = None) -> None:
         super().__init__()
         if dim % num_heads != 0:
@@ -99,7 +101,7 @@ class MaskedAttention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
         self._setup_masking(grid_size, mask_size, num_prefix_tokens, head_kinds, soft_alpha_init, mask_seed,
-                            mode, backend, keep_rate, learned_mode)
+                            mode, backend, keep_rate, learned_mode, predictor_options)
 
     @classmethod
     def from_attention(cls, attn: nn.Module, **masking: Any) -> "MaskedAttention":
@@ -119,7 +121,8 @@ class MaskedAttention(nn.Module):
     def _setup_masking(self, grid_size: GridSize, mask_size: int = 3, num_prefix_tokens: int = 1,
                        head_kinds: Optional[Sequence[Union[HeadKind, str]]] = None, soft_alpha_init: float = 0.5,
                        mask_seed: int = 0, mode: str = "zero", backend: str = "auto",
-                       keep_rate: Optional[float] = None, learned_mode: str = "neg_inf") -> None:
+                       keep_rate: Optional[float] = None, learned_mode: str = "neg_inf",
+                       predictor_options: Optional[Mapping[str, Any]] = None) -> None:
         heads = self.num_heads
         kinds = tuple(HeadKind(k) for k in (head_kinds if head_kinds is not None else "h" * heads))
         if len(kinds) != heads:
@@ -160,7 +163,7 @@ class MaskedAttention(nn.Module):
                                  f"layer was built without one (keep_rate=None); models that support learned heads "
                                  f"take keep_rate")
             self.predictor = ConnectivityPredictor(self.head_dim, self.num_tokens, self.num_prefix_tokens, keep_rate,
-                                                   learned_mode)
+                                                   learned_mode, num_heads=heads, **(predictor_options or {}))
         self.backend = backend
 
     def __prepare_scriptable__(self) -> "MaskedAttention":

@@ -7,7 +7,8 @@ outputs x in/groups x kernel area).  Attention maps follow paper Table 1: ``q k�
 prefix rows are dense).  Soft-masked heads need every logit, so they count as full heads;
 so do masked talking-heads layers (CaiT mixes heads before the softmax).  A learned
 (Sparsifiner) head costs its kept pairs, ``2·d·(P·T + (T-P)·k)``, plus its connectivity
-predictor (counted apart, in ``predictor``; see :func:`predictor_macs`).  Norms,
+predictor (counted apart: ``predictor`` densely, :func:`predictor_macs`; ``predictor_sparse``
+with the sparse basis's actual nonzeros, :func:`sparse_predictor_macs`).  Norms,
 activations, softmax and top-k are not counted, as in the paper and fvcore.
 
 :func:`count_macs` runs one forward pass with hooks and reports MACs per layer and per
@@ -47,18 +48,39 @@ def learned_map_macs(tokens: int, head_dim: int, kept: int, num_prefix_tokens: i
     return 2 * head_dim * (num_prefix_tokens * tokens + (tokens - num_prefix_tokens) * kept)
 
 
-def predictor_macs(predictor: ConnectivityPredictor, head_dim: int) -> int:
-    """MACs of one head's connectivity predictor for one image (dense products, as published before pruning).
+def _predictor_products(predictor: ConnectivityPredictor, head_dim: int) -> tuple[int, int]:
+    """MACs of one head's predictor for one image: ``(everything before the map, the dense map)``."""
+    tokens, prefix = predictor.num_tokens, predictor.num_prefix_tokens
+    reduced, basis = predictor.proj_c_q.out_features, predictor.num_basis
+    rows = tokens - prefix
+    before = (rows + tokens) * head_dim * reduced + reduced * tokens * basis + rows * reduced * basis
+    return before, rows * basis * tokens
 
-    ``reduce_c`` on the patch queries and on every key (``d -> c``), ``k_c`` onto the ``n``
+
+def predictor_macs(predictor: ConnectivityPredictor, head_dim: int) -> int:
+    """MACs of one head's connectivity predictor for one image, every product dense.
+
+    ``proj_c`` on the patch queries and on every key (``d -> c``), ``k_c`` onto the ``n``
     basis tokens (``c·T·n``), the coefficients (``(T-P)·c·n``) and the map from the basis
     (``(T-P)·n·T``).
     """
-    tokens, prefix = predictor.num_tokens, predictor.num_prefix_tokens
-    reduced, basis = predictor.reduce_c_q.out_features, predictor.basis.shape[0]
-    rows = tokens - prefix
-    return (rows + tokens) * head_dim * reduced + reduced * tokens * basis + rows * reduced * basis \
-        + rows * basis * tokens
+    return sum(_predictor_products(predictor, head_dim))
+
+
+def sparse_predictor_macs(predictor: ConnectivityPredictor, q: torch.Tensor, k: torch.Tensor) -> float:
+    """MACs of the predictor's call on ``q, k`` ``(B, heads, T, d)`` (all images and heads) as it decides masks.
+
+    With the sparse basis, the map multiplies only nonzeros: per patch query, the basis rows of its
+    ``coef_topk`` kept coefficients, each with its entries above ``basis_threshold`` (counted on
+    this input); the products before the map stay dense.  Without it, :func:`predictor_macs`.
+    """
+    batch, heads, _, head_dim = q.shape
+    before, dense_map = _predictor_products(predictor, head_dim)
+    if not predictor.sparse_basis:
+        return float(batch * heads * (before + dense_map))
+    kept = predictor.pruned_coefficients(predictor.coefficients(q, k)) != 0         # (B, h, T-P, n)
+    nonzeros = (predictor.pruned_basis() != 0).sum(dim=-1)                           # (n,)
+    return float(batch * heads * before + (kept.double() @ nonzeros.double()).sum().item())
 
 
 def block_macs(tokens: int, dim: int, *, mlp_ratio: float = 4.0, **attention: int) -> tuple[int, int]:
@@ -115,7 +137,8 @@ class LayerCost:
     params: int = 0
     dense: int = 0            # linear and convolution MACs
     attention_map: int = 0    # q kᵀ and A v MACs
-    predictor: int = 0        # learned-mask connectivity predictors (Sparsifiner)
+    predictor: int = 0        # learned-mask connectivity predictors (Sparsifiner), every product dense
+    predictor_sparse: float = 0.0   # the same with the sparse basis's actual nonzeros (mean over the images)
 
     @property
     def macs(self) -> int:
@@ -125,6 +148,11 @@ class LayerCost:
     def mhsa(self) -> int:
         """The MHSA cost Sparsifiner reports: attention maps plus connectivity predictor."""
         return self.attention_map + self.predictor
+
+    @property
+    def mhsa_sparse(self) -> float:
+        """Attention maps plus the connectivity predictor counted with its sparse basis's nonzeros."""
+        return self.attention_map + self.predictor_sparse
 
 
 @dataclass
@@ -148,9 +176,18 @@ class CostReport:
         return sum(layer.predictor for layer in self.layers)
 
     @property
+    def predictor_sparse(self) -> float:
+        return sum(layer.predictor_sparse for layer in self.layers)
+
+    @property
     def mhsa(self) -> int:
         """Attention maps plus connectivity predictors (the MHSA cost Sparsifiner reports)."""
         return self.attention_map + self.predictor
+
+    @property
+    def mhsa_sparse(self) -> float:
+        """Attention maps plus connectivity predictors counted with their sparse basis's nonzeros."""
+        return self.attention_map + self.predictor_sparse
 
     @property
     def params(self) -> int:
@@ -164,6 +201,7 @@ class CostReport:
             total.dense += layer.dense
             total.attention_map += layer.attention_map
             total.predictor += layer.predictor
+            total.predictor_sparse += layer.predictor_sparse
         return list(totals.values())
 
     def table(self, per_layer: bool = True) -> str:
@@ -187,17 +225,20 @@ class CostReport:
 
 
     def mhsa_table(self, dense: "CostReport") -> str:
-        """Per-layer MHSA MACs (attention maps + predictor) against ``dense`` (the same model, every head full)."""
+        """Per-layer MHSA MACs (attention maps + predictor) against ``dense`` (the same model, every head full),
+        the predictor counted densely and with its sparse basis's nonzeros."""
         lines = ["MHSA (attention maps + connectivity predictor) against full attention, per image:",
-                 f"{'layer':<28}{'full MMACs':>12}{'kept MMACs':>12}{'pred MMACs':>12}{'reduction':>11}"]
+                 f"{'layer':<28}{'full MMACs':>12}{'kept MMACs':>12}{'pred MMACs':>12}{'reduction':>11}"
+                 f"{'pruned pred':>13}{'reduction':>11}"]
         full = {layer.name: layer for layer in dense.layers}
         for layer in self.layers + [LayerCost("total", "", attention_map=self.attention_map,
-                                              predictor=self.predictor)]:
+                                              predictor=self.predictor, predictor_sparse=self.predictor_sparse)]:
             base = full[layer.name].attention_map if layer.name in full else dense.attention_map
             if not base:
                 continue
             lines.append(f"{layer.name:<28}{base / 1e6:>12.3f}{layer.attention_map / 1e6:>12.3f}"
-                         f"{layer.predictor / 1e6:>12.3f}{100 * (1 - layer.mhsa / base):>10.1f}%")
+                         f"{layer.predictor / 1e6:>12.3f}{100 * (1 - layer.mhsa / base):>10.1f}%"
+                         f"{layer.predictor_sparse / 1e6:>13.3f}{100 * (1 - layer.mhsa_sparse / base):>10.1f}%")
         return "\n".join(lines)
 
 
@@ -220,13 +261,17 @@ def _layer_of(name: str) -> tuple[str, str]:
 
 
 def count_macs(model: nn.Module, input_size: Optional[Sequence[int]] = None, name: str = "",
-               mask_savings: bool = True) -> CostReport:
+               mask_savings: bool = True, images: Optional[torch.Tensor] = None) -> CostReport:
     """Count MACs per layer for one image of ``input_size`` ``(C, H, W)`` (default: the size it was built for).
 
     ``mask_savings=False`` counts masked heads as dense (what the paper's Table 7 does for
-    monolithic MaiT: 5.3 G for MaiT-XS, 9.1 G for MaiT-S).
+    monolithic MaiT: 5.3 G for MaiT-XS, 9.1 G for MaiT-S).  The sparse predictor count
+    depends on the input: it is taken on an all-zero image, or averaged over ``images``
+    ``(B, C, H, W)`` when given.
     """
     counters = _counters(mask_savings)
+    if images is not None:
+        input_size = tuple(images.shape[1:])
     if input_size is None:
         input_size = tuple(getattr(model, "pretrained_cfg", {}).get("input_size", (3, 224, 224)))
         built_for = getattr(getattr(model, "patch_embed", None), "img_size", None)
@@ -246,6 +291,7 @@ def count_macs(model: nn.Module, input_size: Optional[Sequence[int]] = None, nam
             def predictor(mod, inputs, output):
                 batch, heads, tokens, head_dim = inputs[0].shape
                 layer(module_name).predictor += batch * heads * predictor_macs(mod, head_dim)
+                layer(module_name).predictor_sparse += sparse_predictor_macs(mod, *inputs[:2])
             return predictor
         if ".predictor." in f"{module_name}.":        # its linear maps are in predictor_macs
             return None
@@ -281,6 +327,30 @@ def count_macs(model: nn.Module, input_size: Optional[Sequence[int]] = None, nam
         model.train(was_training)
         for handle in handles:
             handle.remove()
+    if images is not None:
+        _average_sparse_predictor(model, images, layer)
     order = {n: i for i, n in enumerate(layers)}
     report.layers = sorted(layers.values(), key=lambda item: order[item.name])
     return report
+
+
+def _average_sparse_predictor(model: nn.Module, images: torch.Tensor, layer: Callable[[str], LayerCost]) -> None:
+    """Replace each layer's sparse predictor count by its mean over ``images``."""
+    totals: dict[str, float] = {}
+    handles = []
+    for module_name, module in model.named_modules():
+        if isinstance(module, ConnectivityPredictor):
+            def collect(mod, inputs, output, module_name=module_name):
+                totals[module_name] = totals.get(module_name, 0.0) + sparse_predictor_macs(mod, *inputs[:2])
+            handles.append(module.register_forward_hook(collect))
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.inference_mode():
+            model(images)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    for module_name, total in totals.items():
+        layer(module_name).predictor_sparse = total / len(images)

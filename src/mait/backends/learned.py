@@ -140,14 +140,24 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, call: Any, scale: 
         capture: bool = False, **_: Any) -> torch.Tensor:
     """The learned heads of a layer: the predictor's kept keys, then :func:`learned_attention`.
 
-    In training with gradients the predictor keeps its reconstruction loss of this call
-    (``predictor.reconstruction``, read by :func:`mait.learned.reconstruction_loss`); with
-    ``capture`` it keeps the boolean masks ``(B, heads, T, T)`` in ``predictor.last_keep``.
+    A training call with gradients in the predictor's ``"joint"`` or ``"reconstruct"`` phase
+    leaves its dense map on the predictor (``predictor.recorded``, read by
+    :func:`mait.learned.reconstruction_loss`); in ``"reconstruct"`` the heads attend densely (the
+    backbone's attention stays undistorted while the predictor learns, as released).  With
+    ``capture`` the boolean masks ``(B, heads, T, T)`` of the call go to ``predictor.last_keep``.
     """
-    approx, index = predictor(q * scale, k)
-    if predictor.training and torch.is_grad_enabled():
-        predictor.reconstruction = predictor.reconstruction_error(approx, q, k, scale)
-    predictor.last_keep = keep_mask(index, q.shape[2], call.num_prefix_tokens) if capture else None
+    learning = predictor.training and torch.is_grad_enabled() and predictor.phase != "frozen"
+    approx, index = predictor(q, k, dense=learning)
+    predictor.record(approx if learning else None, q, k, scale)
+    dense = learning and predictor.phase == "reconstruct"
+    if capture:
+        tokens = q.shape[2]
+        predictor.last_keep = q.new_ones(*q.shape[:2], tokens, tokens, dtype=torch.bool) if dense else \
+            keep_mask(index, tokens, call.num_prefix_tokens)
+    else:
+        predictor.last_keep = None
+    if dense:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
     return learned_attention(q, k, v, index, num_prefix_tokens=call.num_prefix_tokens, mode=predictor.mode,
                              scale=scale, backend="auto")
 

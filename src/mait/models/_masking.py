@@ -48,30 +48,47 @@ def check_image_size(img_size: Union[int, Sequence[int]], patch_size: Union[int,
 def apply_masking(blocks: Iterable[nn.Module], *, scheme: Union[str, MaskingScheme], depth: int,
                   num_heads: HeadsSpec, grid_size: Sequence[int], num_prefix_tokens: int, mask_size: int = 3,
                   soft_alpha_init: float = 0.5, mask_seed: int = 0, attention_mode: str = "zero",
-                  attention_backend: str = "auto", keep_rate: Optional[float] = None,
-                  learned_mode: str = "neg_inf", wrap: Callable[..., nn.Module] = MaskedAttention.from_attention) -> MaskingScheme:
+                  attention_backend: str = "auto", keep_rate: Union[float, Sequence[float], None] = None,
+                  learned_mode: str = "neg_inf", predictor_options: Optional[dict] = None,
+                  wrap: Callable[..., nn.Module] = MaskedAttention.from_attention) -> MaskingScheme:
     """Replace ``block.attn`` of every block by a masked layer configured from ``scheme``.
 
     Unmasked layers are converted too (their α is 1 and they run plain SDPA), so every layer
     exposes the same ``alpha`` / ``head_kinds`` / ``capture_attention`` interface.  Learned
-    (``l``) heads get a connectivity predictor keeping ``keep_rate`` of the keys (a model that
-    passes no ``keep_rate`` cannot hold learned heads).  A mask too large for the grid is an
-    error raised by the layers (:meth:`mait.MaskedAttention.set_grid`).
+    (``l``) heads get a connectivity predictor keeping ``keep_rate`` of the keys (one rate, or one
+    per layer; a model that passes no ``keep_rate`` cannot hold learned heads) and built with
+    ``predictor_options``.  A mask too large for the grid is an error raised by the layers
+    (:meth:`mait.MaskedAttention.set_grid`).
     """
     resolved = resolve_scheme(scheme, depth, num_heads)
     check_mask_size(mask_size)
-    learned = dict(keep_rate=keep_rate, learned_mode=learned_mode) if resolved.has_learned else {}
     if resolved.has_learned and keep_rate is None:
         raise ValueError(f"scheme {str(resolved)!r} has learned heads ('l'), but this model builds no connectivity "
                          f"predictor; use a MaiT / Sparsifiner model (keep_rate=...)")
+    keep_rates = per_layer_keep_rates(keep_rate, depth)
     blocks = list(blocks)
+
+    def learned(index: int) -> dict:
+        if not resolved.has_learned:
+            return {}
+        return dict(keep_rate=keep_rates[index], learned_mode=learned_mode, predictor_options=predictor_options)
+
     masked = [wrap(block.attn, grid_size=tuple(grid_size), mask_size=mask_size, num_prefix_tokens=num_prefix_tokens,
                    head_kinds=resolved.layer(index), soft_alpha_init=soft_alpha_init, mask_seed=mask_seed + index,
-                   mode=attention_mode, backend=attention_backend, **learned)
+                   mode=attention_mode, backend=attention_backend, **learned(index))
               for index, block in enumerate(blocks)]
     for block, layer in zip(blocks, masked):      # only once every layer is built: an error changes nothing
         block.attn = layer
     return resolved
+
+
+def per_layer_keep_rates(keep_rate: Union[float, Sequence[float], None], depth: int) -> list:
+    """One keep rate per layer: ``keep_rate`` repeated, or a sequence of exactly ``depth`` rates."""
+    if isinstance(keep_rate, (list, tuple)):
+        if len(keep_rate) != depth:
+            raise ValueError(f"keep_rate lists {len(keep_rate)} per-layer rates but the model has {depth} layers")
+        return list(keep_rate)
+    return [keep_rate] * depth
 
 
 def alpha_no_weight_decay(model: nn.Module) -> set[str]:

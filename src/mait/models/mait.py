@@ -11,7 +11,7 @@ Parameter names are timm's, so DeiT checkpoints load into a MaiT of the same sha
 
 from __future__ import annotations
 
-from typing import Any, Optional, Set, Tuple, Union
+from typing import Any, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -20,6 +20,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
+from ..learned import BASIS_REDUCTION, BASIS_THRESHOLD, COEF_TOPK, predictor_options
 from ..masks import check_mask_fits_grid, to_grid
 from ..schemes import MaskingScheme, resolve_scheme
 from ._masking import PatchGrid, alpha_no_weight_decay, apply_masking, check_image_size, with_mait_only_parameters
@@ -38,19 +39,23 @@ class MaskedViTMixin:
 
     def __init__(self, *, scheme: Union[str, MaskingScheme] = "sch1", mask_size: int = 3,
                  soft_alpha_init: float = 0.5, mask_seed: int = 0, attention_mode: str = "zero",
-                 attention_backend: str = "auto", keep_rate: float = 0.25, learned_mode: str = "neg_inf",
+                 attention_backend: str = "auto", keep_rate: Union[float, Sequence[float]] = 0.25,
+                 learned_mode: str = "neg_inf", basis_reduction: int = BASIS_REDUCTION, sparse_basis: bool = True,
+                 basis_threshold: float = BASIS_THRESHOLD, coef_topk: int = COEF_TOPK,
                  pos_embed_std: Optional[float] = None, **kwargs: Any) -> None:
         check_image_size(kwargs.get("img_size", 224), kwargs.get("patch_size", 16))
         super().__init__(**kwargs)
         self.install_masks(scheme=scheme, mask_size=mask_size, soft_alpha_init=soft_alpha_init, mask_seed=mask_seed,
                            attention_mode=attention_mode, attention_backend=attention_backend, keep_rate=keep_rate,
-                           learned_mode=learned_mode)
+                           learned_mode=learned_mode, predictor_options=predictor_options(
+                               basis_reduction, sparse_basis, basis_threshold, coef_topk))
         if pos_embed_std is not None:      # e.g. pixel tokens, whose embedding is far larger than timm's 0.02
             nn.init.trunc_normal_(self.pos_embed, std=pos_embed_std)
 
     def install_masks(self, *, scheme: Union[str, MaskingScheme], mask_size: int = 3, soft_alpha_init: float = 0.5,
                       mask_seed: int = 0, attention_mode: str = "zero", attention_backend: str = "auto",
-                      keep_rate: Optional[float] = 0.25, learned_mode: str = "neg_inf") -> None:
+                      keep_rate: Union[float, Sequence[float], None] = 0.25, learned_mode: str = "neg_inf",
+                      predictor_options: Optional[dict] = None) -> None:
         """Replace every block's attention by a masked layer per ``scheme`` (keeping its weights)."""
         if not isinstance(self.patch_drop, nn.Identity):
             raise ValueError("patch dropout removes tokens from the patch grid, which masked attention needs whole; "
@@ -62,7 +67,7 @@ class MaskedViTMixin:
             self.blocks, scheme=scheme, depth=depth, num_heads=heads, grid_size=self.patch_embed.grid_size,
             num_prefix_tokens=self.num_prefix_tokens, mask_size=mask_size, soft_alpha_init=soft_alpha_init,
             mask_seed=mask_seed, attention_mode=attention_mode, attention_backend=attention_backend,
-            keep_rate=keep_rate, learned_mode=learned_mode)
+            keep_rate=keep_rate, learned_mode=learned_mode, predictor_options=predictor_options)
         self.mask_size = mask_size
         self.patch_grid = PatchGrid([block.attn for block in self.blocks])
 
@@ -109,8 +114,12 @@ class MaiT(MaskedViTMixin, VisionTransformer):
         mask_seed: seed of the random-mask control heads (``r``).
         attention_mode: ``"zero"`` (paper) or ``"neg_inf"`` (strict neighbourhood ablation).
         attention_backend: backend of :func:`mait.masked_attention` (``"auto"``).
-        keep_rate: fraction of keys a learned (``l``) head keeps per patch query (see :mod:`mait.learned`).
+        keep_rate: fraction of keys a learned (``l``) head keeps per patch query (see :mod:`mait.learned`),
+            one for every layer or a list with one per layer.
         learned_mode: ``"neg_inf"`` (Sparsifiner) or ``"zero"`` (MaiT's semantics) for learned heads.
+        basis_reduction, sparse_basis, basis_threshold, coef_topk: the learned heads' connectivity predictor:
+            ``n = T // basis_reduction`` basis tokens, and the sparse basis that decides masks outside training
+            (``sparse_basis=False``: mait's unpruned predictor); defaults as released (6, True, 0.02, 8).
         pos_embed_std: initialise the position embedding with this std instead of timm's 0.02.
     """
 

@@ -6,13 +6,18 @@ Florian Shkurti, CVPR 2023 (arXiv 2303.13755).
 
 Every head of every layer is a learned head (scheme ``*:<heads>l``): a connectivity
 predictor per layer picks, per image, the top ``ceil(keep_rate · T)`` keys of each patch
-query (:mod:`mait.learned`).  The backbone is DeiT with timm's parameter names, so every
-DeiT checkpoint loads; only the predictor's keys (``blocks.*.attn.predictor.*``) are new.
-With ``keep_rate=1.0`` the model computes exactly the dense backbone.
+query (:mod:`mait.learned`), built as the authors released it: ``n = T // 6`` basis tokens,
+and masks decided by the sparse basis (``basis_threshold=0.02``, ``coef_topk=8``).  The
+backbone is DeiT with timm's parameter names, so every DeiT checkpoint loads; only the
+predictor's keys (``blocks.*.attn.predictor.*``) are new.  With ``keep_rate=1.0`` the model
+computes exactly the dense backbone.
 
-Keyword arguments beyond a MaiT model's: ``keep_rate`` (default 0.25, the paper's) and
-``mode`` (``"neg_inf"``: the paper's semantics; ``"zero"``: MaiT's zero-logit semantics on
-the learned mask).  ``scheme=`` still works, e.g. ``"*:hllu"`` mixes fixed and learned heads.
+Keyword arguments beyond a MaiT model's: ``keep_rate`` (default 0.25, the release's; a list
+gives one per layer), ``mode`` (``"neg_inf"``: the release's semantics; ``"zero"``: MaiT's
+zero-logit semantics on the learned mask, mait's variant) and the predictor's
+``basis_reduction``, ``basis_threshold``, ``coef_topk`` and ``sparse_basis`` (``False``:
+mait's unpruned variant).  ``scheme=`` still works, e.g. ``"*:hllu"`` mixes fixed and learned heads.
+The release trains it in two stages from the dense model; see the ``sparsifiner_*`` presets.
 """
 
 from __future__ import annotations
@@ -40,7 +45,8 @@ def _create(variant: str, pretrained: bool, model_args: dict, kwargs: dict) -> M
     """Build a Sparsifiner model; ``mode`` names the learned heads' semantics (MaiT's ``learned_mode``)."""
     if "mode" in kwargs:
         kwargs["learned_mode"] = kwargs.pop("mode")
-    args = dict(model_args, scheme=f"*:{model_args['num_heads']}l", **kwargs)
+    heads = kwargs.get("num_heads", model_args["num_heads"])
+    args = {**model_args, "scheme": f"*:{heads}l", **kwargs}
     return build_model_with_cfg(MaiT, variant, pretrained, pretrained_filter_fn=deit_checkpoint_filter,
                                 feature_cfg=dict(out_indices=3, feature_cls="getter"), **args)
 

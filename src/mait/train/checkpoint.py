@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import UserError
+from ..learned import convert_legacy_predictors
 from ..models._masking import fit_position_embedding
 
 LAST, BEST, STATE = "last.safetensors", "best.safetensors", "last.state.pt"
@@ -135,7 +136,8 @@ def load_weights(model: nn.Module, path: Path, *, allow_head_reset: bool = False
     """Load a safetensors file into ``model``; returns what stayed at its initialisation.
 
     The position embedding is resampled to the model's patch grid (as timm does for ViTs), so a
-    checkpoint loads into the same model built for another image size; with ``allow_head_reset``,
+    checkpoint loads into the same model built for another image size; connectivity predictors
+    of mait's earlier layout are converted (:func:`mait.learned.convert_legacy_predictors`); with ``allow_head_reset``,
     ViT checkpoints also go through timm's ``checkpoint_filter_fn`` (other key layouts, patch
     kernels), so DeiT weights fine-tune into a MaiT at another size.
     With ``allow_head_reset`` a classifier of another class count is dropped (fresh head);
@@ -143,7 +145,7 @@ def load_weights(model: nn.Module, path: Path, *, allow_head_reset: bool = False
     (e.g. a soft head's α or the learned-mask predictor when starting from a dense model).
     """
     try:
-        weights = fit_position_embedding(read_weights(path), model)
+        weights = convert_legacy_predictors(fit_position_embedding(read_weights(path), model), model)
     except ValueError as error:
         raise UserError(f"checkpoint {path}: {error}") from None
     own = model.state_dict()

@@ -78,7 +78,15 @@ class TrainConfig:
     teacher_checkpoint: Optional[str] = None
     teacher_kwargs: dict = field(default_factory=dict)  # timm.create_model kwargs of the teacher (e.g. scheme)
     distillation_alpha: float = 0.5             # λ in (1-λ)·CE(cls) + λ·CE(dist, teacher argmax)
-    reconstruction_weight: float = 1.0          # weight of learned-mask heads' attention-reconstruction loss
+
+    # learned-mask (Sparsifiner) heads: the attention-reconstruction loss (defaults as released)
+    reconstruction_weight: float = 0.01         # its weight in a run without stages
+    reconstruction_target: str = "teacher"      # teacher: the dense teacher's attention; self: the layer's own (mait's)
+    reconstruction_reduction: str = "sum"       # sum: over everything (released); row_mean: per query row (mait's)
+
+    # training in stages (mait.train.stages): a list of {name, epochs, lr, min_lr, warmup_epochs, warmup_lr,
+    # train, predictor, losses}; empty = one stage made of the keys above
+    stages: list = field(default_factory=list)
 
     # run
     output: Optional[str] = None                # None = runs/<model>-<data>-<time>

@@ -22,9 +22,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.optim import create_optimizer_v2
-from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, random_seed
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
@@ -33,13 +30,14 @@ import mait  # noqa: F401  (registers the MaiT models in timm)
 from ..models import mask_model
 
 from ..errors import Interrupted, UserError
-from ..learned import reconstruction_loss
 from . import checkpoint as ckpt
 from .card import ModelCard, check_against_card, make_card, read_card
 from .config import TrainConfig
 from .data import DataInfo, Loaders, build_loaders, build_transforms, per_rank_batch
 from .distributed import Dist, all_sum, cleanup, setup
 from .logs import PLOT_NAME, RunLog, epoch_line, plot_curves
+from .objectives import Objective, build_criterion, build_teacher
+from .stages import enter_stage, plan_stages, stage_at, stage_summary
 
 
 @dataclass
@@ -103,44 +101,6 @@ def check_model_name(name: str) -> None:
                                                      "; see timm.list_models('*mait*')"))
 
 
-class DistillationLoss(nn.Module):
-    """DeiT hard distillation: ``(1-λ)·base(cls head) + λ·CE(dist head, teacher argmax)``.
-
-    A model without a distillation token gives one output, used for both terms (hard
-    distillation on the class token, as when fine-tuning a sparse model from its dense teacher).
-    """
-
-    def __init__(self, base: nn.Module, teacher: nn.Module, alpha: float) -> None:
-        super().__init__()
-        self.base, self.teacher, self.alpha = base, teacher, alpha
-
-    def forward(self, images: torch.Tensor, outputs: Any, targets: torch.Tensor) -> torch.Tensor:
-        cls_out, dist_out = outputs if isinstance(outputs, (tuple, list)) else (outputs, outputs)
-        with torch.no_grad():
-            teacher_labels = self.teacher(images).argmax(dim=1)
-        return (1 - self.alpha) * self.base(cls_out, targets) + self.alpha * F.cross_entropy(dist_out, teacher_labels)
-
-
-def build_criterion(config: TrainConfig, mixup_on: bool) -> nn.Module:
-    if mixup_on:
-        return SoftTargetCrossEntropy()          # mixup already smooths the targets
-    if config.smoothing > 0:
-        return LabelSmoothingCrossEntropy(config.smoothing)
-    return nn.CrossEntropyLoss()
-
-
-def build_teacher(config: TrainConfig, info: DataInfo, model: nn.Module) -> Optional[nn.Module]:
-    if config.teacher is None:
-        return None
-    if not config.teacher_checkpoint:
-        raise UserError("--teacher needs --teacher-checkpoint (a .safetensors of the trained teacher)")
-    teacher_config = TrainConfig.from_dict({"model": config.teacher, "scheme": None, "mask_size": None,
-                                            "model_kwargs": config.teacher_kwargs, "drop_path": 0.0}, base=config)
-    teacher = build_model(teacher_config, info)
-    ckpt.load_weights(teacher, Path(config.teacher_checkpoint))
-    return teacher.eval().requires_grad_(False)
-
-
 def _amp_dtype(config: TrainConfig, device: torch.device) -> Optional[torch.dtype]:
     if not config.amp or device.type != "cuda":
         return None
@@ -194,16 +154,14 @@ class _Run:
     """The mutable parts of one run that a checkpoint must capture."""
 
     def __init__(self, config: TrainConfig, env: Dist, output: Path, loaders: Loaders, model: nn.Module,
-                 card: ModelCard) -> None:
+                 card: ModelCard, teacher: Optional[nn.Module]) -> None:
         self.config, self.env, self.output, self.loaders, self.model = config, env, output, loaders, model
-        self.card = card
+        self.card, self.teacher = card, teacher
         self.steps = loaders.steps_per_epoch
-        self.optimizer = create_optimizer_v2(model, opt=config.opt, lr=config.lr, weight_decay=config.weight_decay,
-                                             momentum=config.momentum)
-        self.scheduler, _ = create_scheduler_v2(self.optimizer, sched=config.sched, num_epochs=config.epochs,
-                                                warmup_epochs=config.warmup_epochs, warmup_lr=config.warmup_lr,
-                                                min_lr=config.min_lr, step_on_epochs=False,
-                                                updates_per_epoch=self.steps)
+        self.stages, self.stage, self.stage_start = plan_stages(config), -1, 0
+        self.criterion = build_criterion(config, loaders.mixup is not None)
+        self.objective: Optional[Objective] = None
+        self.enter_stage(0)
         self.ema = ModelEmaV3(model, decay=config.ema_decay) if config.ema else None
         self.amp_dtype = _amp_dtype(config, env.device)
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=self.amp_dtype == torch.float16)
@@ -212,6 +170,19 @@ class _Run:
         self.best_acc1, self.best_epoch = -1.0, 0
         self.images_per_s = 0.0                  # training throughput of the last epoch
         self.saved: Optional[tuple[int, int]] = None      # (epoch, step) of the last checkpoint on disk
+
+    def enter_stage(self, index: int) -> bool:
+        """Train as stage ``index`` says from here (fresh optimizer, schedule and loss); False if already so."""
+        if index == self.stage:
+            return False
+        stage, config = self.stages[index], self.config
+        self.stage, self.stage_start = index, sum(s.epochs for s in self.stages[:index])
+        self.optimizer, self.scheduler = enter_stage(config, self.model, stage, self.steps)
+        if self.objective is not None:
+            self.objective.close()
+        self.objective = Objective(stage.losses, self.criterion, self.teacher, self.model,
+                                   config.reconstruction_target, config.reconstruction_reduction)
+        return True
 
     def save(self) -> None:
         """Write weights + training state (all ranks take part in gathering; rank 0 writes)."""
@@ -225,7 +196,7 @@ class _Run:
             "epoch": self.epoch, "step": self.step, "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
             "scaler": self.scaler.state_dict(), "ranks": per_rank, "history": self.history,
-            "best": (self.best_acc1, self.best_epoch), "world_size": self.env.world_size,
+            "best": (self.best_acc1, self.best_epoch), "world_size": self.env.world_size, "stage": self.stage,
         }, self.output / ckpt.STATE)
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -233,6 +204,7 @@ class _Run:
             raise UserError(f"the run was saved with {state['world_size']} processes; resume it with as many "
                             f"(got {self.env.world_size})")
         ckpt.load_weights(self.model, self.output / ckpt.LAST)
+        self.enter_stage(state.get("stage", 0))          # the stage whose optimizer was saved
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.ema is not None and state["ema"] is not None:
@@ -289,10 +261,12 @@ def _train(config: TrainConfig, resume: bool, env: Dist, start: float) -> TrainR
                            consequence="fine-tuning starts from weights trained for another setting")
         kept_init = ckpt.load_weights(model, Path(config.init_from), allow_head_reset=True, strict=False).describe()
         say(f"initialised from {config.init_from}" + (f"; {kept_init}" if kept_init else ""))
-    teacher = build_teacher(config, loaders.info, model)
+    teacher = build_teacher(config, loaders.info, build_model, attention=config.reconstruction_target == "teacher")
     model.to(env.device)
+    if teacher is not None:
+        teacher.to(env.device)
     card = make_card(config, loaders.info, model, loaders.val.dataset, build_transforms(config, loaders.info)[1])
-    run = _Run(config, env, output, loaders, model, card)
+    run = _Run(config, env, output, loaders, model, card, teacher)
     if state is not None:
         run.restore(state)
         if run.epoch >= config.epochs:
@@ -305,21 +279,18 @@ def _train(config: TrainConfig, resume: bool, env: Dist, start: float) -> TrainR
         random_seed(config.seed, env.rank)
     if env.is_main:
         config.save(output / "config.yaml")
-    if teacher is not None:
-        teacher.to(env.device)
-        if hasattr(model, "set_distilled_training"):
-            model.set_distilled_training(True)
-    net = DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None) \
-        if env.enabled else model
-    if config.compile:
-        net = torch.compile(net)          # training steps only; evaluation and checkpoints use the plain model
-    criterion = build_criterion(config, loaders.mixup is not None)
-    loss_fn = DistillationLoss(criterion, teacher, config.distillation_alpha) if teacher is not None else None
+        if stage_summary(run.stages):
+            say(stage_summary(run.stages))
+    if teacher is not None and hasattr(model, "set_distilled_training"):
+        model.set_distilled_training(True)
     log = RunLog(output, env.is_main, run.epoch)
     batch = per_rank_batch(config, env)
+    net = None
     try:
         while run.epoch < config.epochs:
-            _train_epoch(run, net, criterion, loss_fn, batch)
+            if run.enter_stage(stage_at(run.stages, run.epoch)[0]) or net is None:
+                net = _wrap(model, config, env)       # a stage changes what is trainable: wrap afresh
+            _train_epoch(run, net, batch)
             _end_epoch(run, log)
     except KeyboardInterrupt:
         raise Interrupted(run.interrupted(), output / ckpt.LAST if run.saved is not None else None) from None
@@ -334,8 +305,14 @@ def _train(config: TrainConfig, resume: bool, env: Dist, start: float) -> TrainR
                        wall_time=time.perf_counter() - start, history=run.history)
 
 
-def _train_epoch(run: _Run, net: nn.Module, criterion: nn.Module, loss_fn: Optional[DistillationLoss],
-                 batch: int) -> None:
+def _wrap(model: nn.Module, config: TrainConfig, env: Dist) -> nn.Module:
+    """The model as the training steps call it: DistributedDataParallel across processes, compiled if asked."""
+    net = DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None) \
+        if env.enabled else model
+    return torch.compile(net) if config.compile else net   # evaluation and checkpoints use the plain model
+
+
+def _train_epoch(run: _Run, net: nn.Module, batch: int) -> None:
     config, env, loaders = run.config, run.env, run.loaders
     if run.step == 0:
         run.loss_sum, run.loss_count, run.recon_sum = 0.0, 0, 0.0
@@ -352,10 +329,8 @@ def _train_epoch(run: _Run, net: nn.Module, criterion: nn.Module, loss_fn: Optio
             images, targets = loaders.mixup(images, targets)
         with torch.autocast(env.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
             outputs = net(images)
-            loss = loss_fn(images, outputs, targets) if loss_fn is not None else criterion(outputs, targets)
-            recon = reconstruction_loss(run.model)       # learned-mask heads only (mait.learned)
+            loss, recon = run.objective(run.model, images, outputs, targets)     # mait.train.objectives
             if recon is not None:
-                loss = loss + config.reconstruction_weight * recon
                 run.recon_sum += recon.item()
         if not math.isfinite(loss.item()):
             raise RuntimeError(f"loss is {loss.item()} at epoch {run.epoch + 1}, step {run.step}; "
@@ -370,7 +345,7 @@ def _train_epoch(run: _Run, net: nn.Module, criterion: nn.Module, loss_fn: Optio
         if run.ema is not None:
             run.ema.update(run.model)
         run.step += 1
-        run.scheduler.step_update(num_updates=run.epoch * run.steps + run.step)
+        run.scheduler.step_update(num_updates=(run.epoch - run.stage_start) * run.steps + run.step)
         run.loss_sum += loss.item()
         run.loss_count += 1
         done += 1
@@ -395,6 +370,8 @@ def _end_epoch(run: _Run, log: RunLog) -> None:
            "epoch_time": time.perf_counter() - run.epoch_start, "train_images_per_s": run.images_per_s}
     if recon_sum:
         row["train_recon_loss"] = recon_sum / max(loss_count, 1)
+    if len(run.stages) > 1:
+        row["stage"] = run.stage + 1
     if run.ema is not None:
         row["ema_acc1"] = evaluate(run.ema.module, run.loaders.val, env, run.amp_dtype)["acc1"]
     run.history.append(row)

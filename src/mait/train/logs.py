@@ -35,7 +35,8 @@ class RunLog:
         if not self.enabled or not history:
             return
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=list(history[-1]))
+        columns = list(dict.fromkeys(key for row in history for key in row))    # stages may log different keys
+        writer = csv.DictWriter(buffer, fieldnames=columns, restval="")
         writer.writeheader()
         writer.writerows(history)
         atomic_write_text(self.folder / CSV_NAME, buffer.getvalue())
