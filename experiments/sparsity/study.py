@@ -1,16 +1,20 @@
-"""The sparsity head-to-head of docs/sparsity.md: MaiT's fixed local masks against Sparsifiner's learned masks.
+"""The sparsity head-to-head of docs/sparsity.md: MaiT's fixed local masks against Sparsifiner's learned masks,
+the published (released) Sparsifiner recipe against mait's variants.
 
     python experiments/sparsity/study.py run                    # every run not finished yet (digits, then CIFAR-10)
-    python experiments/sparsity/study.py run 'sp25*' --shard 0/2  # a subset, half of it (two processes)
+    python experiments/sparsity/study.py run 'rel*' --shard 0/2  # a subset, half of it (two processes)
     python experiments/sparsity/study.py run 'c10*' --device cuda  # the CIFAR-10 runs on a GPU
-    python experiments/sparsity/study.py report                 # table + ALS figure from the saved runs
+    python experiments/sparsity/study.py list                   # every run and whether it has finished
+    python experiments/sparsity/study.py report                 # tables, ALS figure and learned-mask pictures
 
-Each digits run is ``mait train --config src/mait/configs/small/digits.yaml`` (60 epochs) plus the
-keys of its variant below, at one thread, written to
-``runs/sparsity-study/<variant>-s<seed>`` (a finished run is skipped).  The fine-tuned
-Sparsifiner variants (``*ft``) follow the published recipe: start from the dense run of the
-same seed (``--init-from``), train with the reconstruction loss and DeiT hard distillation
-from that dense model, ``FT_EPOCHS`` epochs.  ``report`` writes ``experiments/sparsity/results/``.
+Digits runs from scratch are ``mait train --config src/mait/configs/small/digits.yaml`` (60 epochs)
+plus the keys of their variant.  Fine-tuned variants start from the dense run of the same seed
+(``--init-from``) and distil from it: the released recipe is the ``sparsifiner_digits`` preset (two
+stages, 1 + 9 epochs), mait's joint fine-tune is one 10-epoch stage.  CIFAR-10 runs use the recipe of
+the CIFAR-10 study (``experiments/cifar10/base.yaml``, 2 epochs) and the ``sparsifiner_cifar10``
+preset's stages (1 + 2 epochs) for the fine-tunes.  Each run trains at one thread into
+``runs/sparsity-study/<variant>-s<seed>`` (a finished run is skipped); ``report`` writes
+``experiments/sparsity/results/``.
 """
 
 from __future__ import annotations
@@ -30,66 +34,89 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 RUN_DIR = ROOT / "runs" / "sparsity-study"
 RESULTS = HERE / "results"
-BASE = ROOT / "src" / "mait" / "configs" / "small" / "digits.yaml"
-SEEDS = (0, 1, 2)
-# CIFAR-10: the CPU recipe of the CIFAR-10 study (docs/reproduction.md: 2 epochs of mait_mini6_32); three seeds.
+CONFIGS = ROOT / "src" / "mait" / "configs"
+BASE = CONFIGS / "small" / "digits.yaml"
+RELEASED = CONFIGS / "small" / "sparsifiner_digits.yaml"
 CIFAR_BASE = ROOT / "experiments" / "cifar10" / "base.yaml"
-CIFAR_SEEDS = (0, 1, 2)
-FT_EPOCHS = 10          # the fine-tuning stage of the published recipe, after the 60-epoch dense run
+CIFAR_RELEASED = CONFIGS / "small" / "sparsifiner_cifar10.yaml"
+SEEDS = (0, 1, 2)
 R3_KEEP = 0.13          # kept fraction of a 3x3 window on the 8x8 grid + class token: 8.56 of 65 keys
+# mait's variant of the learned heads (before it followed the release): one joint stage, each layer's own
+# attention as the reconstruction target, the per-row loss at weight 1, masks from the unpruned map.
+MAIT_JOINT = dict(reconstruction_target="self", reconstruction_reduction="row_mean", reconstruction_weight=1.0)
+UNPRUNED = {"sparse_basis": False}
+JOINT_FT = dict(epochs=10, warmup_epochs=1, lr=5e-4)     # mait's fine-tune: one stage, DeiT hard distillation
+# What a fine-tune takes from a released preset (the rest, data and augmentation, stays the study's).
+RECIPE_KEYS = ("model", "model_kwargs", "teacher", "teacher_kwargs", "reconstruction_target",
+               "reconstruction_reduction", "epochs", "stages", "drop_path", "opt", "weight_decay", "smoothing")
 
-# variant -> (label, config keys); the order is the table's.
+# variant -> (label, keys); ``start``: "scratch", "released" (the preset's two stages from dense), "joint" (mait's
+# one-stage fine-tune from dense) or "control" (the dense model through the released second stage).
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "dense": ("dense (no mask)", dict(model="mait_nano4_8", scheme="none")),
     "all": ("MaiT, every head hard (`all`)", dict(model="mait_nano4_8", scheme="all")),
     "sch1": ("MaiT Sch.1 (one hard head)", dict(model="mait_nano4_8", scheme="sch1")),
     "random": ("random masks, every head (`*:rrrr`)", dict(model="mait_nano4_8", scheme="*:rrrr")),
-    "sp13": ("Sparsifiner keep 0.13 (= 3x3 kept fraction)",
-             dict(model="sparsifiner_nano4_8", model_kwargs={"keep_rate": R3_KEEP})),
-    "sp25": ("Sparsifiner keep 0.25", dict(model="sparsifiner_nano4_8", model_kwargs={"keep_rate": 0.25})),
-    "sp25zero": ("Sparsifiner keep 0.25, `mode=\"zero\"` (MaiT's semantics on the learned mask)",
-                 dict(model="sparsifiner_nano4_8", model_kwargs={"keep_rate": 0.25, "mode": "zero"})),
-    "sp50": ("Sparsifiner keep 0.5", dict(model="sparsifiner_nano4_8", model_kwargs={"keep_rate": 0.5})),
-    "hybrid": ("hybrid `*:hllu` (1 local, 2 learned at 0.25, 1 unmasked)",
-               dict(model="mait_nano4_8", scheme="*:hllu", model_kwargs={"keep_rate": 0.25})),
-    "sp25ft": ("Sparsifiner keep 0.25, fine-tuned from dense + distillation",
-               dict(model="sparsifiner_nano4_8", model_kwargs={"keep_rate": 0.25}, finetune=True)),
-    "denseft": ("control: dense, fine-tuned from dense + distillation (same extra epochs)",
-                dict(model="mait_nano4_8", scheme="none", finetune=True)),
+    "rel25": ("Sparsifiner, published recipe, keep 0.25", dict(start="released")),
+    "rel13": ("Sparsifiner, published recipe, keep 0.13 (= 3x3 kept fraction)",
+              dict(start="released", model_kwargs={"keep_rate": R3_KEEP})),
+    "rel25np": ("Sparsifiner, published recipe, keep 0.25, masks from the unpruned map (mait's)",
+                dict(start="released", model_kwargs={"keep_rate": 0.25, **UNPRUNED})),
+    "rel25zero": ("Sparsifiner, published recipe, keep 0.25, `mode=\"zero\"` (mait's)",
+                  dict(start="released", model_kwargs={"keep_rate": 0.25, "mode": "zero"})),
+    "denseft": ("control: dense through the published second stage (9 epochs, same losses)", dict(start="control")),
+    "joint25ft": ("Sparsifiner keep 0.25, mait's joint fine-tune (self target, unpruned, hard distillation)",
+                  dict(start="joint", model="sparsifiner_nano4_8", model_kwargs={"keep_rate": 0.25, **UNPRUNED},
+                       **MAIT_JOINT)),
+    "densejft": ("control: dense, mait's joint fine-tune (same 10 epochs)",
+                 dict(start="joint", model="mait_nano4_8", scheme="none")),
+    "joint13": ("Sparsifiner keep 0.13 from scratch, mait's joint training (self target, unpruned)",
+                dict(model="sparsifiner_nano4_8", model_kwargs={"keep_rate": R3_KEEP, **UNPRUNED}, **MAIT_JOINT)),
+    "joint25": ("Sparsifiner keep 0.25 from scratch, mait's joint training (self target, unpruned)",
+                dict(model="sparsifiner_nano4_8", model_kwargs={"keep_rate": 0.25, **UNPRUNED}, **MAIT_JOINT)),
     "c10dense": ("CIFAR-10: dense (no mask)", dict(model="mait_mini6_32", scheme="none", cifar=True)),
     "c10all": ("CIFAR-10: MaiT, every head hard (`all`)", dict(model="mait_mini6_32", scheme="all", cifar=True)),
-    "c10sch1": ("CIFAR-10: MaiT Sch.1", dict(model="mait_mini6_32", scheme="sch1", cifar=True)),
-    "c10random": ("CIFAR-10: random masks, every head (`*:rrr`)",
-                  dict(model="mait_mini6_32", scheme="*:rrr", cifar=True)),
-    "c10sp13": ("CIFAR-10: Sparsifiner keep 0.13",
-                dict(model="sparsifiner_mini6_32", model_kwargs={"keep_rate": R3_KEEP}, cifar=True)),
-    "c10sp25": ("CIFAR-10: Sparsifiner keep 0.25",
-                dict(model="sparsifiner_mini6_32", model_kwargs={"keep_rate": 0.25}, cifar=True)),
-    "c10sp50": ("CIFAR-10: Sparsifiner keep 0.5",
-                dict(model="sparsifiner_mini6_32", model_kwargs={"keep_rate": 0.5}, cifar=True)),
-    "c10hybrid": ("CIFAR-10: hybrid `*:hlu` (keep 0.25)",
-                  dict(model="mait_mini6_32", scheme="*:hlu", model_kwargs={"keep_rate": 0.25}, cifar=True)),
+    "c10rel25": ("CIFAR-10: Sparsifiner, published recipe, keep 0.25", dict(start="released", cifar=True)),
+    "c10rel13": ("CIFAR-10: Sparsifiner, published recipe, keep 0.13",
+                 dict(start="released", model_kwargs={"keep_rate": R3_KEEP}, cifar=True)),
+    "c10denseft": ("CIFAR-10: control: dense through the published second stage (2 epochs)",
+                   dict(start="control", cifar=True)),
 }
+DENSE_OF = {False: "dense", True: "c10dense"}
 
 
 def run_names() -> list[str]:
-    # Seed-major, dense first: fine-tuned runs need the dense run of their seed.
+    """Seed-major, dense first (fine-tunes need the dense run of their seed); digits, then CIFAR-10."""
     digits = [v for v in VARIANTS if not VARIANTS[v][1].get("cifar")]
     cifar = [v for v in VARIANTS if VARIANTS[v][1].get("cifar")]
-    return [f"{v}-s{seed}" for seed in SEEDS for v in digits] + [f"{v}-s{seed}" for seed in CIFAR_SEEDS for v in cifar]
+    return [f"{v}-s{seed}" for seed in SEEDS for v in digits] + [f"{v}-s{seed}" for seed in SEEDS for v in cifar]
+
+
+def _released(cifar: bool) -> dict[str, Any]:
+    preset = yaml.safe_load((CIFAR_RELEASED if cifar else RELEASED).read_text())
+    return {key: preset[key] for key in RECIPE_KEYS if key in preset}
 
 
 def config_of(name: str) -> dict[str, Any]:
+    """The training keys of run ``name`` (``<variant>-s<seed>``)."""
     variant, seed = name.rsplit("-s", 1)
     keys = dict(VARIANTS[variant][1])
-    if keys.pop("cifar", False):
-        return dict(yaml.safe_load(CIFAR_BASE.read_text()), **keys, seed=int(seed),
-                    output=str(RUN_DIR / name), progress=False)
-    config = dict(yaml.safe_load(BASE.read_text()), seed=int(seed), output=str(RUN_DIR / name), progress=False)
-    if keys.pop("finetune", False):
-        dense = RUN_DIR / f"dense-s{seed}" / "last.safetensors"
-        config.update(init_from=str(dense), teacher="mait_nano4_8", teacher_checkpoint=str(dense),
-                      teacher_kwargs={"scheme": "none"}, epochs=FT_EPOCHS, warmup_epochs=1, lr=5e-4)
+    cifar, start = keys.pop("cifar", False), keys.pop("start", "scratch")
+    config = dict(yaml.safe_load((CIFAR_BASE if cifar else BASE).read_text()), seed=int(seed),
+                  output=str(RUN_DIR / name), progress=False)
+    dense = RUN_DIR / f"{DENSE_OF[cifar]}-s{seed}" / "last.safetensors"
+    teacher = dict(init_from=str(dense), teacher_checkpoint=str(dense))
+    if start in ("released", "control"):
+        config.update(_released(cifar), **teacher)
+        if "model_kwargs" in keys:
+            config["model_kwargs"] = dict(config["model_kwargs"], **keys.pop("model_kwargs"))
+    if start == "control":       # the dense model: the second stage alone, as long as the released one
+        second = config["stages"][-1]
+        config.update(model=config["teacher"], scheme="none", model_kwargs={}, stages=[second],
+                      epochs=second["epochs"])
+    if start == "joint":
+        config.update(teacher=keys["model"].replace("sparsifiner", "mait"), teacher_kwargs={"scheme": "none"},
+                      **teacher, **JOINT_FT)
     config.update(keys)
     return config
 
@@ -126,27 +153,42 @@ def run(patterns: list[str], shard: str, device: str = "cpu") -> None:
             print(f"skip {name}: its dense run is not finished", flush=True)
             continue
         print(f"run {name}", flush=True)
-        result = train(config)
+        result = train(config, resume=(RUN_DIR / name / "last.state.pt").is_file())
         loaders = build_loaders(config)
         model = build_model(config, loaders.info).cpu()
         load_weights(model, result.last_checkpoint)
         images = torch.cat([batch.cpu() for batch, _ in loaders.val])[:512]
         record = {"name": name, "acc1": result.final_acc1, "best_acc1": result.best_acc1,
                   "img_s": throughput(model, images), "wall_s": result.wall_time,
+                  "epoch_s": [row["epoch_time"] for row in result.history],
                   "recon_first": result.history[0].get("train_recon_loss"),
-                  "recon_last": result.history[-1].get("train_recon_loss")}
+                  "recon_last": max((row for row in result.history if "train_recon_loss" in row),
+                                    key=lambda row: row["epoch"], default={}).get("train_recon_loss")}
         (RUN_DIR / name / "result.json").write_text(json.dumps(record, indent=1))
         print(f"done {name}: {record}", flush=True)
 
 
-def mhsa_mmacs(config: dict[str, Any]) -> float:
-    """MHSA MACs per image (attention maps + connectivity predictor), in millions."""
+def mhsa_mmacs(variant: str) -> tuple[float, float]:
+    """MHSA MACs per image in millions: attention maps + predictor counted densely, and with the sparse basis's
+    actual nonzeros (the seed-0 run's trained predictor on 256 held-out images, when it has finished)."""
     import timm
+    import torch
     from mait.cost import count_macs
-    model = timm.create_model(config["model"], **({"scheme": config["scheme"]} if "scheme" in config else {}),
-                              **config.get("model_kwargs", {}))
-    report = count_macs(model)
-    return (report.attention_map + report.predictor) / 1e6
+    from mait.train.runs import held_out_images, load_model, run_config
+    config = config_of(variant + "-s0")
+    checkpoint = RUN_DIR / f"{variant}-s0" / "last.safetensors"
+    if checkpoint.is_file():
+        train_config = run_config(checkpoint)
+        loader, info = held_out_images(train_config, 256, batch_size=256)
+        model = load_model(train_config, info, checkpoint)
+        images = next(iter(loader))[0]
+    else:
+        model = timm.create_model(config["model"], **({"scheme": config["scheme"]} if "scheme" in config else {}),
+                                  **config.get("model_kwargs", {}))
+        images = None
+    with torch.inference_mode():
+        report = count_macs(model, images=images)
+    return report.mhsa / 1e6, report.mhsa_sparse / 1e6
 
 
 def side_by_side_speed(variants: list[str], shape: tuple[int, ...], rounds: int = 15,
@@ -155,7 +197,7 @@ def side_by_side_speed(variants: list[str], shape: tuple[int, ...], rounds: int 
     on a shared machine the fastest round is the one least disturbed by other jobs).
 
     Weights do not change the cost (the learned masks are predicted either way), so fresh models are
-    timed; one thread, one batch of digits-shaped inputs.
+    timed; one thread, one batch of inputs of ``shape``.
     """
     import random
     import timm
@@ -182,11 +224,14 @@ def side_by_side_speed(variants: list[str], shape: tuple[int, ...], rounds: int 
 
 
 def baseline(variant: str) -> str:
-    """The variant a paired difference is taken against: the dense model of the same data, or for the
-    fine-tuned Sparsifiner the dense model fine-tuned the same way."""
-    if variant == "sp25ft":
-        return "denseft"
-    return "c10dense" if VARIANTS[variant][1].get("cifar") else "dense"
+    """The variant a paired difference is taken against: the dense model fine-tuned the same way (released
+    recipe: its second stage; mait's joint fine-tune: the same stage), else the dense model of the same data."""
+    start, cifar = VARIANTS[variant][1].get("start"), VARIANTS[variant][1].get("cifar", False)
+    if start == "released":
+        return "c10denseft" if cifar else "denseft"
+    if start == "joint" and variant != "densejft":
+        return "densejft"
+    return DENSE_OF[cifar]
 
 
 def mean_std(values: list[float], empty: str, signed: bool = False) -> str:
@@ -199,37 +244,52 @@ def mean_std(values: list[float], empty: str, signed: bool = False) -> str:
     return f"{statistics.mean(values):{sign}.2f} ± {statistics.stdev(values):.2f}"
 
 
-def report() -> None:
-    import torch
-    from mait.analysis import measure_als
-    from mait.train.runs import held_out_images, load_model, run_config
-    from mait.analysis.learned_masks import measure_mask_locality
-    RESULTS.mkdir(exist_ok=True)
-    cifar = [v for v in VARIANTS if VARIANTS[v][1].get("cifar")]
-    speed = side_by_side_speed([v for v in VARIANTS if v not in cifar], (1, 8, 8))
-    speed |= side_by_side_speed(cifar, (3, 32, 32), batch=64)
-    rows = ["| variant | runs | top-1 % (mean ± std) | Δ top-1 vs its baseline, same seed (mean ± std) | "
-            "MHSA MMACs (incl. predictor) | img/s (1 thread) | vs dense |", "|---|---|---|---|---|---|---|"]
-    results: dict[str, dict[int, float]] = {}
+def results() -> dict[str, dict[int, dict[str, Any]]]:
+    """variant -> seed -> the run's result.json, for the finished runs."""
+    found: dict[str, dict[int, dict[str, Any]]] = {}
     for name in run_names():
         path = RUN_DIR / name / "result.json"
         if path.is_file():
             variant, seed = name.rsplit("-s", 1)
-            results.setdefault(variant, {})[int(seed)] = json.loads(path.read_text())["acc1"]
+            found.setdefault(variant, {})[int(seed)] = json.loads(path.read_text())
+    return found
+
+
+def head_to_head() -> str:
+    """The table: top-1 per variant, paired differences, per-seed values, MHSA MACs and speed."""
+    done = results()
+    cifar = [v for v in VARIANTS if VARIANTS[v][1].get("cifar")]
+    speed = side_by_side_speed([v for v in VARIANTS if v not in cifar], (1, 8, 8))
+    speed |= side_by_side_speed(cifar, (3, 32, 32), batch=64)
+    rows = ["| variant | runs | top-1 % (mean ± std) | per seed (0 / 1 / 2) | Δ top-1 vs its baseline, same seed "
+            "(mean ± std) | MHSA MMACs: dense predictor / pruned | img/s (1 thread) | vs dense |",
+            "|---|---|---|---|---|---|---|---|"]
     for variant, (label, _) in VARIANTS.items():
-        accs = results.get(variant, {})
+        accs = {seed: record["acc1"] for seed, record in done.get(variant, {}).items()}
         base = baseline(variant)
-        deltas = [acc - results[base][seed] for seed, acc in accs.items() if seed in results.get(base, {})]
-        rows.append(f"| {label} | {len(accs)} | {mean_std(list(accs.values()), 'not run yet')} | "
-                    f"{mean_std(deltas, '', signed=True) + f' (vs {base})' if deltas and variant != base else ''} | "
-                    f"{mhsa_mmacs(config_of(variant + '-s0')):.3f} | {speed[variant]:.0f} | "
-                    f"{speed[variant] / speed['c10dense' if variant in cifar else 'dense']:.2f}x |")
-    table = "\n".join(rows)
-    (RESULTS / "head_to_head.md").write_text(table + "\n")
-    print(table)
-    # Locality: learned-mask ALS by layer (Sparsifiner keep 0.13 / 0.25) against the dense model's attention ALS.
+        base_accs = {seed: record["acc1"] for seed, record in done.get(base, {}).items()}
+        deltas = [acc - base_accs[seed] for seed, acc in accs.items() if seed in base_accs]
+        per_seed = " / ".join(f"{accs[seed]:.2f}" if seed in accs else "-" for seed in SEEDS)
+        dense_macs, pruned_macs = mhsa_mmacs(variant)
+        dense_speed = speed[DENSE_OF[variant in cifar]]
+        delta = f"{mean_std(deltas, '', signed=True)} (vs {base})" if deltas and variant != base else ""
+        rows.append(f"| {label} | {len(accs)} | {mean_std(list(accs.values()), 'not run yet')} | {per_seed} | "
+                    f"{delta} | {dense_macs:.3f} / {pruned_macs:.3f} | {speed[variant]:.0f} | "
+                    f"{speed[variant] / dense_speed:.2f}x |")
+    return "\n".join(rows)
+
+
+ALS_VARIANTS = ("dense", "rel25", "rel13", "rel25np", "joint25ft", "joint25")
+
+
+def locality() -> str:
+    """Learned-mask ALS by layer of the seed-0 runs against the dense model's attention ALS; writes the figure."""
+    import torch
+    from mait.analysis import measure_als
+    from mait.analysis.learned_masks import measure_mask_locality
+    from mait.train.runs import held_out_images, load_model, run_config
     als: dict[str, list[float]] = {}
-    for variant in ("dense", "sp13", "sp25", "sp25zero", "sp25ft"):
+    for variant in ALS_VARIANTS:
         checkpoint = RUN_DIR / f"{variant}-s0" / "last.safetensors"
         if not checkpoint.is_file():
             continue
@@ -246,8 +306,6 @@ def report() -> None:
     depth = max((len(v) for v in als.values()), default=0)
     for layer in range(depth):
         lines.append(f"| {layer} | " + " | ".join(f"{v[layer]:.3f}" for v in als.values()) + " |")
-    (RESULTS / "als_by_layer.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
     if als:
         import matplotlib
         matplotlib.use("Agg")
@@ -258,10 +316,32 @@ def report() -> None:
         axis.axhline(7.5625 / 65, color="grey", linestyle=":", label="no locality (window share of all keys)")
         axis.set(xlabel="layer", ylabel="ALS (R = 3), mean over heads", title="Do learned masks become local? (digits)")
         axis.set_xticks(range(depth))
-        axis.legend(fontsize=8)
+        axis.legend(fontsize=7)
         axis.grid(alpha=0.3)
         figure.tight_layout()
         figure.savefig(RESULTS / "als_by_layer.png", dpi=100)
+    return "\n".join(lines)
+
+
+def report() -> None:
+    from mait.cli import main as mait
+    RESULTS.mkdir(exist_ok=True)
+    table = head_to_head()
+    (RESULTS / "head_to_head.md").write_text(table + "\n")
+    print(table)
+    lines = locality()
+    (RESULTS / "als_by_layer.md").write_text(lines + "\n")
+    print(lines)
+    for variant in ("rel25", "rel25np"):        # the kept keys of one patch: pruned against unpruned masks
+        checkpoint = RUN_DIR / f"{variant}-s0" / "last.safetensors"
+        if checkpoint.is_file():
+            mait(["show-mask", "--checkpoint", str(checkpoint), "--layer", "3", "--query", "40",
+                  "--output", str(RESULTS / f"show_mask_{variant}_l3_q40.png")])
+
+
+def listing() -> None:
+    for name in run_names():
+        print(f"{name:<16} {'done' if (RUN_DIR / name / 'result.json').is_file() else 'pending'}")
 
 
 def main(argv: list[str]) -> int:
@@ -272,9 +352,12 @@ def main(argv: list[str]) -> int:
     run_parser.add_argument("--shard", default="0/1", help="i/n: run every n-th pending run from the i-th")
     run_parser.add_argument("--device", default="cpu", help="training device (cpu, cuda); speed is always timed on the CPU")
     sub.add_parser("report")
+    sub.add_parser("list")
     args = parser.parse_args(argv)
     if args.command == "run":
         run(args.patterns, args.shard, args.device)
+    elif args.command == "list":
+        listing()
     else:
         report()
     return 0
