@@ -161,8 +161,8 @@ class _Run:
         self.stages, self.stage, self.stage_start = plan_stages(config), -1, 0
         self.criterion = build_criterion(config, loaders.mixup is not None)
         self.objective: Optional[Objective] = None
-        self.enter_stage(0)
         self.ema = ModelEmaV3(model, decay=config.ema_decay) if config.ema else None
+        self.enter_stage(0)               # after the EMA's copy: the loss's hooks stay on the trained model
         self.amp_dtype = _amp_dtype(config, env.device)
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=self.amp_dtype == torch.float16)
         self.epoch, self.step, self.history = 0, 0, []
