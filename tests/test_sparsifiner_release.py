@@ -358,3 +358,22 @@ def test_the_pruned_predictor_is_counted_by_its_nonzeros():
     assert report.predictor_sparse < report.predictor
     unpruned = timm.create_model("sparsifiner_nano4_8", depth=1, sparse_basis=False)
     assert count_macs(unpruned).predictor_sparse == count_macs(unpruned).predictor
+
+
+def test_bad_losses_are_one_line_errors():
+    student = timm.create_model("sparsifiner_nano4_8", depth=1)
+    teacher = timm.create_model("mait_nano4_8", depth=1, scheme="none")
+    criterion = torch.nn.CrossEntropyLoss()
+    for weights, kwargs, message in [
+            ({"ce": 1, "kld": 1}, {}, "unknown loss term 'kld'; the terms are ce, hard_distillation, kl, tokens"),
+            ({"reconstruction": 1}, {"reconstruction_reduction": "mean"}, "reconstruction_reduction must be one of"),
+            ({"reconstruction": 1}, {"reconstruction_target": "dense"}, "reconstruction_target must be one of"),
+            ({"tokens": 1}, {"teacher": torch.nn.Linear(64, 10)}, "tokens loss term needs a ViT-like teacher"),
+            ({"kl": 1}, {"teacher": None}, "the loss term kl needs a teacher"),
+            ({"reconstruction": 1}, {"teacher": None}, "needs a teacher .* or set reconstruction_target: self"),
+            ({"reconstruction": 1}, {"teacher": timm.create_model("mait_nano4_8", depth=2, scheme="none")},
+             "needs a teacher with the student's attention layers; the teacher has 2 of 4 heads, the student 1")]:
+        arguments = dict(dict(teacher=teacher), **kwargs)
+        with pytest.raises(UserError, match=message) as error:
+            Objective(weights, criterion, model=student, **arguments)
+        assert "\n" not in str(error.value)

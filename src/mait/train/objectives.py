@@ -30,7 +30,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from ..attention import MaskedAttention
 from ..errors import UserError
-from ..learned import predictors, reconstruction_loss
+from ..learned import RECONSTRUCTION_REDUCTIONS, predictors, reconstruction_loss
 from ..models import mask_model
 from . import checkpoint as ckpt
 from .config import TrainConfig
@@ -88,6 +88,9 @@ class Objective(nn.Module):
         if reconstruction_target not in RECONSTRUCTION_TARGETS:
             raise UserError(f"reconstruction_target must be one of {RECONSTRUCTION_TARGETS}, got "
                             f"{reconstruction_target!r}")
+        if reconstruction_reduction not in RECONSTRUCTION_REDUCTIONS:
+            raise UserError(f"reconstruction_reduction must be one of {RECONSTRUCTION_REDUCTIONS}, got "
+                            f"{reconstruction_reduction!r}")
         self.weights = {term: float(weight) for term, weight in weights.items() if weight}
         self.criterion, self.teacher = criterion, teacher
         self.reduction = reconstruction_reduction
@@ -102,9 +105,10 @@ class Objective(nn.Module):
         self._tokens: Optional[torch.Tensor] = None
         self._hook = None
         if "tokens" in self.weights:
-            if not isinstance(getattr(model, "norm", None), nn.Module) or not hasattr(model, "num_prefix_tokens"):
-                raise UserError(f"the tokens loss term needs a ViT-like student (a final norm over its tokens); "
-                                f"{type(model).__name__} has none")
+            for who, net in (("student", model), ("teacher", teacher)):
+                if not isinstance(getattr(net, "norm", None), nn.Module) or not hasattr(net, "num_prefix_tokens"):
+                    raise UserError(f"the tokens loss term needs a ViT-like {who} (a final norm over its tokens); "
+                                    f"{type(net).__name__} has none")
             self._hook = model.norm.register_forward_hook(self._keep_tokens)
         self.pairs = self._pair_layers(model) if self.teacher_attention else []
 
