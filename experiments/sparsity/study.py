@@ -334,6 +334,58 @@ def locality() -> str:
     return "\n".join(lines)
 
 
+QUALITY_VARIANTS = ("rel25", "rel25long", "rel13", "rel13long", "rel25np", "joint25ft")
+
+
+def predictor_quality() -> str:
+    """How well each seed-0 predictor learned: the reconstruction error of its dense map against the dense
+    model's attention (per query row, on 360 held-out images, with the dense model's backbone), next to a
+    freshly initialised predictor's, and how much the kept keys of two patch queries (0 and 40) overlap."""
+    import torch
+    import timm
+    from mait.learned import predictors, reconstruction_loss, set_phase
+    from mait.train.checkpoint import load_weights
+    from mait.train.runs import held_out_images, load_model, run_config
+    lines = ["| predictor | reconstruction error (row mean, vs the dense model's attention) | "
+             "kept keys shared by queries 0 and 40 |", "|---|---|---|"]
+    for variant in ("init", *QUALITY_VARIANTS):
+        source = "rel25" if variant == "init" else variant
+        checkpoint = RUN_DIR / f"{source}-s0" / "last.safetensors"
+        if not checkpoint.is_file():
+            continue
+        config = run_config(checkpoint)
+        loader, info = held_out_images(config, 360, batch_size=360)
+        images = next(iter(loader))[0]
+        model = load_model(config, info, checkpoint)
+        if variant == "init":
+            torch.manual_seed(0)
+            fresh = timm.create_model(config.model, **config.model_kwargs)
+            model.load_state_dict({k: v for k, v in fresh.state_dict().items() if ".predictor." in k}, strict=False)
+        dense = timm.create_model("mait_nano4_8", scheme="none")
+        load_weights(dense, RUN_DIR / "dense-s0" / "last.safetensors")
+        model.load_state_dict(dense.state_dict(), strict=False)          # the backbone the predictor was fitted to
+        for block in dense.blocks:
+            block.attn.capture_attention = True
+        with torch.no_grad():
+            dense.eval()(images)
+        targets = [block.attn.last_attention[:, :, 1:] for block in dense.blocks]
+        model.train()
+        set_phase(model, "reconstruct")
+        model(images)
+        error = reconstruction_loss(model, targets, "row_mean").item()
+        model.eval()
+        for block in model.blocks:
+            block.attn.capture_attention = True
+        with torch.no_grad():
+            model(images)
+        keeps = [p.last_keep[:, :, 1:] for p in predictors(model)]
+        shared = statistics.mean(float(((k[:, :, 0] & k[:, :, 40]).sum(-1).float() / k[:, :, 0].sum(-1)).mean())
+                                 for k in keeps)
+        label = "fresh predictor (initialisation)" if variant == "init" else VARIANTS[variant][0]
+        lines.append(f"| {label} | {error:.3f} | {shared:.2f} |")
+    return "\n".join(lines)
+
+
 def report() -> None:
     from mait.cli import main as mait
     RESULTS.mkdir(exist_ok=True)
@@ -343,6 +395,9 @@ def report() -> None:
     lines = locality()
     (RESULTS / "als_by_layer.md").write_text(lines + "\n")
     print(lines)
+    quality = predictor_quality()
+    (RESULTS / "predictor_quality.md").write_text(quality + "\n")
+    print(quality)
     for variant in ("rel25", "rel25long", "rel25np"):    # the kept keys of one patch, pruned and unpruned
         checkpoint = RUN_DIR / f"{variant}-s0" / "last.safetensors"
         if checkpoint.is_file():
