@@ -102,6 +102,8 @@ WRONG_USES = [
     ("show-mask --grid 4x5 --token 20", "--token 20 is not a patch of the 4x5 grid (expected 0 to 19)"),
     ("show-mask --alpha 1.5", "argument --alpha: must lie in [0, 1], got 1.5"),
     ("show-mask --seed x", "argument --seed: invalid int value: 'x'"),
+    ("eval --checkpoint CK --img-size 16", "--img-size 16 does not apply to digits, whose images are 8x8; drop it"),
+    ("als --model mait_nano4_8 --data digits --img-size 7", "--img-size 7 does not apply to digits"),
     ("train --epochs 0", "epochs must be at least 1, got 0"),
     ("train --batch-size 0", "batch_size 0 must be a positive multiple of the 1 processes"),
     # output paths
