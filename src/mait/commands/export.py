@@ -82,14 +82,17 @@ def run_exported(path: Path, fmt: str, images: torch.Tensor) -> Optional[torch.T
     return torch.from_numpy(session.run(None, {name: images.numpy()})[0])
 
 
+def graph_ops(path: Path, fmt: str) -> int:
+    """Operators in the exported graph: call_function nodes of a torch.export program, nodes of an ONNX graph."""
+    if fmt == "pt2":
+        return sum(node.op == "call_function" for node in torch.export.load(str(path)).graph.nodes)
+    import onnx
+    return len(onnx.load(str(path), load_external_data=False).graph.node)
+
+
 def graph_size(path: Path, fmt: str) -> str:
     """Operator count of the exported graph and the file size, for the summary line."""
-    if fmt == "pt2":
-        count = sum(node.op == "call_function" for node in torch.export.load(str(path)).graph.nodes)
-    else:
-        import onnx
-        count = len(onnx.load(str(path), load_external_data=False).graph.node)
-    return f"{count} ops, {path.stat().st_size / 2 ** 20:.1f} MiB"
+    return f"{graph_ops(path, fmt)} ops, {path.stat().st_size / 2 ** 20:.1f} MiB"
 
 
 def run(args: argparse.Namespace) -> int:
