@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 import mait
 from mait.errors import UserError
+from mait.train.distributed import setup
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -445,12 +446,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats} and {args.warmup}")
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError(f"--batch-size must be a positive number of images, got {args.batch_size}")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError as error:
-        raise UserError(f"--device {args.device!r} is not a device torch knows (e.g. cpu, cuda, cuda:1)") from error
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {args.device} asked for, but this torch sees no CUDA GPU; use --device cpu")
+    device = setup(args.device).device         # the --device rule of every command
     if args.attention:
         if min(args.grids) < 1:
             raise UserError(f"--grids must be positive, got {args.grids}")

@@ -5,32 +5,25 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
-from .train import add_config_options, overrides_from
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, metavar="FILE",
-                        help="weights (.safetensors) written by `mait train`; they record their model, scheme and "
-                             "data (a config.yaml beside them takes precedence)")
-    parser.add_argument("--config", metavar="YAML", help="config file (default: config.yaml beside the checkpoint)")
-    add_config_options(parser)
+from ._model import check_image_size
+from .train import overrides_from
 
 
 def run(args: argparse.Namespace) -> int:
     from ..train import evaluate
     from ..train.data import Augmented, DataInfo, build_eval_loader, build_transforms, open_data, subset
-    from ..train.distributed import Dist
+    from ..train.distributed import Dist, setup
     from ..train.runs import load_model, run_config
 
+    # The device is the one asked for on this command line (the run's config.yaml names the machine it ran on).
+    device = setup(args.device or "auto").device
     checkpoint = Path(args.checkpoint)
     config = run_config(checkpoint, args.config, **overrides_from(args))
     _, val, info = open_data(config.data, config.holdout_per_class, need_train=False)
+    check_image_size(args.img_size, info)
     val = subset(val, config.val_subset)
     info = DataInfo(info.name, info.num_classes, info.in_chans, info.img_size, 0, len(val))
     _, transform = build_transforms(config, info)
-    device = torch.device("cuda" if config.device != "cpu" and torch.cuda.is_available() else "cpu")
     env = Dist(0, 1, device)
     loader = build_eval_loader(Augmented(val, transform), config.batch_size, config.workers, env)
     model = load_model(config, info, checkpoint)
