@@ -226,3 +226,12 @@ def test_onnx_export_keeps_the_linear_path_and_matches_pytorch(tmp_path: Path) -
     shapes = {value.name: [d.dim_value for d in value.type.tensor_type.shape.dim] for value in graph.value_info}
     assert any(node.op_type == "Slice" for node in graph.node)        # the R² window shifts of the linear path
     assert not any(shape[-2:] == [tokens, tokens] for shape in shapes.values() if len(shape) >= 2)
+
+
+def test_checkpoints_get_a_new_files_mode(tmp_path: Path) -> None:
+    """safetensors creates its file private; a checkpoint gets the mode of any new file under the umask."""
+    import os
+    import stat
+    from mait.train.checkpoint import new_file_mode, save_weights
+    save_weights(timm.create_model("mait_nano4_8"), tmp_path / "w.safetensors")
+    assert stat.S_IMODE(os.stat(tmp_path / "w.safetensors").st_mode) == new_file_mode()

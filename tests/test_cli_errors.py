@@ -74,7 +74,7 @@ WRONG_USES = [
     ("bench --models mait_nano4_8 --device cuda:1", "device must be auto, cpu or cuda, got 'cuda:1'"),
     # the mask size: odd, and no larger than the grid needs, in every command
     ("show-mask --mask-size 99", "--mask-size 99 is larger than the 14x14 patch grid needs (R = 27 already covers "
-                                 "every patch); use R <= 27"),
+                                 "it, so masked heads would be unmasked); use R <= 27"),
     ("show-mask --random --grid 7x10 --mask-size 21", "larger than the 7x10 patch grid needs"),
     ("show-mask --mask-size 4", "argument --mask-size: must be an odd positive number (1, 3, 5, ...), got 4"),
     ("demo --model mait_nano4_8 --mask-size 0", "argument --mask-size: must be an odd positive number"),

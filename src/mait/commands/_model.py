@@ -12,10 +12,8 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from ..errors import UserError
-from ..masks import max_useful_mask_size
 from ..train import TrainConfig, open_data
 from ..train.card import read_card
-from ..train.data import DataInfo
 from ..train.engine import check_model_name
 from ..train.runs import held_out_images, load_model, run_config
 from ._output import check_output_folder
@@ -40,23 +38,6 @@ def create_model(name: str, **options: Any) -> nn.Module:
     return model
 
 
-def check_window(option: str, size: int, grid: tuple[int, int]) -> None:
-    """The models' rule for a mask size R on a ``grid``: R <= 2·max(H, W) - 1, the window that already covers
-    every patch from every patch (a larger one would mask nothing)."""
-    limit = max_useful_mask_size(grid)
-    if size > limit:
-        raise UserError(f"{option} {size} is larger than the {grid[0]}x{grid[1]} patch grid needs (R = {limit} "
-                        f"already covers every patch); use R <= {limit}")
-
-
-def check_image_size(img_size: Optional[int], info: DataInfo) -> None:
-    """Data of one fixed size (the 8x8 digits) are never resized: an ``--img-size`` other than theirs is an error
-    rather than silently ignored."""
-    if img_size is not None and info.img_size is not None and int(img_size) != info.img_size:
-        raise UserError(f"--img-size {img_size} does not apply to {info.name}, whose images are "
-                        f"{info.img_size}x{info.img_size}; drop it")
-
-
 def prepare(args: argparse.Namespace, data: bool = True) -> tuple[nn.Module, TrainConfig, Optional[DataLoader], Path]:
     """Model (checkpoint loaded, eval mode), config, held-out loader (if ``data``) and output folder."""
     output = check_output_folder(args.output or (args.checkpoint.parent / "analysis" if args.checkpoint is not None
@@ -69,7 +50,6 @@ def prepare(args: argparse.Namespace, data: bool = True) -> tuple[nn.Module, Tra
     loader = None
     if data:
         loader, info = held_out_images(config, args.max_images, args.batch_size)
-        check_image_size(args.img_size, info)
     else:                               # the card knows classes and channels without opening the data
         card = read_card(args.checkpoint) if args.checkpoint is not None else None
         info = card.data_info() if card is not None else open_data(config.data, config.holdout_per_class,

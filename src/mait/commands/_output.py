@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from ..errors import UserError
+from ..train.checkpoint import new_file_mode
 
 
 def _file_in_the_way(folder: Path) -> Optional[Path]:
@@ -53,9 +54,7 @@ def new_file(path: Path, suffixes: tuple[str, ...], force: bool = False, option:
         raise UserError(f"{option} {path}: cannot write in {path.parent} ({error.strerror})") from None
     os.close(handle)
     temporary = Path(name)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(temporary, 0o666 & ~umask)            # mkstemp makes it private; give it a new file's mode
+    os.chmod(temporary, new_file_mode())            # mkstemp makes it private; give it a new file's mode
     try:
         yield temporary
         os.replace(temporary, path)

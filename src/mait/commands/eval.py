@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ._model import check_image_size
 from .train import overrides_from
 
 
@@ -20,7 +19,6 @@ def run(args: argparse.Namespace) -> int:
     checkpoint = Path(args.checkpoint)
     config = run_config(checkpoint, args.config, **overrides_from(args))
     _, val, info = open_data(config.data, config.holdout_per_class, need_train=False)
-    check_image_size(args.img_size, info)
     val = subset(val, config.val_subset)
     info = DataInfo(info.name, info.num_classes, info.in_chans, info.img_size, 0, len(val))
     _, transform = build_transforms(config, info)

@@ -12,8 +12,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..masks import local_mask, random_mask
-from ._model import check_window
+from ..masks import check_mask_fits_grid, local_mask, random_mask
 from ._output import new_file
 
 FIGURE_SUFFIXES = (".png", ".pdf", ".svg")
@@ -62,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     if args.checkpoint is not None:
         return _learned(args)
     h, w = args.grid
-    check_window("--mask-size", args.mask_size, (h, w))
+    check_mask_fits_grid(args.mask_size, (h, w), name="--mask-size")
     if args.token >= h * w:
         raise UserError(f"--token {args.token} is not a patch of the {h}x{w} grid (expected 0 to {h * w - 1})")
     keep = (random_mask if args.random else local_mask)(

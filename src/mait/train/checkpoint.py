@@ -28,10 +28,20 @@ LAST, BEST, STATE = "last.safetensors", "best.safetensors", "last.state.pt"
 HEAD_KEYS = ("head.weight", "head.bias", "head_dist.weight", "head_dist.bias", "head.fc.weight", "head.fc.bias")
 
 
+def new_file_mode() -> int:
+    """The mode a newly created file gets under the process's umask (``0o666 & ~umask``)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _atomic(path: Path, write) -> None:
+    """Write through ``write(temporary)`` and rename into place, with a new file's mode (some writers, such
+    as safetensors', create their file private)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     write(tmp)
+    os.chmod(tmp, new_file_mode())
     os.replace(tmp, path)
 
 

@@ -39,7 +39,7 @@ from .card import ModelCard, check_against_card, make_card, read_card
 from .config import TrainConfig
 from .data import DataInfo, Loaders, build_loaders, build_transforms, per_rank_batch
 from .distributed import Dist, all_sum, cleanup, setup
-from .logs import PLOT_NAME, RunLog, epoch_line, plot_curves
+from .logs import PLOT_NAME, RunLog, epoch_line, plot_curves, progress_bar
 
 
 @dataclass
@@ -62,6 +62,9 @@ class TrainResult:
 def build_model(config: TrainConfig, info: DataInfo) -> nn.Module:
     """``timm.create_model`` with the config's masking and the data's classes/channels (never pretrained)."""
     kwargs: dict[str, Any] = dict(num_classes=info.num_classes, in_chans=info.in_chans)
+    if info.img_size and config.img_size and config.img_size != info.img_size:
+        raise UserError(f"--img-size {config.img_size} does not apply to {info.name}, whose images are "
+                        f"{info.img_size}x{info.img_size}; drop it")
     if info.img_size or config.img_size:
         kwargs["img_size"] = info.img_size or config.img_size
     masking: dict[str, Any] = {}
@@ -155,7 +158,7 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, env: Optiona
     model.eval()
     loss_sum = correct1 = correct5 = count = 0.0
     start = time.perf_counter()
-    for images, targets in tqdm(loader, desc="eval", leave=False, disable=not (progress and env.is_main)):
+    for images, targets in progress_bar(progress and env.is_main, loader, desc="eval", leave=False):
         images, targets = images.to(env.device, non_blocking=True), targets.to(env.device, non_blocking=True)
         with torch.autocast(env.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(images)
@@ -269,8 +272,6 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
 
 
 def _train(config: TrainConfig, resume: bool, env: Dist, start: float) -> TrainResult:
-    if config.epochs < 1:
-        raise UserError(f"epochs must be at least 1, got {config.epochs}")
     if config.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
@@ -343,8 +344,8 @@ def _train_epoch(run: _Run, net: nn.Module, criterion: nn.Module, loss_fn: Optio
     loaders.train_set.epoch = run.epoch
     net.train()
     run.epoch_start = time.perf_counter()
-    bar = tqdm(total=run.steps, initial=run.step, desc=f"epoch {run.epoch + 1}/{config.epochs}", leave=False,
-               unit="step", disable=not (config.progress and env.is_main), dynamic_ncols=True)
+    bar = progress_bar(config.progress and env.is_main, total=run.steps, initial=run.step,
+                       desc=f"epoch {run.epoch + 1}/{config.epochs}", leave=False, unit="step", dynamic_ncols=True)
     tick, done = time.perf_counter(), 0
     for images, targets in loaders.train:
         images, targets = images.to(env.device, non_blocking=True), targets.to(env.device, non_blocking=True)
