@@ -12,10 +12,9 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from ..errors import UserError
-from ..train import TrainConfig, open_data
-from ..train.card import read_card
+from ..train import TrainConfig
 from ..train.engine import check_model_name
-from ..train.runs import held_out_images, load_model, run_config
+from ..train.runs import held_out_images, open_run
 from ._output import check_output_folder
 
 
@@ -46,14 +45,10 @@ def prepare(args: argparse.Namespace, data: bool = True) -> tuple[nn.Module, Tra
                      img_size=args.img_size)
     if data:
         overrides.update(data=args.data, holdout_per_class=args.holdout_per_class)
-    config = run_config(args.checkpoint, **overrides)
-    loader = None
+    saved = open_run(args.checkpoint, **overrides)
+    config, loader, info = saved.config, None, None
     if data:
         loader, info = held_out_images(config, args.max_images, args.batch_size)
-    else:                               # the card knows classes and channels without opening the data
-        card = read_card(args.checkpoint) if args.checkpoint is not None else None
-        info = card.data_info() if card is not None else open_data(config.data, config.holdout_per_class,
-                                                                   need_train=False)[2]
-    model = load_model(config, info, args.checkpoint)
+    model = saved.model(info)            # without data, the card knows classes and channels
     output.mkdir(parents=True, exist_ok=True)
     return model, config, loader, output

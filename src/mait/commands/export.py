@@ -96,7 +96,7 @@ def graph_size(path: Path, fmt: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..train.runs import checkpoint_card, load_model, run_config
+    from ..train.runs import open_run
 
     output = args.output or args.checkpoint.with_suffix(FORMATS[args.format])
     if output.resolve() == args.checkpoint.resolve():
@@ -104,11 +104,12 @@ def run(args: argparse.Namespace) -> int:
                         f"(e.g. {args.checkpoint.with_suffix(FORMATS[args.format])})")
     if args.format == "onnx":
         _check_onnx_exporter()
-    config = run_config(args.checkpoint)
+    saved = open_run(args.checkpoint)
+    config = saved.config
     replaced = " (replaced the earlier file)" if output.exists() else ""
     with new_file(output, (FORMATS[args.format],), force=args.force) as written:
-        card = checkpoint_card(args.checkpoint, config)
-        model = load_model(config, card.data_info(), args.checkpoint).requires_grad_(False)
+        card = saved.model_card()
+        model = saved.model(card.data_info()).requires_grad_(False)
         masked = set_backend(model, args.attention)
         shape = (card.in_chans, card.img_size, card.img_size)
         generator = torch.Generator().manual_seed(0)

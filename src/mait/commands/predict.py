@@ -56,13 +56,13 @@ def _conversion_note(converted: list[str], size: int, mode: str, model: str) -> 
 
 def run(args: argparse.Namespace) -> int:
     from ..train.distributed import setup
-    from ..train.runs import checkpoint_card, load_model, run_config
+    from ..train.runs import open_run
 
     files = image_files(args.images)
-    config = run_config(args.checkpoint)
-    card = checkpoint_card(args.checkpoint, config)
+    saved = open_run(args.checkpoint)
+    config, card = saved.config, saved.model_card()
     device = setup(args.device).device
-    model = load_model(config, card.data_info(), args.checkpoint).to(device)
+    model = saved.model(card.data_info()).to(device)
     transform, k = card.transform(), min(args.top_k, card.num_classes)
     mode = "L" if card.in_chans == 1 else "RGB"
     results, converted = [], []

@@ -36,10 +36,11 @@ def _image(path: Path, config, info) -> "torch.Tensor":
 
 def _learned(args: argparse.Namespace) -> int:
     from ..analysis.learned_masks import plot_query_keys, query_keys
-    from ..train.runs import held_out_images, load_model, run_config
-    config = run_config(args.checkpoint)
+    from ..train.runs import held_out_images, open_run
+    saved = open_run(args.checkpoint)
+    config = saved.config
     loader, info = held_out_images(config, 1, batch_size=1)
-    model = load_model(config, info, args.checkpoint)
+    model = saved.model(info)
     image = _image(args.image, config, info) if args.image is not None else next(iter(loader))[0][0]
     grid = tuple(model.patch_embed.grid_size)
     query = args.query if args.query is not None else (grid[0] // 2) * grid[1] + grid[1] // 2

@@ -8,12 +8,13 @@ previous complete checkpoint behind.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import safetensors
@@ -83,25 +84,38 @@ def load_state(folder: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def read_metadata(path: Path) -> dict[str, str]:
-    """The metadata of a safetensors file (a one-line error for a missing or unreadable one)."""
+def _checkpoint_file(path: Path) -> Path:
+    """``path`` if it is a file; a one-line error for a folder or a missing file."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"checkpoint {path} is a folder; give a .safetensors file in it "
                         f"(e.g. {path / 'best.safetensors'} or {path / 'last.safetensors'})")
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
+    return path
+
+
+@contextlib.contextmanager
+def _opened(path: Path) -> Iterator[Any]:
+    """A safetensors file opened for reading; a one-line error for a missing or unreadable one."""
+    path = _checkpoint_file(path)
     try:
         with safetensors.safe_open(str(path), framework="pt") as handle:
-            return handle.metadata() or {}
+            yield handle
     except Exception as error:  # safetensors raises its own error types for bad files
         raise UserError(f"checkpoint {path} is not a readable safetensors file: {error}") from None
 
 
-def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file (a one-line error for a missing or unreadable one)."""
-    read_metadata(path)
-    return safetensors.torch.load_file(str(path))
+def read_metadata(path: Path) -> dict[str, str]:
+    """The metadata of a safetensors file alone (its header)."""
+    with _opened(path) as handle:
+        return handle.metadata() or {}
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """The metadata and the tensors of a safetensors file, read in one opening."""
+    with _opened(path) as handle:
+        return handle.metadata() or {}, {key: handle.get_tensor(key) for key in handle.keys()}
 
 
 def _mismatch_message(path: Path, missing: list[str], unexpected: list[str], shapes: list[str]) -> str:
@@ -142,7 +156,13 @@ class LoadReport:
 
 
 def load_weights(model: nn.Module, path: Path, *, allow_head_reset: bool = False, strict: bool = True) -> LoadReport:
-    """Load a safetensors file into ``model``; returns what stayed at its initialisation.
+    """Load a safetensors file into ``model`` (see :func:`load_tensors`); returns what stayed at its initialisation."""
+    return load_tensors(model, read_checkpoint(path)[1], path, allow_head_reset=allow_head_reset, strict=strict)
+
+
+def load_tensors(model: nn.Module, weights: dict[str, torch.Tensor], path: Path, *, allow_head_reset: bool = False,
+                 strict: bool = True) -> LoadReport:
+    """Load a checkpoint's tensors (read from ``path``) into ``model``; returns what stayed at its initialisation.
 
     The position embedding is resampled to the model's patch grid (as timm does for ViTs), so a
     checkpoint loads into the same model built for another image size; with ``allow_head_reset``,
@@ -153,7 +173,7 @@ def load_weights(model: nn.Module, path: Path, *, allow_head_reset: bool = False
     (e.g. a soft head's α or the learned-mask predictor when starting from a dense model).
     """
     try:
-        weights = fit_position_embedding(read_weights(path), model)
+        weights = fit_position_embedding(dict(weights), model)
     except ValueError as error:
         raise UserError(f"checkpoint {path}: {error}") from None
     own = model.state_dict()

@@ -35,7 +35,7 @@ from ..models import mask_model
 from ..errors import Interrupted, UserError
 from ..learned import reconstruction_loss
 from . import checkpoint as ckpt
-from .card import ModelCard, check_against_card, make_card, read_card
+from .card import ModelCard, check_against_card, make_card
 from .config import TrainConfig
 from .data import DataInfo, Loaders, build_loaders, build_transforms, per_rank_batch
 from .distributed import Dist, all_sum, cleanup, setup
@@ -286,9 +286,11 @@ def _train(config: TrainConfig, resume: bool, env: Dist, start: float) -> TrainR
     model = build_model(config, loaders.info)
     say = print if env.is_main else (lambda *a, **k: None)
     if config.init_from and state is None:
-        check_against_card(model, config.model, read_card(Path(config.init_from)), Path(config.init_from),
+        source = Path(config.init_from)
+        metadata, weights = ckpt.read_checkpoint(source)
+        check_against_card(model, config.model, ModelCard.from_metadata(metadata), source,
                            consequence="fine-tuning starts from weights trained for another setting")
-        kept_init = ckpt.load_weights(model, Path(config.init_from), allow_head_reset=True, strict=False).describe()
+        kept_init = ckpt.load_tensors(model, weights, source, allow_head_reset=True, strict=False).describe()
         say(f"initialised from {config.init_from}" + (f"; {kept_init}" if kept_init else ""))
     teacher = build_teacher(config, loaders.info, model)
     model.to(env.device)
