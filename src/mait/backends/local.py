@@ -21,7 +21,7 @@ depend on nothing), with every value also receiving ``Σ_i rest_i dout_i``.
 Under ``torch.autocast`` the inputs are cast to the autocast dtype once and the kernel runs
 with autocast off in both passes (its element-wise sums must not mix dtypes), so it works
 the same under bf16/fp16 on CUDA and bf16 on the CPU; on a CPU the slot loop itself runs in
-float32 (1.1-1.2x faster than bf16 element-wise work there, and exact) and the output is
+float32 (1.15-1.6x faster than bf16 element-wise work there, and exact) and the output is
 cast back to the autocast dtype.
 """
 
@@ -56,7 +56,7 @@ def row_bands(qg: torch.Tensor) -> list[tuple[int, int]]:
 
     A tensor of up to two bands is one band: it stays in cache anyway, and more (smaller) operations only add
     overhead.  Measured on a 2-core EPYC, one thread: from 4.6 MiB per tensor (56x56 at batch 4) 2 MiB bands
-    are 1.05-1.5x faster than whole-grid passes, forward and backward (benchmarks/README.md).  Eager only:
+    are 1.0-1.6x faster than whole-grid passes, forward and backward (benchmarks/README.md).  Eager only:
     under torch.compile / torch.export the grid is one band (the batch may be symbolic there)."""
     batch, heads, h, w, dim = qg.shape
     row = batch * heads * w * dim * qg.element_size()
