@@ -21,7 +21,7 @@ def add_config_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = 
             continue
         flag = "--" + item.name.replace("_", "-")
         default = item.default if item.default is not dataclasses.MISSING else item.default_factory()
-        if hints[item.name] is bool:
+        if hints[item.name] in (bool, typing.Optional[bool]):
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"(default: {default})")
         else:
             group.add_argument(flag, default=None, metavar="VALUE", help=f"(default: {default})")
