@@ -31,3 +31,6 @@ run models_matmul --models $CIFAR_MODELS --batch-size 128 --repeats 9
 run models_matmul_train --models $CIFAR_MODELS --train --batch-size 128 --repeats 7
 # 7. training images/s of the small presets: in-memory data vs timm's loader (one run, interleaved rounds)
 python benchmarks/train_throughput.py --train-subset 2560 --repeats 3 --threads "$T" 2>&1 | grep -v -E '^(USDT|ERROR:)' | tail -n 8
+# 8. training images/s with bf16 autocast (mait train --amp) against float32, on this CPU
+python benchmarks/train_throughput.py --compare precision --presets digits cifar10 cifar10-study \
+    --schemes default all none --train-subset 2560 --repeats 3 --threads "$T" 2>&1 | grep -v -E '^(USDT|ERROR:)' | tail -n 21

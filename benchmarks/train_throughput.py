@@ -145,28 +145,42 @@ def main(argv: list[str] | None = None) -> None:
     print(f"wrote {out}.txt, .json, .csv")
 
 
+# (title, row key, format spec): text left-aligned, numbers right-aligned; ratios get an "x"
+LOADER_COLUMNS = [("preset", "preset", "<14"), ("model", "model", "<16"), ("batch", "batch_size", ">6"),
+                  ("workers", "workers", ">8"), ("images", "images_per_epoch", ">8"), ("  ", None, ""),
+                  ("path", "path", "<12"), ("loader img/s", "loader_images_per_s", ">13.0f"),
+                  ("ratio", "loader_ratio", ">7.2f"), ("epoch img/s", "epoch_images_per_s", ">13.0f"),
+                  ("ratio", "epoch_ratio", ">7.2f")]
+PRECISION_COLUMNS = [("preset", "preset", "<14"), ("model", "model", "<16"), ("scheme", "scheme", "<9"),
+                     ("batch", "batch_size", ">6"), ("images", "images_per_epoch", ">8"), ("  ", None, ""),
+                     ("precision", "precision", "<36"), ("epoch img/s", "epoch_images_per_s", ">12.0f"),
+                     ("ratio", "epoch_ratio", ">7.2f")]
+
+
+def table(rows: list[dict[str, Any]], columns: list[tuple[str, Any, str]]) -> list[str]:
+    """The column titles and one line per row."""
+    def cell(title: str, key: Any, spec: str, row: dict[str, Any]) -> str:
+        if key is None:
+            return title
+        return f"{row[key]:{spec}}x" if title == "ratio" else f"{row[key]:{spec}}"
+
+    def width(title: str, spec: str) -> str:            # a title is as wide as its cells ("x" included)
+        digits = spec.lstrip("<>").split(".")[0]
+        return spec[0] + str(int(digits) + (title == "ratio")) if digits else ""
+
+    head = "".join(f"{title:{width(title, spec)}}" for title, _, spec in columns)
+    return [head] + ["".join(cell(*column, row) for column in columns) for row in rows]
+
+
 def loader_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> list[str]:
-    lines = [f"training images/s, median of {args.repeats} interleaved rounds, {args.threads} torch thread(s) on "
-             f"{args.device}; ratio = over timm's loader of the same preset",
-             f"{'preset':<14}{'model':<16}{'batch':>6}{'workers':>8}{'images':>8}  {'path':<12}"
-             f"{'loader img/s':>13}{'ratio':>8}{'epoch img/s':>13}{'ratio':>8}"]
-    for r in rows:
-        lines.append(f"{r['preset']:<14}{r['model']:<16}{r['batch_size']:>6}{r['workers']:>8}{r['images_per_epoch']:>8}  "
-                     f"{r['path']:<12}{r['loader_images_per_s']:>13.0f}{r['loader_ratio']:>7.2f}x"
-                     f"{r['epoch_images_per_s']:>13.0f}{r['epoch_ratio']:>7.2f}x")
-    return lines
+    return [f"training images/s, median of {args.repeats} interleaved rounds, {args.threads} torch thread(s) on "
+            f"{args.device}; ratio = over timm's loader of the same preset"] + table(rows, LOADER_COLUMNS)
 
 
 def precision_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> list[str]:
-    lines = [f"training images/s of `mait train` epochs, median of {args.repeats} interleaved rounds, {args.threads} "
-             f"torch thread(s) on {args.device}; ratio = over --no-amp (fp32) of the same preset and scheme",
-             f"{'preset':<14}{'model':<16}{'scheme':<9}{'batch':>6}{'images':>8}  {'precision':<36}"
-             f"{'epoch img/s':>12}{'ratio':>8}"]
-    for r in rows:
-        lines.append(f"{r['preset']:<14}{r['model']:<16}{r['scheme']:<9}{r['batch_size']:>6}"
-                     f"{r['images_per_epoch']:>8}  {r['precision']:<36}{r['epoch_images_per_s']:>12.0f}"
-                     f"{r['epoch_ratio']:>7.2f}x")
-    return lines
+    return [f"training images/s of `mait train` epochs, median of {args.repeats} interleaved rounds, {args.threads} "
+            f"torch thread(s) on {args.device}; ratio = over --no-amp (fp32) of the same preset and scheme"
+            ] + table(rows, PRECISION_COLUMNS)
 
 
 if __name__ == "__main__":
