@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import pytest
 import torch
 
+from mait.commands.train import add_arguments, overrides_from
 from mait.train import TrainConfig, train
 from mait.train import precision
 from mait.train.precision import Precision, choose_precision, cpu_bf16_support
@@ -106,3 +108,12 @@ def test_training_log_names_the_precision_the_steps_run_in(flags, amp, log_line,
     assert seen == {compute_dtype}
     assert torch.isfinite(torch.tensor(result.history[0]["train_loss"]))
 
+
+
+def test_amp_is_a_flag_whose_absence_leaves_the_device_default() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert overrides_from(parser.parse_args(["--amp"]))["amp"] is True
+    assert overrides_from(parser.parse_args(["--no-amp"]))["amp"] is False
+    assert "amp" not in overrides_from(parser.parse_args([]))
+    assert TrainConfig().amp is None
