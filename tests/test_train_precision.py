@@ -30,7 +30,7 @@ def test_native_bf16_is_avx512_bf16_or_amx_and_the_reason_says_which() -> None:
     assert cpu_bf16_support(frozenset({"avx2", "avx512_f", "avx512_bf16"})) == (True, "CPU has avx512_bf16")
     assert cpu_bf16_support(frozenset({"amx_tile", "amx_bf16"})) == (True, "CPU has amx_bf16")
     native, why = cpu_bf16_support(frozenset({"avx2", "avx512_f", "amx_int8"}))
-    assert not native and why == "CPU has neither avx512_bf16 nor amx_bf16: bf16 would be emulated"
+    assert not native and why == "CPU has neither avx512_bf16 nor amx_bf16"
 
 
 def test_unreadable_cpu_flags_say_why(cpu_with) -> None:
@@ -65,9 +65,9 @@ def test_choice_of_precision(cpu_with) -> None:
         "fp32 (the CPU default; --amp autocasts to bf16 here: CPU has avx512_bf16)"
     assert choose_precision(False, CPU).describe() == "fp32 (amp off)"
     cpu_with({"avx2"})
-    emulated = "fp32 (CPU has neither avx512_bf16 nor amx_bf16: bf16 would be emulated)"
-    assert choose_precision(True, CPU).dtype is None and choose_precision(True, CPU).describe() == emulated
-    assert choose_precision(None, CPU).describe() == emulated
+    lacking = "fp32 (CPU has neither avx512_bf16 nor amx_bf16)"
+    assert choose_precision(True, CPU).dtype is None and choose_precision(True, CPU).describe() == lacking
+    assert choose_precision(None, CPU).describe() == lacking
     assert choose_precision(True, torch.device("meta")).describe() == "fp32 (no autocast on meta)"
 
 
@@ -84,7 +84,7 @@ def test_cuda_autocasts_unless_amp_is_off() -> None:
     ({"avx512_bf16"}, None, "precision: fp32 (the CPU default; --amp autocasts to bf16 here: CPU has avx512_bf16)",
      torch.float32),
     ({"avx512_bf16"}, False, "precision: fp32 (amp off)", torch.float32),
-    ({"avx2"}, True, "precision: fp32 (CPU has neither avx512_bf16 nor amx_bf16: bf16 would be emulated)",
+    ({"avx2"}, True, "precision: fp32 (CPU has neither avx512_bf16 nor amx_bf16)",
      torch.float32),
 ])
 def test_training_log_names_the_precision_the_steps_run_in(flags, amp, log_line, compute_dtype, cpu_with,

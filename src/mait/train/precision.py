@@ -2,10 +2,10 @@
 
 ``amp`` unset (the default) autocasts on CUDA (bf16, or fp16 with a gradient scaler on GPUs
 without bf16) and keeps CPUs in float32; ``amp: true`` (``--amp``) also autocasts to bf16 on a
-CPU with native bf16 instructions (``avx512_bf16`` or AMX), where it is 1.2-2x faster for
-masked heads but slower for unmasked heads of 16 channels (docs/training.md, "Precision");
-``amp: false`` is float32 everywhere.  Other CPUs stay in float32, where bf16 would only be
-emulated.  The choice and its reason go into the training log.
+CPU with native bf16 instructions (``avx512_bf16`` or AMX), which speeds up masked heads and
+MLPs but slows torch's SDPA for small unmasked heads (docs/training.md, "Precision");
+``amp: false`` is float32 everywhere.  Other CPUs stay in float32.  The choice and its reason
+go into the training log.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 @lru_cache(maxsize=1)
 def cpu_flags() -> Optional[frozenset[str]]:
-    """This CPU's feature flags: torch's capability query (torch >= 2.9), else ``/proc/cpuinfo``'s
-    ``flags`` line on Linux; None when neither says."""
+    """This CPU's feature flags: torch's capability query (``torch.cpu.get_capabilities``), else
+    ``/proc/cpuinfo``'s ``flags`` line on Linux; None when neither says."""
     capabilities = getattr(torch.cpu, "get_capabilities", None)
     if capabilities is not None:
         return frozenset(name for name, value in capabilities().items() if value is True)
@@ -47,7 +47,7 @@ def cpu_bf16_support(flags: Optional[frozenset[str]] = None) -> tuple[bool, str]
     found = [flag for flag in NATIVE_BF16_FLAGS if flag in flags]
     if found:
         return True, f"CPU has {found[0]}"
-    return False, f"CPU has neither {' nor '.join(NATIVE_BF16_FLAGS)}: bf16 would be emulated"
+    return False, f"CPU has neither {' nor '.join(NATIVE_BF16_FLAGS)}"
 
 
 @dataclass(frozen=True)
