@@ -29,7 +29,7 @@ import timm
 import torch
 
 import mait
-from mait.commands.bench import environment, parse_spec, peak_extra_memory
+from mait.benchmarking import environment, parse_spec, peak_extra_memory
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FLOOR = "floor (no attention op)"

@@ -36,3 +36,6 @@ python benchmarks/resolution.py --threads "$T" --repeats 3 2>&1 | grep -v -E '^(
 python benchmarks/resolution.py --threads "$T" --repeats 3 --amp --sizes 224 448 896 1344 2>&1 | grep -v -E '^(USDT|ERROR:)' | tail -n 12
 # 9. the linear backend against its version before row bands (one process, interleaved)
 python benchmarks/local_versions.py --base b3f2253 --threads "$T" --repeats 7 --out "$OUT/local_versions_bands.json" | tee "$OUT/local_versions_bands.txt"
+# 10. training images/s with bf16 autocast (mait train --amp) against float32, on this CPU
+python benchmarks/train_throughput.py --compare precision --presets digits cifar10 cifar10-study \
+    --schemes default all none --train-subset 2560 --repeats 3 --threads "$T" 2>&1 | grep -v -E '^(USDT|ERROR:)' | tail -n 21

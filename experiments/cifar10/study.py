@@ -124,7 +124,7 @@ def finished(folder: Path, epochs: int) -> bool:
 def prepare_data(keys: dict[str, Any]) -> None:
     """Extract and decode the data set once, before the runs that share it start side by side."""
     from mait.train import load_config, open_data
-    from mait.train.data import image_array
+    from mait.train.data.in_memory import image_array
     config = load_config(BASE, keys)
     if str(config.in_memory).lower() != "false":
         image_array(open_data(config.data, config.holdout_per_class)[0])

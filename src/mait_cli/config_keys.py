@@ -57,6 +57,6 @@ def config_keys() -> tuple[ConfigKey, ...]:
         if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value is not None:
             after = lines[node.end_lineno - 1][node.end_col_offset:]
             comment = after.split("#", 1)[1].strip() if "#" in after else ""
-            keys.append(ConfigKey(node.target.id, ast.unparse(node.annotation) == "bool",
+            keys.append(ConfigKey(node.target.id, ast.unparse(node.annotation) in ("bool", "Optional[bool]"),
                                   ast.literal_eval(_default_text(node.value)), comment))
     return tuple(keys)

@@ -71,7 +71,8 @@ class TrainConfig:
     clip_grad: Optional[float] = None
     ema: bool = False
     ema_decay: float = 0.99996
-    amp: bool = True                            # mixed precision on CUDA (bf16 where supported); off on CPU
+    amp: Optional[bool] = None                  # autocast; None: on CUDA, off on CPUs; true: also bf16 on
+                                                # CPUs with native bf16 (docs/training.md, Precision)
 
     # DeiT hard distillation (models with a distillation token)
     teacher: Optional[str] = None

@@ -40,6 +40,7 @@ from .config import TrainConfig
 from .data import DataInfo, Loaders, build_loaders, build_transforms, per_rank_batch
 from .distributed import Dist, all_sum, cleanup, setup
 from .logs import PLOT_NAME, RunLog, epoch_line, plot_curves, progress_bar
+from .precision import choose_precision
 
 
 @dataclass
@@ -144,12 +145,6 @@ def build_teacher(config: TrainConfig, info: DataInfo, model: nn.Module) -> Opti
     return teacher.eval().requires_grad_(False)
 
 
-def _amp_dtype(config: TrainConfig, device: torch.device) -> Optional[torch.dtype]:
-    if not config.amp or device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, env: Optional[Dist] = None,
              amp_dtype: Optional[torch.dtype] = None, progress: bool = False) -> dict[str, float]:
@@ -208,7 +203,8 @@ class _Run:
                                                 min_lr=config.min_lr, step_on_epochs=False,
                                                 updates_per_epoch=self.steps)
         self.ema = ModelEmaV3(model, decay=config.ema_decay) if config.ema else None
-        self.amp_dtype = _amp_dtype(config, env.device)
+        self.precision = choose_precision(config.amp, env.device)
+        self.amp_dtype = self.precision.dtype
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=self.amp_dtype == torch.float16)
         self.epoch, self.step, self.history = 0, 0, []
         self.loss_sum, self.loss_count, self.recon_sum = 0.0, 0, 0.0
@@ -306,6 +302,7 @@ def _train(config: TrainConfig, resume: bool, env: Dist, start: float) -> TrainR
     else:
         say(f"training {config.model} on {loaders.info.name}; output folder: {output}")
         random_seed(config.seed, env.rank)
+    say(f"precision: {run.precision.describe()}")
     if env.is_main:
         config.save(output / "config.yaml")
     if teacher is not None:
