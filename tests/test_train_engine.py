@@ -17,7 +17,7 @@ from PIL import Image
 import mait  # noqa: F401
 from mait.errors import UserError
 from mait.train import TrainConfig, build_loaders, build_model, evaluate, load_config, load_weights, save_weights, train
-from mait.train.engine import DistillationLoss, build_teacher
+from mait.train.models import DistillationLoss, build_teacher
 
 TINY = {"model_kwargs": {"depth": 1, "embed_dim": 16, "num_heads": 2}, "epochs": 2, "batch_size": 32,
         "train_subset": 128, "val_subset": 64, "warmup_epochs": 1, "progress": False}

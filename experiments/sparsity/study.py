@@ -115,7 +115,7 @@ def run(patterns: list[str], shard: str, device: str = "cpu") -> None:
     from mait.train import TrainConfig, train
     from mait.train.checkpoint import load_weights
     from mait.train.data import build_loaders
-    from mait.train.engine import build_model
+    from mait.train.models import build_model
     index, count = (int(x) for x in shard.split("/"))
     names = [n for n in run_names() if not patterns or any(fnmatch.fnmatchcase(n, p) for p in patterns)]
     for position, name in enumerate(names):

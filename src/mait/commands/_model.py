@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from ..errors import UserError
 from ..train import TrainConfig
-from ..train.engine import check_model_name
+from ..train.models import check_model_name
 from ..train.runs import held_out_images, open_run
 from ._output import check_output_folder
 

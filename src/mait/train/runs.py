@@ -22,7 +22,7 @@ from .card import CheckpointMismatch, ModelCard, check_against_card, make_card
 from .checkpoint import load_tensors, read_checkpoint
 from .config import TrainConfig, load_config
 from .data import Augmented, DataInfo, build_transforms, open_data
-from .engine import build_model
+from .models import build_model
 
 
 @dataclass(frozen=True)
