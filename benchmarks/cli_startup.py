@@ -33,7 +33,7 @@ CASES = {                                    # name -> arguments of the Python i
     "mait train --help": ["-c", MAIT, "train", "--help"],
     "mait export --help": ["-c", MAIT, "export", "--help"],
     "mait export --format tflite (an error)": ["-c", MAIT, "export", "--checkpoint", "x", "--format", "tflite"],
-    "mait bench --help (declared with torch)": ["-c", MAIT, "bench", "--help"],
+    "mait bench --help": ["-c", MAIT, "bench", "--help"],
     "import torch": ["-c", "import torch"],
     "import timm": ["-c", "import timm"],
     "import mait": ["-c", "import mait"],

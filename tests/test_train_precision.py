@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mait.commands.train import add_arguments, overrides_from
+from mait.commands.train import overrides_from
+from mait_cli.options import train as add_train_options
 from mait.train import TrainConfig, train
 from mait.train import precision
 from mait.train.precision import Precision, choose_precision, cpu_bf16_support
@@ -112,7 +113,7 @@ def test_training_log_names_the_precision_the_steps_run_in(flags, amp, log_line,
 
 def test_amp_is_a_flag_whose_absence_leaves_the_device_default() -> None:
     parser = argparse.ArgumentParser()
-    add_arguments(parser)
+    add_train_options(parser)
     assert overrides_from(parser.parse_args(["--amp"]))["amp"] is True
     assert overrides_from(parser.parse_args(["--no-amp"]))["amp"] is False
     assert "amp" not in overrides_from(parser.parse_args([]))

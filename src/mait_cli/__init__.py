@@ -5,8 +5,7 @@ seconds.  This package imports neither: :mod:`mait_cli.options` declares every c
 options with argparse alone (the training config keys are read from the source of
 ``mait/train/config.py`` by :mod:`mait_cli.config_keys`), :func:`main` parses the command line,
 and only then imports ``mait.commands.<name>`` and calls its ``run(args) -> int``.  So
-``mait --help``, ``mait COMMAND --help`` and a wrong option answer at once; ``mait bench``
-alone declares its options in its own module, so its ``--help`` imports torch.
+``mait --help``, ``mait COMMAND --help`` and a wrong option answer at once.
 
 Errors.  A mistake the user can fix ends as one line on stderr, ``mait COMMAND: error: ...``,
 with exit status 2: argparse's own errors, ``mait.errors.UserError``, ``ValueError`` (how the
@@ -52,7 +51,7 @@ def build_parser(command: Optional[str]) -> tuple[argparse.ArgumentParser, Optio
     for name, (help_text, declare) in COMMANDS.items():
         command_parser = sub.add_parser(name, help=help_text, description=help_text)
         if name == command:
-            (declare or _command_module(name).add_arguments)(command_parser)
+            declare(command_parser)
             chosen = command_parser
     return parser, chosen
 

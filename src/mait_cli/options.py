@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 from .config_keys import config_keys
 
@@ -246,9 +246,38 @@ def flops(parser: argparse.ArgumentParser) -> None:
                         help="count masked heads at full cost (as the paper's Table 7 does for monolithic MaiT)")
 
 
-# name -> (one-line help, the function declaring its options; None: mait.commands.<name>.add_arguments
-# declares them, so its --help imports that module).  mait.commands.<name with _ for -> runs it.
-COMMANDS: dict[str, tuple[str, Optional[Callable[[argparse.ArgumentParser], None]]]] = {
+def bench(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--models", nargs="+", metavar="SPEC",
+                        help="timm model names, optionally with kwargs: mait_t24_224:scheme=sch1,mask_size=5")
+    parser.add_argument("--baseline", default=None, help="model spec the ratios refer to (default: the first)")
+    parser.add_argument("--batch-size", type=at_least(1), default=None,
+                        help="batch size (default: 64 models, 4 attention)")
+    parser.add_argument("--img-size", type=at_least(1), default=None, help="image size (default: the model's)")
+    parser.add_argument("--train", action="store_true", help="time a training step (forward + backward)")
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                        help="autocast to --dtype (default: on for CUDA, off on the CPU)")
+    parser.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16",
+                        help="autocast dtype with --amp (default: bfloat16)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every model before timing")
+    parser.add_argument("--attention", action="store_true", help="benchmark the attention op alone")
+    parser.add_argument("--grids", nargs="+", type=at_least(1), default=[7, 14, 28, 56, 112],
+                        help="square grid sizes")
+    parser.add_argument("--mask-size", type=mask_size, default=3)
+    parser.add_argument("--heads", type=at_least(1), default=3)
+    parser.add_argument("--head-dim", type=at_least(1), default=32)
+    parser.add_argument("--prefix", type=at_least(0), default=1, help="prefix tokens (class token)")
+    parser.add_argument("--max-dense-gib", type=non_negative, default=6.0,
+                        help="skip dense masked attention when its score tensors would exceed this (GiB)")
+    parser.add_argument("--no-memory", action="store_true", help="do not measure peak memory (attention)")
+    parser.add_argument("--warmup", type=at_least(0), default=2)
+    parser.add_argument("--repeats", type=at_least(1), default=5)
+    parser.add_argument("--threads", type=at_least(1), default=None, help="torch.set_num_threads (default: torch's)")
+    _device_option(parser)
+    parser.add_argument("--out", default=None, help="path prefix of the .json/.csv/.png results (default: none)")
+
+
+# name -> (one-line help, the function declaring its options).  mait.commands.<name with _ for -> runs it.
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "demo": ("build a MaiT model, run a sample batch and print its per-layer masking", demo),
     "train": ("train a model (default: MaiT on the built-in digits, no download); DeiT recipe, torchrun-ready", train),
     "eval": ("evaluate a checkpoint: top-1, top-5, loss and images/s", eval_),
@@ -262,5 +291,5 @@ COMMANDS: dict[str, tuple[str, Optional[Callable[[argparse.ArgumentParser], None
     "show-mask": ("draw which patches one patch token attends to at full strength (paper Fig. 1)", show_mask),
     "flops": ("parameters and GMACs of models in the paper's convention, per stage and per layer", flops),
     "bench": ("throughput of whole models (ours vs DeiT/CaiT/Swin) or of the attention op alone (--attention)",
-              None),
+              bench),
 }

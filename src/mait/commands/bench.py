@@ -22,34 +22,6 @@ from mait.errors import UserError
 from mait.train.distributed import setup
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--models", nargs="+", metavar="SPEC",
-                        help="timm model names, optionally with kwargs: mait_t24_224:scheme=sch1,mask_size=5")
-    parser.add_argument("--baseline", default=None, help="model spec the ratios refer to (default: the first)")
-    parser.add_argument("--batch-size", type=int, default=None, help="batch size (default: 64 models, 4 attention)")
-    parser.add_argument("--img-size", type=int, default=None, help="image size (default: the model's)")
-    parser.add_argument("--train", action="store_true", help="time a training step (forward + backward)")
-    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                        help="autocast to --dtype (default: on for CUDA, off on the CPU)")
-    parser.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16",
-                        help="autocast dtype with --amp (default: bfloat16)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile every model before timing")
-    parser.add_argument("--attention", action="store_true", help="benchmark the attention op alone")
-    parser.add_argument("--grids", nargs="+", type=int, default=[7, 14, 28, 56, 112], help="square grid sizes")
-    parser.add_argument("--mask-size", type=int, default=3)
-    parser.add_argument("--heads", type=int, default=3)
-    parser.add_argument("--head-dim", type=int, default=32)
-    parser.add_argument("--prefix", type=int, default=1, help="prefix tokens (class token)")
-    parser.add_argument("--max-dense-gib", type=float, default=6.0,
-                        help="skip dense masked attention when its score tensors would exceed this (GiB)")
-    parser.add_argument("--no-memory", action="store_true", help="do not measure peak memory (attention)")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", default=None, help="path prefix of the .json/.csv/.png results (default: none)")
-
-
 def settings_from(args: argparse.Namespace) -> BenchSettings:
     """The measurement settings the command line asks for."""
     return BenchSettings(batch_size=args.batch_size, img_size=args.img_size, train=args.train, amp=args.amp,
