@@ -9,6 +9,7 @@ import torch
 
 import mait
 from mait.backends import BACKENDS, flex, triton_local
+from mait.backends.learned import learned_attention
 
 BF16_TOL = dict(rtol=3e-2, atol=3e-2)
 
@@ -59,8 +60,13 @@ NO_CPU_BACKWARD = {"flex", "blocksparse"}              # FlexAttention has no ba
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU"))]
 
 
+LEARNED_CASES = [(path, mode) for path in ("dense", "gather") for mode in ("neg_inf", "zero")]
+
+
 def test_every_registered_backend_has_a_bf16_check():
-    assert set(BF16_CASES) == set(BACKENDS)
+    """Every backend callable by name is in ``BF16_CASES``; ``learned`` (which needs its layer's
+    predictor) is checked through its functional op below."""
+    assert set(BF16_CASES) | {"learned"} == set(BACKENDS)
 
 
 def _skip_unless_runnable(backend: str, device: str) -> None:
@@ -108,6 +114,31 @@ def test_every_backend_under_bf16_autocast_matches_float64(backend, train, devic
         assert _rel(grad, expected) < 3e-2, name
     if soft:
         torch.testing.assert_close(grads[3].double().cpu(), truth_grads[3], **BF16_TOL)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path,mode", LEARNED_CASES)
+def test_learned_backend_under_bf16_autocast_matches_float64(path, mode, device):
+    """The learned heads' op on bf16 q, k, v with a fixed kept-key index (what the predictor hands
+    it): output and dq, dk, dv against the same op in float64, to bf16 accuracy."""
+    generator = torch.Generator().manual_seed(11)
+    batch, heads, prefix, patches, kept, dim = 2, 3, 1, 64, 9, 16
+    q, k, v = (torch.randn(batch, heads, prefix + patches, dim, generator=generator) for _ in range(3))
+    scores = torch.rand(batch, heads, patches, prefix + patches, generator=generator)
+    index = scores.topk(kept, dim=-1).indices
+    weight = torch.randn(q.shape, generator=generator)
+    truth_in = [t.double().requires_grad_() for t in (q, k, v)]
+    truth = learned_attention(*truth_in, index, num_prefix_tokens=prefix, mode=mode, backend=path)
+    inputs = [t.to(device, torch.bfloat16).requires_grad_() for t in (q, k, v)]
+    with torch.autocast(device, dtype=torch.bfloat16):
+        got = learned_attention(*inputs, index.to(device), num_prefix_tokens=prefix, mode=mode, backend=path)
+    assert got.dtype == torch.bfloat16
+    assert _rel(got, truth) < 2e-2
+    truth_grads = torch.autograd.grad((truth * weight.double()).sum(), truth_in)
+    grads = torch.autograd.grad((got.float() * weight.to(device)).sum(), inputs)
+    for name, grad, expected in zip(("dq", "dk", "dv"), grads, truth_grads):
+        assert grad.dtype == torch.bfloat16
+        assert _rel(grad, expected) < 3e-2, name
 
 
 def test_train_step_under_cpu_bf16_autocast_with_linear_backend():

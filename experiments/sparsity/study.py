@@ -202,7 +202,7 @@ def mean_std(values: list[float], empty: str, signed: bool = False) -> str:
 def report() -> None:
     import torch
     from mait.analysis import measure_als
-    from mait.train.runs import held_out_images, load_model, run_config
+    from mait.train.runs import held_out_images, open_run
     from mait.analysis.learned_masks import measure_mask_locality
     RESULTS.mkdir(exist_ok=True)
     cifar = [v for v in VARIANTS if VARIANTS[v][1].get("cifar")]
@@ -233,9 +233,9 @@ def report() -> None:
         checkpoint = RUN_DIR / f"{variant}-s0" / "last.safetensors"
         if not checkpoint.is_file():
             continue
-        config = run_config(checkpoint)
-        loader, info = held_out_images(config, 360, batch_size=120)
-        model = load_model(config, info, checkpoint)
+        run = open_run(checkpoint)
+        loader, info = held_out_images(run.config, 360, batch_size=120)
+        model = run.model(info)
         with torch.inference_mode():
             if variant == "dense":
                 als["dense attention ALS"] = [float(a.mean()) for a in measure_als(model, loader)]
