@@ -23,7 +23,8 @@ from typing import Any, Optional
 import torch
 
 import mait
-from mait.commands import bench
+from mait import benchmarking
+from mait.benchmarking import BenchSettings
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 SMOKE = False                       # set by --smoke
@@ -120,21 +121,15 @@ def check_correctness(device: torch.device, smoke: bool) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------ 2-4. timing
-def bench_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    bench.add_arguments(parser)
-    return parser.parse_args(argv)
-
-
 def run_attention(device: torch.device, smoke: bool) -> list[dict]:
     rows = []
     grids = [[4, 6]] if smoke else [[14, 28], [56], [112]]
     batches = [1] if smoke else [64, 16, 4]
     for grid, batch in zip(grids, batches):
-        argv = ["--attention", "--device", str(device), "--grids", *map(str, grid), "--batch-size", str(batch),
-                "--repeats", "1" if smoke else "20", "--warmup", "0" if smoke else "3", "--max-dense-gib", "24"]
-        log(bench._attention_header(bench_args(argv), device))
-        result = bench.bench_attention(bench_args(argv), device)
+        settings = BenchSettings(grids=tuple(grid), batch_size=batch, repeats=1 if smoke else 20,
+                                 warmup=0 if smoke else 3, max_dense_gib=24)
+        log(benchmarking.attention_header(settings, device))
+        result = benchmarking.bench_attention(settings, device, report=log)
         for row in result["rows"]:
             row["batch"] = batch
         rows += result["rows"]
@@ -147,11 +142,10 @@ def run_models(device: torch.device, smoke: bool, train: bool) -> dict[str, dict
     if not smoke:
         specs += [] if train else ["deit_small_patch16_224", "cait_xxs24_224", "hmait_small_224"]
     run_specs = [SMOKE_MODELS.get(s, s) for s in specs] if smoke else specs
-    argv = ["--models", *dict.fromkeys(run_specs), "--device", str(device), "--batch-size", "2" if smoke else "64",
-            "--repeats", "1" if smoke else ("5" if train else "10"), "--warmup", "0" if smoke else "2"]
-    if train:
-        argv.append("--train")
-    result = bench.bench_models(bench_args(argv), device)
+    settings = BenchSettings(batch_size=2 if smoke else 64, repeats=1 if smoke else (5 if train else 10),
+                             warmup=0 if smoke else 2, train=train)
+    result = benchmarking.bench_models(run_specs, settings, device)
+    log(benchmarking.models_table(result, device))
     by_spec = {row["model"]: row for row in result["rows"]}
     return {spec: by_spec[SMOKE_MODELS.get(spec, spec) if smoke else spec] for spec in specs}
 
@@ -200,9 +194,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("gpu_check: no CUDA GPU visible; run with --smoke for a CPU dry run", file=sys.stderr)
         return 2
     start = time.time()
-    log(f"mait GPU check: {bench._where(device)}, triton "
+    log(f"mait GPU check: {benchmarking.where(device)}, triton "
         f"{getattr(sys.modules.get('triton'), '__version__', 'n/a')}")
-    results: dict[str, Any] = {"environment": bench.environment(device)}
+    results: dict[str, Any] = {"environment": benchmarking.environment(device)}
     if "correctness" not in args.skip:
         log("\n== 1. every CUDA path vs the float64 reference (relative errors) ==")
         results["correctness"] = check_correctness(device, args.smoke)

@@ -7,7 +7,7 @@
 For each grid (+ class token) and keep rate it times ``learned_attention(..., backend=...)``
 for ``dense``, ``gather`` and ``auto`` in interleaved rounds (a fresh random order per
 round, one untimed call before each timed one) and reports medians and the dense / gather
-ratio; ``auto`` should match the faster of the two (``mait.learned.gather_is_faster``).
+ratio; ``auto`` should match the faster of the two (``mait.backends.learned.gather_is_faster``).
 Results go to ``benchmarks/results/learned_attention[_train][_<device>].{txt,json}``.
 """
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 import mait  # noqa: F401  (registers the models)
-from mait.commands.bench import parse_spec
+from mait.benchmarking import parse_spec
 
 
 def main() -> None:

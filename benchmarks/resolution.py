@@ -29,7 +29,7 @@ import timm
 import torch
 
 import mait
-from mait.commands.bench import environment, parse_spec, peak_extra_memory
+from mait.benchmarking import environment, parse_spec, peak_extra_memory
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FLOOR = "floor (no attention op)"
@@ -170,6 +170,9 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         right.plot([r["patches"] for r in mine], [r["us_per_patch"] for r in mine], marker="o", label=label)
     left.set(xlabel="image size (px, square)", ylabel="seconds per image", yscale="log", title="inference time")
     right.set(xlabel="16x16 patches", ylabel="µs per patch", xscale="log", title="time per patch (flat = linear)")
+    patches = sorted({r["patches"] for r in rows})
+    right.set_xticks(patches, [f"{p:.0f}" for p in patches], fontsize=7)
+    right.minorticks_off()
     for axis in (left, right):
         axis.grid(alpha=0.3)
     right.legend(fontsize=8)

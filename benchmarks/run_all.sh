@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduce every figure quoted in benchmarks/README.md (CPU; about 30-60 min on 2 shared cores).
+# Reproduce every figure quoted in benchmarks/README.md (CPU; about 1.5 h on 2 shared cores).
 # Usage: benchmarks/run_all.sh [THREADS]   (default 1: on a shared machine one thread per process is
 # what gives stable medians; ratios are always measured side by side in one run).
 set -euo pipefail
@@ -31,3 +31,11 @@ run models_matmul --models $CIFAR_MODELS --batch-size 128 --repeats 9
 run models_matmul_train --models $CIFAR_MODELS --train --batch-size 128 --repeats 7
 # 7. training images/s of the small presets: in-memory data vs timm's loader (one run, interleaved rounds)
 python benchmarks/train_throughput.py --train-subset 2560 --repeats 3 --threads "$T" 2>&1 | grep -v -E '^(USDT|ERROR:)' | tail -n 8
+# 8. inference time against image size (224-1344 px, batch 1): linear masked attention against quadratic
+python benchmarks/resolution.py --threads "$T" --repeats 3 2>&1 | grep -v -E '^(USDT|ERROR:)' | tail -n 14
+python benchmarks/resolution.py --threads "$T" --repeats 3 --amp --sizes 224 448 896 1344 2>&1 | grep -v -E '^(USDT|ERROR:)' | tail -n 12
+# 9. the linear backend against its version before row bands (one process, interleaved)
+python benchmarks/local_versions.py --base b3f2253 --threads "$T" --repeats 7 --out "$OUT/local_versions_bands.json" | tee "$OUT/local_versions_bands.txt"
+# 10. training images/s with bf16 autocast (mait train --amp) against float32, on this CPU
+python benchmarks/train_throughput.py --compare precision --presets digits cifar10 cifar10-study \
+    --schemes default all none --train-subset 2560 --repeats 3 --threads "$T" 2>&1 | grep -v -E '^(USDT|ERROR:)' | tail -n 21

@@ -75,6 +75,7 @@ def main() -> None:
         match = re.match(r"(PASSED|FAILED|ERROR|SKIPPED) \S*::(\w+)\[\d+-([\w.]+)\](?: - (.*))?", line)
         if match:
             status, test, model, reason = match.groups()
+            model = model.split(".")[0]          # timm lists some tests by tagged name (model.pretrained_tag)
             outcomes[test][model] = status
             if reason:
                 reasons[(test, model)] = reason[:160]

@@ -6,12 +6,11 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from mait import MaskingScheme
 from mait.analysis import harden, read_alphas
-from mait.train.runs import load_model, run_config
+from mait.train.runs import open_run
 from mait.cli import main
 from mait.search import Thresholds, assign, calibrate
 from mait.train import load_config, open_data, train
@@ -54,8 +53,7 @@ def test_similarity_cli_writes_one_heatmap_per_head(soft_run, capsys, tmp_path):
 def test_alphas_cli_reads_soft_alphas_and_hardens(soft_run, capsys, tmp_path):
     assert main(["alphas", "--checkpoint", str(soft_run), "--threshold", "0.5", "--output", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    config = run_config(soft_run)
-    model = load_model(config, open_data("digits")[2], soft_run)
+    model = open_run(soft_run).model(open_data("digits")[2])
     expected = harden(model, 0.5)
     assert f"hardened at α < 0.5: {expected}" in out
     assert (tmp_path / "hardened_scheme.txt").read_text().strip() == str(expected)

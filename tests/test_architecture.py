@@ -76,3 +76,9 @@ def test_no_import_cycle():
 
 def test_a_cycle_would_be_found():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_no_source_file_over_400_lines():
+    long = {str(path.relative_to(SOURCE.parent)): len(path.read_text().splitlines())
+            for path in SOURCE.parent.rglob("*.py")}
+    assert {name: lines for name, lines in long.items() if lines > 400} == {}

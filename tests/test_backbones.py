@@ -288,3 +288,12 @@ def test_mait_train_masks_a_timm_vit_and_eval_rebuilds_it(tmp_path):
                                         train_subset=64, val_subset=32))
     model = build_model(config, build_loaders(config).info)
     assert isinstance(model, mait.MaiT) and str(model.scheme) == "*:1h" and model.blocks[0].attn.grid_size == (8, 8)
+
+
+def test_als_of_a_dynamic_model_uses_each_batchs_grid():
+    torch.manual_seed(0)
+    dynamic = timm.create_model("mait_t12_224", dynamic_img_size=True, depth=2, scheme="0:hsu,1:soft").eval()
+    fixed = _built_for("mait_t12_224", (48, 64), dynamic, depth=2, scheme="0:hsu,1:soft")
+    images = _images(48, 64)
+    for got, expected in zip(mait.analysis.measure_als(dynamic, images), mait.analysis.measure_als(fixed, images)):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)

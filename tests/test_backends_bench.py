@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mait.cli import main
-from mait.commands.bench import parse_spec, peak_extra_memory
+from mait.benchmarking import parse_spec, peak_extra_memory
 
 
 def test_attention_sweep_writes_results(tmp_path, capsys):

@@ -23,7 +23,7 @@ from mait.train import load_config, open_data, train
 from mait.train import build_model
 from mait.train.card import CheckpointMismatch, ModelCard, make_card, read_card
 from mait.train.data import build_transforms
-from mait.train.runs import load_model, run_config
+from mait.train.runs import open_run
 
 TINY = {"epochs": 2, "train_subset": 256, "val_subset": 64, "warmup_epochs": 0, "progress": False, "lr": 3e-3}
 
@@ -81,7 +81,7 @@ def test_eval_away_from_config_yaml_uses_the_card(unmasked_run: Path, tmp_path: 
     beside = _eval_metrics(capsys, "--checkpoint", str(unmasked_run))
     away = _copy_away(unmasked_run, tmp_path / "away")
     assert _eval_metrics(capsys, "--checkpoint", str(away), "--val-subset", "64") == beside
-    config = run_config(away)
+    config = open_run(away).config
     assert (config.model, config.scheme, config.img_size) == ("mait_nano4_8", "none", 8)
 
 
@@ -92,7 +92,17 @@ def test_override_that_contradicts_the_card_warns(unmasked_run: Path, tmp_path: 
     assert f"mait eval: warning: {away} was trained with scheme none (its metadata), but *:1h is used here" in err
     with warnings.catch_warnings():
         warnings.simplefilter("error")       # agreeing settings: no warning
-        load_model(run_config(away), read_card(away).data_info(), away)
+        open_run(away).model()
+
+
+def test_a_checkpoint_is_read_once(unmasked_run: Path, monkeypatch) -> None:
+    """eval opens its checkpoint file once: card, settings and weights come from that one reading."""
+    import mait.train.checkpoint as checkpoint
+    opened = []
+    real = checkpoint.safetensors.safe_open
+    monkeypatch.setattr(checkpoint.safetensors, "safe_open", lambda *a, **k: opened.append(a[0]) or real(*a, **k))
+    assert main(["eval", "--checkpoint", str(unmasked_run), "--val-subset", "16", "--no-progress"]) == 0
+    assert opened == [str(unmasked_run)]
 
 
 def test_old_checkpoint_without_card_still_loads(unmasked_run: Path, tmp_path: Path) -> None:
@@ -102,15 +112,15 @@ def test_old_checkpoint_without_card_still_loads(unmasked_run: Path, tmp_path: P
     safetensors.torch.save_file(weights, str(old), metadata={"model": "mait_nano4_8", "epoch": "2"})
     assert read_card(old) is None
     with pytest.warns(CheckpointMismatch, match="records only its model"):
-        config = run_config(old, scheme="none")
-    model = load_model(config, open_data("digits")[2], old)
-    reference = load_model(run_config(unmasked_run), open_data("digits")[2], unmasked_run)
+        saved = open_run(old, scheme="none")
+    model = saved.model(open_data("digits")[2])
+    reference = open_run(unmasked_run).model(open_data("digits")[2])
     images = torch.randn(3, 1, 8, 8)
     torch.testing.assert_close(model(images), reference(images), rtol=0, atol=0)
     shutil.copy(unmasked_run.parent / "config.yaml", old.parent / "config.yaml")
     with warnings.catch_warnings():
         warnings.simplefilter("error")       # config.yaml beside it: no guessing, no warning
-        assert run_config(old).scheme == "none"
+        assert open_run(old).config.scheme == "none"
 
 
 def test_init_from_warns_when_the_scheme_differs(unmasked_run: Path, tmp_path: Path) -> None:
@@ -147,7 +157,7 @@ def test_predict_matches_the_model_on_the_digits(unmasked_run: Path, tmp_path: P
     assert main(["predict", "--checkpoint", str(unmasked_run), str(folder), "--top-k", "3", "--json"]) == 0
     results = {Path(r["image"]): r["top"] for r in json.loads(capsys.readouterr().out)}
     assert set(results) == set(files)
-    model = load_model(run_config(unmasked_run), open_data("digits")[2], unmasked_run)
+    model = open_run(unmasked_run).model(open_data("digits")[2])
     with torch.no_grad():
         probs = model(torch.stack(tensors)).softmax(dim=1)
     for path, p in zip(files, probs):
@@ -226,3 +236,12 @@ def test_onnx_export_keeps_the_linear_path_and_matches_pytorch(tmp_path: Path) -
     shapes = {value.name: [d.dim_value for d in value.type.tensor_type.shape.dim] for value in graph.value_info}
     assert any(node.op_type == "Slice" for node in graph.node)        # the R² window shifts of the linear path
     assert not any(shape[-2:] == [tokens, tokens] for shape in shapes.values() if len(shape) >= 2)
+
+
+def test_checkpoints_get_a_new_files_mode(tmp_path: Path) -> None:
+    """safetensors creates its file private; a checkpoint gets the mode of any new file under the umask."""
+    import os
+    import stat
+    from mait.train.checkpoint import new_file_mode, save_weights
+    save_weights(timm.create_model("mait_nano4_8"), tmp_path / "w.safetensors")
+    assert stat.S_IMODE(os.stat(tmp_path / "w.safetensors").st_mode) == new_file_mode()

@@ -1,5 +1,5 @@
-"""Every backend under ``torch.autocast`` (bf16 on the CPU) against the float64 reference, and
-the attention module inside ``torch.compile`` of a whole model."""
+"""Every backend under ``torch.autocast`` (bf16; CPU, and CUDA where present) against the float64
+reference, forward and backward, and the attention module inside ``torch.compile`` of a whole model."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import timm
 import torch
 
 import mait
-from mait.backends import flex
+from mait.backends import BACKENDS, flex, triton_local
+from mait.backends.learned import learned_attention
 
 BF16_TOL = dict(rtol=3e-2, atol=3e-2)
 
@@ -50,18 +51,94 @@ def test_module_forward_backward_under_cpu_bf16_autocast(kinds, backend):
         torch.testing.assert_close(layer.alpha_logit.grad.double(), truth.alpha_logit.grad, **BF16_TOL)
 
 
-@pytest.mark.skipif(not flex.available(), reason="torch without FlexAttention")
-@pytest.mark.parametrize("backend,alpha", [("flex", [0.0, 0.4, 1.0]), ("blocksparse", [0.0, 0.0, 0.0])])
-def test_flex_backends_under_cpu_bf16_autocast(backend, alpha):
-    generator = torch.Generator().manual_seed(3)
-    q, k, v = [torch.randn(2, 3, 1 + 14 * 14, 16, generator=generator) for _ in range(3)]
-    kwargs = dict(grid_size=(14, 14), alpha=torch.tensor(alpha))
-    truth = mait.masked_attention(q.double(), k.double(), v.double(), backend="reference",
-                                  **{**kwargs, "alpha": kwargs["alpha"].double()})
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = mait.masked_attention(q, k, v, backend=backend, **kwargs)
+# α per head of a call each backend accepts: mixed hard/soft/unmasked heads where it runs them
+BF16_CASES = {"reference": [0.0, 0.4, 1.0], "matmul": [0.0, 0.4, 1.0], "flex": [0.0, 0.4, 1.0],
+              "local": [0.0, 0.0, 0.0], "blocksparse": [0.0, 0.0, 0.0], "triton": [0.0, 0.0, 0.0],
+              "sdpa": [1.0, 1.0, 1.0]}
+FORWARD_ONLY = {"triton"}                               # inference kernels
+NO_CPU_BACKWARD = {"flex", "blocksparse"}              # FlexAttention has no backward on the CPU
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU"))]
+
+
+LEARNED_CASES = [(path, mode) for path in ("dense", "gather") for mode in ("neg_inf", "zero")]
+
+
+def test_every_registered_backend_has_a_bf16_check():
+    """Every backend callable by name is in ``BF16_CASES``; ``learned`` (which needs its layer's
+    predictor) is checked through its functional op below."""
+    assert set(BF16_CASES) | {"learned"} == set(BACKENDS)
+
+
+def _skip_unless_runnable(backend: str, device: str) -> None:
+    if backend in ("flex", "blocksparse") and not flex.available():
+        pytest.skip("torch without FlexAttention")
+    if backend == "triton" and (not triton_local.available() or device != "cuda"):
+        pytest.skip("the Triton kernel's bf16 runs on CUDA only: Triton's CPU interpreter multiplies bf16 as raw "
+                    "bits in tl.dot (triton-lang/triton#11584), so it is not a reference for bf16 there")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend,train", [(name, train) for name in sorted(BF16_CASES) for train in (False, True)
+                                           if not (train and name in FORWARD_ONLY)])
+def test_every_backend_under_bf16_autocast_matches_float64(backend, train, device):
+    """Each backend by name on bf16 q, k, v (what the qkv projection gives under autocast): output and
+    dq, dk, dv (and dα of soft heads) against the float64 reference, to bf16 accuracy."""
+    _skip_unless_runnable(backend, device)
+    if train and device == "cpu" and backend in NO_CPU_BACKWARD:
+        pytest.skip("FlexAttention has no backward on the CPU (its CUDA backward runs in the CUDA case)")
+    generator = torch.Generator().manual_seed(7)
+    grid, prefix = (14, 14), 1
+    q, k, v = (torch.randn(2, 3, prefix + grid[0] * grid[1], 16, generator=generator) for _ in range(3))
+    weight = torch.randn(q.shape, generator=generator)
+    alpha = torch.tensor(BF16_CASES[backend])
+    soft = train and backend in ("reference", "matmul", "flex")    # a learnable α makes every head soft
+    truth_in = [t.double().requires_grad_(train) for t in (q, k, v)]
+    truth_alpha = alpha.double().requires_grad_(soft)
+    truth = mait.masked_attention(*truth_in, grid_size=grid, num_prefix_tokens=prefix, alpha=truth_alpha,
+                                  backend="reference")
+
+    inputs = [t.to(device, torch.bfloat16).requires_grad_(train) for t in (q, k, v)]
+    call_alpha = alpha.to(device).requires_grad_(soft)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        got = mait.masked_attention(*inputs, grid_size=grid, num_prefix_tokens=prefix, alpha=call_alpha,
+                                    backend=backend)
     assert got.dtype == torch.bfloat16
     assert _rel(got, truth) < 2e-2
+    if not train:
+        return
+    wanted = truth_in + ([truth_alpha] if soft else [])
+    truth_grads = torch.autograd.grad((truth * weight.double()).sum(), wanted)
+    grads = torch.autograd.grad((got.float() * weight.to(device)).sum(), inputs + ([call_alpha] if soft else []))
+    for name, grad, expected in zip(("dq", "dk", "dv"), grads, truth_grads):
+        assert grad.dtype == torch.bfloat16
+        assert _rel(grad, expected) < 3e-2, name
+    if soft:
+        torch.testing.assert_close(grads[3].double().cpu(), truth_grads[3], **BF16_TOL)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path,mode", LEARNED_CASES)
+def test_learned_backend_under_bf16_autocast_matches_float64(path, mode, device):
+    """The learned heads' op on bf16 q, k, v with a fixed kept-key index (what the predictor hands
+    it): output and dq, dk, dv against the same op in float64, to bf16 accuracy."""
+    generator = torch.Generator().manual_seed(11)
+    batch, heads, prefix, patches, kept, dim = 2, 3, 1, 64, 9, 16
+    q, k, v = (torch.randn(batch, heads, prefix + patches, dim, generator=generator) for _ in range(3))
+    scores = torch.rand(batch, heads, patches, prefix + patches, generator=generator)
+    index = scores.topk(kept, dim=-1).indices
+    weight = torch.randn(q.shape, generator=generator)
+    truth_in = [t.double().requires_grad_() for t in (q, k, v)]
+    truth = learned_attention(*truth_in, index, num_prefix_tokens=prefix, mode=mode, backend=path)
+    inputs = [t.to(device, torch.bfloat16).requires_grad_() for t in (q, k, v)]
+    with torch.autocast(device, dtype=torch.bfloat16):
+        got = learned_attention(*inputs, index.to(device), num_prefix_tokens=prefix, mode=mode, backend=path)
+    assert got.dtype == torch.bfloat16
+    assert _rel(got, truth) < 2e-2
+    truth_grads = torch.autograd.grad((truth * weight.double()).sum(), truth_in)
+    grads = torch.autograd.grad((got.float() * weight.to(device)).sum(), inputs)
+    for name, grad, expected in zip(("dq", "dk", "dv"), grads, truth_grads):
+        assert grad.dtype == torch.bfloat16
+        assert _rel(grad, expected) < 3e-2, name
 
 
 def test_train_step_under_cpu_bf16_autocast_with_linear_backend():

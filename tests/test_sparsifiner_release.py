@@ -187,7 +187,7 @@ def dense_digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_the_released_loss_terms_are_their_formulas(dense_digits: Path):
     config = load_config("sparsifiner_digits", dict(teacher_checkpoint=str(dense_digits)))
     info = build_loaders(TrainConfig.from_dict(dict(train_subset=32, val_subset=32))).info
-    teacher = build_teacher(config, info, build_model, attention=True)
+    teacher = build_teacher(config, info, attention=True)
     torch.manual_seed(0)
     student = build_model(config, info)
     load_weights(student, dense_digits, strict=False)

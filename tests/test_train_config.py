@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -120,3 +121,18 @@ def test_scheme_none_is_the_unmasked_scheme_not_unset() -> None:
     assert load_config(None, {"scheme": "none"}).scheme == "none"
     assert load_config(None, {"scheme": "null"}).scheme is None
     assert load_config(None, {"teacher": "none"}).teacher is None
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("workers", -1, "config key workers must be a count >= 0, got -1"),
+    ("holdout_per_class", -1, "holdout_per_class must be a count >= 0"),
+    ("lr", -1.0, "config key lr must be >= 0, got -1.0"),
+    ("hflip", 1.5, "hflip must be between 0 and 1"),
+    ("drop_path", 1.0, "drop_path must be in [0, 1)"),
+    ("ema_decay", 1.0, "ema_decay must be in (0, 1)"),
+    ("clip_grad", 0.0, "clip_grad must be > 0 (or none)"),
+    ("epochs", 0, "config key epochs must be at least 1, got 0"),
+])
+def test_values_out_of_range_are_one_line_errors(key, value, needle):
+    with pytest.raises(UserError, match=re.escape(needle)):
+        TrainConfig.from_dict({key: value})

@@ -189,7 +189,7 @@ def test_teacher_without_a_distillation_token_distils_into_the_class_head(tmp_pa
                                         teacher_kwargs=TINY["model_kwargs"]))
     torch.manual_seed(0)
     info = build_loaders(config).info
-    student, teacher_model = build_model(config, info).eval(), build_teacher(config, info, build_model)
+    student, teacher_model = build_model(config, info).eval(), build_teacher(config, info)
     images, targets = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])
     loss, _ = _hard_distillation(teacher_model, 0.5, student)(student, images, student(images), targets)
     logits = student(images)

@@ -18,9 +18,11 @@ from torchvision.transforms import functional as TF
 
 from mait.errors import UserError
 from mait.train import TrainConfig, build_loaders, train
-from mait.train import data as data_module
-from mait.train.data import (CROP_DRAWS, CROP_RATIO, Augmented, DeviceImages, ImageFiles, crop_boxes, resized_crops,
-                             uniforms)
+from mait.train.data import cache as data_cache
+from mait.train.data import in_memory as data_in_memory
+from mait.train.data.device_augment import CROP_DRAWS, CROP_RATIO, DeviceImages, crop_boxes, resized_crops, uniforms
+from mait.train.data.sources import ImageFiles
+from mait.train.data.transforms import Augmented
 from mait.train.distributed import Dist
 
 
@@ -184,7 +186,7 @@ def test_in_memory_choice_and_its_errors(tmp_path: Path, monkeypatch: pytest.Mon
         kinds(in_memory="true", aa="rand-m9-mstd0.5-inc1")
     with pytest.raises(UserError, match="in_memory must be one of auto, true, false, got 'sometimes'"):
         kinds(in_memory="sometimes")
-    monkeypatch.setattr(data_module, "IN_MEMORY_AUTO_BYTES", 50 * 32 * 32 * 3 - 1)   # one byte too few for 50 images
+    monkeypatch.setattr(data_in_memory, "IN_MEMORY_AUTO_BYTES", 50 * 32 * 32 * 3 - 1)   # one byte too few for 50 images
     assert kinds() == "Augmented" and kinds(in_memory="true") == "DeviceImages"
     big = str(_tree(tmp_path / "big", train=4, val=2, size=40))
     with pytest.raises(UserError, match="40x40 images are larger than the model input 32"):
@@ -194,7 +196,7 @@ def test_in_memory_choice_and_its_errors(tmp_path: Path, monkeypatch: pytest.Mon
 def test_image_folders_are_decoded_once_and_mixed_sizes_stay_on_timm(tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MAIT_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(data_module, "DECODED_CACHE_MIN", 6)
+    monkeypatch.setattr(data_cache, "DECODED_CACHE_MIN", 6)
     root = _tree(tmp_path / "data", train=6, val=2, size=16)
     assert ImageFiles(root / "val").array()[0].shape == (2, 3, 16, 16)
     assert not (tmp_path / "cache").exists(), "2 images are not worth a cache file"

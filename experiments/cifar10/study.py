@@ -71,13 +71,13 @@ def search_scheme(run_dir: Path) -> str:
         return (folder / "scheme.txt").read_text().strip()
     import torch
     from mait.analysis import measure_als, model_scheme, save_report
-    from mait.train.runs import held_out_images, load_model, run_config
+    from mait.train.runs import held_out_images, open_run
     from mait.search import assign, calibrate
 
     checkpoint = run_dir / SEARCH_SOURCE / "last.safetensors"
-    config = run_config(checkpoint)
-    loader, info = held_out_images(config, ALS_IMAGES, batch_size=250)
-    model = load_model(config, info, checkpoint)
+    run = open_run(checkpoint)
+    loader, info = held_out_images(run.config, ALS_IMAGES, batch_size=250)
+    model = run.model(info)
     with torch.inference_mode():
         als = measure_als(model, loader)
     table = [a.tolist() for a in als]
@@ -124,7 +124,7 @@ def finished(folder: Path, epochs: int) -> bool:
 def prepare_data(keys: dict[str, Any]) -> None:
     """Extract and decode the data set once, before the runs that share it start side by side."""
     from mait.train import load_config, open_data
-    from mait.train.data import image_array
+    from mait.train.data.in_memory import image_array
     config = load_config(BASE, keys)
     if str(config.in_memory).lower() != "false":
         image_array(open_data(config.data, config.holdout_per_class)[0])
@@ -295,13 +295,13 @@ def analyse(run_dir: Path, out: Path, earlier: dict[str, Any]) -> dict[str, Any]
     from mait.analysis import (last_layers_similarity, measure_als, measure_similarity, model_scheme,
                                read_alphas, save_report)
     from mait.analysis.plots import plot_similarity
-    from mait.train.runs import held_out_images, load_model, run_config
+    from mait.train.runs import held_out_images, open_run
 
     def model_and_images(name: str, images: int):
         checkpoint = run_dir / name / "last.safetensors"
-        config = run_config(checkpoint)
-        loader, info = held_out_images(config, images, batch_size=250)
-        return load_model(config, info, checkpoint), loader
+        run = open_run(checkpoint)
+        loader, info = held_out_images(run.config, images, batch_size=250)
+        return run.model(info), loader
 
     found: dict[str, Any] = {key: dict(earlier.get(key) or {}) for key in ("als", "alphas", "similarity")}
     with torch.inference_mode():

@@ -153,7 +153,7 @@ def run(patterns: list[str], shard: str, device: str = "cpu") -> None:
     from mait.train import TrainConfig, train
     from mait.train.checkpoint import load_weights
     from mait.train.data import build_loaders
-    from mait.train.engine import build_model
+    from mait.train.models import build_model
     index, count = (int(x) for x in shard.split("/"))
     names = [n for n in run_names() if not patterns or any(fnmatch.fnmatchcase(n, p) for p in patterns)]
     for position, name in enumerate(names):
@@ -185,13 +185,13 @@ def mhsa_mmacs(variant: str) -> tuple[float, float]:
     import timm
     import torch
     from mait.cost import count_macs
-    from mait.train.runs import held_out_images, load_model, run_config
+    from mait.train.runs import held_out_images, open_run
     config = config_of(variant + "-s0")
     checkpoint = RUN_DIR / f"{variant}-s0" / "last.safetensors"
     if checkpoint.is_file():
-        train_config = run_config(checkpoint)
-        loader, info = held_out_images(train_config, 256, batch_size=256)
-        model = load_model(train_config, info, checkpoint)
+        run = open_run(checkpoint)
+        loader, info = held_out_images(run.config, 256, batch_size=256)
+        model = run.model(info)
         images = next(iter(loader))[0]
     else:
         model = timm.create_model(config["model"], **({"scheme": config["scheme"]} if "scheme" in config else {}),
@@ -298,15 +298,15 @@ def locality() -> str:
     import torch
     from mait.analysis import measure_als
     from mait.analysis.learned_masks import measure_mask_locality
-    from mait.train.runs import held_out_images, load_model, run_config
+    from mait.train.runs import held_out_images, open_run
     als: dict[str, list[float]] = {}
     for variant in ALS_VARIANTS:
         checkpoint = RUN_DIR / f"{variant}-s0" / "last.safetensors"
         if not checkpoint.is_file():
             continue
-        config = run_config(checkpoint)
-        loader, info = held_out_images(config, 360, batch_size=120)
-        model = load_model(config, info, checkpoint)
+        run = open_run(checkpoint)
+        loader, info = held_out_images(run.config, 360, batch_size=120)
+        model = run.model(info)
         with torch.inference_mode():
             if variant == "dense":
                 als["dense attention ALS"] = [float(a.mean()) for a in measure_als(model, loader)]
@@ -345,7 +345,7 @@ def predictor_quality() -> str:
     import timm
     from mait.learned import predictors, reconstruction_loss, set_phase
     from mait.train.checkpoint import load_weights
-    from mait.train.runs import held_out_images, load_model, run_config
+    from mait.train.runs import held_out_images, open_run
     lines = ["| predictor | reconstruction error (row mean, vs the dense model's attention) | "
              "kept keys shared by queries 0 and 40 |", "|---|---|---|"]
     for variant in ("init", *QUALITY_VARIANTS):
@@ -353,10 +353,11 @@ def predictor_quality() -> str:
         checkpoint = RUN_DIR / f"{source}-s0" / "last.safetensors"
         if not checkpoint.is_file():
             continue
-        config = run_config(checkpoint)
+        run = open_run(checkpoint)
+        config = run.config
         loader, info = held_out_images(config, 360, batch_size=360)
         images = next(iter(loader))[0]
-        model = load_model(config, info, checkpoint)
+        model = run.model(info)
         if variant == "init":
             torch.manual_seed(0)
             fresh = timm.create_model(config.model, **config.model_kwargs)

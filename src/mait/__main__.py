@@ -1,5 +1,5 @@
-"""``python -m mait`` is the ``mait`` command line."""
+"""``python -m mait`` (and ``torchrun -m mait``) is the ``mait`` command line."""
 
-from .cli import main
+from mait_cli import main
 
 raise SystemExit(main())

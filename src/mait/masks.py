@@ -47,13 +47,14 @@ def max_useful_mask_size(grid_size: GridSize) -> int:
     return 2 * max(h, w) - 1
 
 
-def check_mask_fits_grid(mask_size: int, grid_size: GridSize) -> None:
+def check_mask_fits_grid(mask_size: int, grid_size: GridSize, name: str = "mask_size") -> None:
     """A masked head needs a window smaller than its grid: once ``R`` covers the whole grid from every
-    patch, the head would be unmasked.  One-line error naming the largest useful ``R``."""
+    patch, the head would be unmasked.  One-line error naming the value (as ``name``, e.g. a command's
+    option) and the largest useful ``R``."""
     h, w = to_grid(grid_size)
     limit = max_useful_mask_size((h, w))
     if mask_size > limit:
-        raise ValueError(f"mask_size {mask_size} is larger than the {h}x{w} patch grid needs (R = {limit} already "
+        raise ValueError(f"{name} {mask_size} is larger than the {h}x{w} patch grid needs (R = {limit} already "
                          f"covers it, so masked heads would be unmasked); use R <= {limit} or larger images")
 
 

@@ -25,10 +25,10 @@ from typing import Optional, Sequence
 import torch
 
 from .analysis import measure_als, model_scheme, save_report
-from .train.runs import held_out_images, load_model
+from .train.runs import held_out_images
 from .errors import Interrupted, UserError
 from .schemes import HeadKind, MaskingScheme
-from .train import TrainConfig, build_model, open_data, train
+from .train import TrainConfig, build_model, load_weights, open_data, train
 from .train.checkpoint import STATE
 
 ALL, KEEP, REMOVE = "all", "keep", "remove"
@@ -127,7 +127,8 @@ def _train_and_measure(config: TrainConfig, scheme: MaskingScheme | str, epochs:
         raise Interrupted(f"search interrupted while training {folder.name} ({kept}); continue the search with "
                           f"the same options plus --resume --output {folder.parent}", stop.checkpoint) from None
     loader, info = held_out_images(step, als_images, batch_size=max(step.batch_size, 64))
-    model = load_model(step, info, result.last_checkpoint)
+    model = build_model(step, info)
+    load_weights(model, result.last_checkpoint)
     return measure_als(model, loader), result.final_acc1
 
 

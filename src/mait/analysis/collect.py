@@ -33,8 +33,15 @@ class AttentionLayer:
 
     name: str
     module: nn.Module
-    grid_size: tuple[int, int]
-    mask_size: Optional[int]          # the layer's own R for masked layers, None for plain timm layers
+    model_grid: Optional[tuple[int, int]]   # the model's fixed patch grid, for plain timm layers
+    mask_size: Optional[int]                # the layer's own R for masked layers, None for plain timm layers
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """The patch grid of the layer's last call (masked layers follow each batch's grid), else the model's."""
+        if isinstance(self.module, MaskedAttention):
+            return tuple(self.module.grid_size)
+        return self.model_grid
 
     def num_prefix_tokens(self, tokens: int) -> int:
         """Prefix tokens in front of the grid, given the map size ``T`` (``T - H*W``)."""
@@ -48,12 +55,13 @@ class AttentionLayer:
 def attention_layers(model: nn.Module) -> list[AttentionLayer]:
     """The model's self-attention layers in forward order (module registration order).
 
-    Masked layers know their grid; plain timm layers take it from ``model.patch_embed``.
+    Masked layers know the grid of each call (also in dynamic-size models); plain timm layers take the
+    model's fixed ``patch_embed.grid_size``.
     """
     layers = []
     for name, module in model.named_modules():
         if isinstance(module, MaskedAttention):
-            layers.append(AttentionLayer(name, module, tuple(module.grid_size), module.mask_size))
+            layers.append(AttentionLayer(name, module, None, module.mask_size))
         elif isinstance(module, (TimmAttention, TalkingHeadAttn)):
             patch_embed = getattr(model, "patch_embed", None)
             grid = getattr(patch_embed, "grid_size", None)

@@ -11,8 +11,9 @@ with two functions and a registration here:
 An :class:`AttentionCall` describes a call without its tensors (geometry, head kinds,
 device, dtype, gradient, dropout), so it is hashable: :func:`plan_attention` turns it into
 an :class:`AttentionPlan` (which backend runs which heads) once, and the plan is cached.
-A :class:`~mait.MaskedAttention` layer decides its plan on its first call per device,
-dtype and training state, and logs it to the ``mait`` logger (``MAIT_LOG_LEVEL=debug``).
+A :class:`~mait.MaskedAttention` layer decides its plan on its first call per patch grid,
+device, dtype and training state, and logs it to the ``mait`` logger (``MAIT_LOG_LEVEL=debug``);
+its learned (Sparsifiner) heads are one ``learned`` step of that plan (:mod:`.learned`).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class AttentionCall:
 
     ``head_kinds`` holds :class:`HeadKind.HARD`, ``SOFT`` or ``NONE`` per head: a head is
     ``HARD`` when its α is a constant 0, ``NONE`` when a constant 1 and ``SOFT`` otherwise
-    (any α that needs a gradient).  ``custom_mask`` says that the keep mask is a given
+    (any α that needs a gradient); a layer's call also holds ``LEARNED`` heads.  ``custom_mask`` says that the keep mask is a given
     tensor (random-mask heads, a user mask) rather than the local ``R x R`` window.
     """
 

@@ -5,13 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..analysis import harden, model_scheme, read_alphas, save_report
-from ._model import add_model_arguments, prepare
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser, data=False)
-    parser.add_argument("--threshold", type=float, default=0.5,
-                        help="harden: soft heads with α below it become hard-masked, the others unmasked (default 0.5)")
+from ._model import prepare
 
 
 def run(args: argparse.Namespace) -> int:

@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import argparse
 
-from ..analysis import measure_als, model_scheme, save_report
-from ._model import add_model_arguments, prepare
-from ..attention import MaskedAttention
+from ..analysis import attention_layers, measure_als, model_scheme, save_report
 from ..analysis.learned_masks import learned_layers, measure_mask_locality
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser)
-    parser.add_argument("--window", type=int, default=None,
-                        help="R of the neighbourhood the ALS counts (default: each layer's mask size, 3 for plain models)")
+from ..attention import MaskedAttention
+from ..masks import check_mask_fits_grid
+from ._model import prepare
 
 
 def run(args: argparse.Namespace) -> int:
     model, config, loader, output = prepare(args)
+    if args.window is not None:
+        for grid in sorted({tuple(layer.grid_size) for layer in attention_layers(model)}, key=max):
+            check_mask_fits_grid(args.window, grid, name="--window")
     als = measure_als(model, loader, mask_size=args.window)
     masked = any(isinstance(m, MaskedAttention) for m in model.modules())
     window = args.window or getattr(model, "mask_size", 3)

@@ -5,35 +5,27 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
-from .train import add_config_options, overrides_from
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, metavar="FILE",
-                        help="weights (.safetensors) written by `mait train`; they record their model, scheme and "
-                             "data (a config.yaml beside them takes precedence)")
-    parser.add_argument("--config", metavar="YAML", help="config file (default: config.yaml beside the checkpoint)")
-    add_config_options(parser)
+from .train import overrides_from
 
 
 def run(args: argparse.Namespace) -> int:
     from ..train import evaluate
     from ..train.data import Augmented, DataInfo, build_eval_loader, build_transforms, open_data, subset
-    from ..train.distributed import Dist
-    from ..train.runs import load_model, run_config
+    from ..train.distributed import Dist, setup
+    from ..train.runs import open_run
 
+    # The device is the one asked for on this command line (the run's config.yaml names the machine it ran on).
+    device = setup(args.device or "auto").device
     checkpoint = Path(args.checkpoint)
-    config = run_config(checkpoint, args.config, **overrides_from(args))
+    saved = open_run(checkpoint, args.config, **overrides_from(args))
+    config = saved.config
     _, val, info = open_data(config.data, config.holdout_per_class, need_train=False)
     val = subset(val, config.val_subset)
     info = DataInfo(info.name, info.num_classes, info.in_chans, info.img_size, 0, len(val))
     _, transform = build_transforms(config, info)
-    device = torch.device("cuda" if config.device != "cpu" and torch.cuda.is_available() else "cpu")
     env = Dist(0, 1, device)
     loader = build_eval_loader(Augmented(val, transform), config.batch_size, config.workers, env)
-    model = load_model(config, info, checkpoint)
+    model = saved.model(info)
     metrics = evaluate(model.to(device), loader, env, progress=config.progress)
     print(f"{config.model} on {info.name} ({metrics['images']} images): top-1 {metrics['acc1']:.2f} %  "
           f"top-5 {metrics['acc5']:.2f} %  loss {metrics['loss']:.4f}  {metrics['images_per_s']:.0f} images/s")

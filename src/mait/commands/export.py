@@ -4,9 +4,10 @@ Masked layers export through plain PyTorch ops, never FlexAttention (the model i
 on the CPU): with ``--attention auto`` (default) hard-masked heads take the exact
 linear-time backend where the grid is large enough for it to pay (else the dense one),
 unmasked heads ``scaled_dot_product_attention`` and soft heads the dense ``matmul`` backend; with
-``--attention reference`` every masked layer is the dense masked attention.  After writing the file
-the command runs the exported program on random images (ONNX: with onnxruntime, the
-``[export]`` extra) and fails when its logits differ from PyTorch's by more than ``--atol``.
+``--attention reference`` every masked layer is the dense masked attention.  The exported file
+is run on random images (ONNX: with onnxruntime, the ``[export]`` extra) and becomes ``--output``
+only when its logits match PyTorch's within ``--atol``.  The output path is checked before the
+export (never the checkpoint itself, an existing file only with ``--force``) and written atomically.
 """
 
 from __future__ import annotations
@@ -19,22 +20,10 @@ import torch
 import torch.nn as nn
 
 from ..errors import UserError
+from ._output import new_file
 
 FORMATS = {"onnx": ".onnx", "pt2": ".pt2"}
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, type=Path, metavar="FILE",
-                        help="weights (.safetensors) written by `mait train`; they record the model and its input")
-    parser.add_argument("--format", required=True, choices=tuple(FORMATS), help="onnx (torch.onnx) or pt2 (torch.export)")
-    parser.add_argument("--output", type=Path, default=None,
-                        help="file to write (default: the checkpoint's name with .onnx / .pt2)")
-    parser.add_argument("--attention", choices=("auto", "reference"), default="auto",
-                        help="masked layers in the graph: auto (hard heads linear-time where the grid is large "
-                             "enough; default) or reference (dense)")
-    parser.add_argument("--batch-size", type=int, default=2, help="batch of the example input and the check (default 2)")
-    parser.add_argument("--atol", type=float, default=1e-4,
-                        help="largest allowed |logit difference| to PyTorch in the check (default 1e-4)")
+EXPORT_EXTRA = 'pip install -e ".[export]" in the mait checkout'
 
 
 def set_backend(model: nn.Module, backend: str) -> int:
@@ -54,6 +43,15 @@ def export_pt2(model: nn.Module, example: torch.Tensor, path: Path) -> torch.exp
     return program
 
 
+def _check_onnx_exporter() -> None:
+    """Stop before any work when the ONNX exporter's packages are missing."""
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError:
+        raise UserError(f"ONNX export needs the onnx and onnxscript packages: {EXPORT_EXTRA}") from None
+
+
 def export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
     """``torch.onnx.export`` (the ``torch.export``-based exporter) with a dynamic batch dimension.
 
@@ -62,10 +60,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
     linear-time path (O(R²) slices each; a 24-layer 224-px MaiT takes most of an hour) for
     fusions onnxruntime makes itself when it loads the file.
     """
-    try:
-        from onnxscript import optimizer
-    except ImportError:
-        raise UserError("ONNX export needs the onnx and onnxscript packages: pip install 'mait[export]'") from None
+    from onnxscript import optimizer
     batch = torch.export.Dim("batch", min=1, max=4096)
     program = torch.onnx.export(model, (example,), dynamo=True, dynamic_shapes=({0: batch},), optimize=False,
                                 verbose=False)
@@ -87,48 +82,57 @@ def run_exported(path: Path, fmt: str, images: torch.Tensor) -> Optional[torch.T
     return torch.from_numpy(session.run(None, {name: images.numpy()})[0])
 
 
+def graph_ops(path: Path, fmt: str) -> int:
+    """Operators in the exported graph: call_function nodes of a torch.export program, nodes of an ONNX graph."""
+    if fmt == "pt2":
+        return sum(node.op == "call_function" for node in torch.export.load(str(path)).graph.nodes)
+    import onnx
+    return len(onnx.load(str(path), load_external_data=False).graph.node)
+
+
 def graph_size(path: Path, fmt: str) -> str:
     """Operator count of the exported graph and the file size, for the summary line."""
-    if fmt == "pt2":
-        count = sum(node.op == "call_function" for node in torch.export.load(str(path)).graph.nodes)
-    else:
-        import onnx
-        count = len(onnx.load(str(path), load_external_data=False).graph.node)
-    return f"{count} ops, {path.stat().st_size / 2 ** 20:.1f} MiB"
+    return f"{graph_ops(path, fmt)} ops, {path.stat().st_size / 2 ** 20:.1f} MiB"
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..train.runs import checkpoint_card, load_model, run_config
+    from ..train.runs import open_run
 
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
-    config = run_config(args.checkpoint)
-    card = checkpoint_card(args.checkpoint, config)
-    model = load_model(config, card.data_info(), args.checkpoint).requires_grad_(False)
-    masked = set_backend(model, args.attention)
     output = args.output or args.checkpoint.with_suffix(FORMATS[args.format])
-    output.parent.mkdir(parents=True, exist_ok=True)
-    shape = (card.in_chans, card.img_size, card.img_size)
-    generator = torch.Generator().manual_seed(0)
-    example = torch.randn(args.batch_size, *shape, generator=generator)
-    check = torch.randn(args.batch_size + 1, *shape, generator=generator)   # another batch size than the example
-    with torch.no_grad():
-        expected = model(check)
-        if args.format == "pt2":
-            export_pt2(model, example, output)
-        else:
-            export_onnx(model, example, output)
-        got = run_exported(output, args.format, check)
+    if output.resolve() == args.checkpoint.resolve():
+        raise UserError(f"--output {output} is the checkpoint being exported; give another path "
+                        f"(e.g. {args.checkpoint.with_suffix(FORMATS[args.format])})")
+    if args.format == "onnx":
+        _check_onnx_exporter()
+    saved = open_run(args.checkpoint)
+    config = saved.config
+    replaced = " (replaced the earlier file)" if output.exists() else ""
+    with new_file(output, (FORMATS[args.format],), force=args.force) as written:
+        card = saved.model_card()
+        model = saved.model(card.data_info()).requires_grad_(False)
+        masked = set_backend(model, args.attention)
+        shape = (card.in_chans, card.img_size, card.img_size)
+        generator = torch.Generator().manual_seed(0)
+        example = torch.randn(args.batch_size, *shape, generator=generator)
+        check = torch.randn(args.batch_size + 1, *shape, generator=generator)   # another batch size than the example
+        with torch.no_grad():
+            expected = model(check)
+            if args.format == "pt2":
+                export_pt2(model, example, written)
+            else:
+                export_onnx(model, example, written)
+            got = run_exported(written, args.format, check)
+        size = graph_size(written, args.format)
+        difference = None if got is None else (got.float() - expected).abs().max().item()
+        if difference is not None and difference > args.atol:
+            raise UserError(f"the exported {args.format} program's logits differ from PyTorch's by up to "
+                            f"{difference:.2e} (allowed: {args.atol:g}), so {output} was not written")
     backend = f"{masked} masked layers through the {args.attention} backend" if masked else "no masked layer"
-    print(f"wrote {output} ({graph_size(output, args.format)}): {config.model}, input (batch, {', '.join(map(str, shape))}), "
+    print(f"wrote {output}{replaced} ({size}): {config.model}, input (batch, {', '.join(map(str, shape))}), "
           f"{backend}")
-    if got is None:
-        print("onnxruntime is not installed, so the file was not run: pip install 'mait[export]' to check it")
-        return 0
-    difference = (got.float() - expected).abs().max().item()
-    if difference > args.atol:
-        raise UserError(f"the exported {args.format} program's logits differ from PyTorch's by up to {difference:.2e} "
-                        f"(allowed: {args.atol:g}); {output} is not a faithful export")
-    print(f"check: max |logit difference| to PyTorch on {len(check)} random images: {difference:.2e} "
-          f"(allowed {args.atol:g})")
+    if difference is None:
+        print(f"onnxruntime is not installed, so the file was not run; to check it: {EXPORT_EXTRA}")
+    else:
+        print(f"check: max |logit difference| to PyTorch on {len(check)} random images: {difference:.2e} "
+              f"(allowed {args.atol:g})")
     return 0

@@ -4,23 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 
 from ..errors import UserError
 from ..train.data import IMAGE_EXTENSIONS
 
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER",
-                        help="image files, or folders searched recursively for images")
-    parser.add_argument("--checkpoint", required=True, type=Path, metavar="FILE",
-                        help="weights (.safetensors) written by `mait train`; they record the model and its input")
-    parser.add_argument("--top-k", type=int, default=5, help="classes shown per image (default: 5)")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
-    parser.add_argument("--json", action="store_true", help="print JSON (one object per image) instead of a table")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+_MODE_NAMES = {"L": "grey", "LA": "grey with alpha", "1": "black-and-white", "P": "palette", "I;16": "16-bit grey",
+               "I": "32-bit grey", "F": "float grey"}
 
 
 def image_files(paths: list[str]) -> list[Path]:
@@ -40,39 +34,50 @@ def image_files(paths: list[str]) -> list[Path]:
     return files
 
 
-def _load(path: Path, transform) -> torch.Tensor:
+def _load(path: Path, transform: Callable, size: int, mode: str) -> tuple[torch.Tensor, Optional[str]]:
+    """The image through the model's ``transform``, and, when it is not ``size`` x ``size`` pixels of
+    colour ``mode`` (``L``: grey, ``RGB``), what it was (e.g. ``photo.jpg (640x480 RGB)``)."""
     from PIL import Image
     try:
         with Image.open(path) as image:
-            return transform(image)
+            matches = image.size == (size, size) and image.mode == mode
+            was = f"{path} ({image.width}x{image.height} {_MODE_NAMES.get(image.mode, image.mode)})"
+            return transform(image), None if matches else was
     except (OSError, SyntaxError, ValueError) as error:
         raise UserError(f"cannot read image {path}: {error}") from None
 
 
+def _conversion_note(converted: list[str], size: int, mode: str, model: str) -> str:
+    """One line saying which images were resized or converted to the model's input."""
+    shown = ", ".join(converted[:3]) + (f" and {len(converted) - 3} more" if len(converted) > 3 else "")
+    return (f"mait predict: note: {model} takes {size}x{size} {_MODE_NAMES.get(mode, mode)} images; converted to "
+            f"that: {shown} (--quiet hides this note)")
+
+
 def run(args: argparse.Namespace) -> int:
     from ..train.distributed import setup
-    from ..train.runs import checkpoint_card, load_model, run_config
+    from ..train.runs import open_run
 
-    if args.top_k < 1:
-        raise UserError(f"--top-k must be at least 1, got {args.top_k}")
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     files = image_files(args.images)
-    config = run_config(args.checkpoint)
-    card = checkpoint_card(args.checkpoint, config)
+    saved = open_run(args.checkpoint)
+    config, card = saved.config, saved.model_card()
     device = setup(args.device).device
-    model = load_model(config, card.data_info(), args.checkpoint).to(device)
+    model = saved.model(card.data_info()).to(device)
     transform, k = card.transform(), min(args.top_k, card.num_classes)
-    results = []
+    mode = "L" if card.in_chans == 1 else "RGB"
+    results, converted = [], []
     with torch.inference_mode():
         for start in range(0, len(files), args.batch_size):
             chunk = files[start:start + args.batch_size]
-            batch = torch.stack([_load(path, transform) for path in chunk]).to(device)
-            top = model(batch).float().softmax(dim=1).topk(k, dim=1)
+            loaded = [_load(path, transform, card.img_size, mode) for path in chunk]
+            converted += [was for _, was in loaded if was is not None]
+            top = model(torch.stack([image for image, _ in loaded]).to(device)).float().softmax(dim=1).topk(k, dim=1)
             for path, probs, classes in zip(chunk, top.values.tolist(), top.indices.tolist()):
                 results.append({"image": str(path), "top": [
                     {"class": c, "name": card.class_name(c), "probability": round(p, 6)}
                     for c, p in zip(classes, probs)]})
+    if converted and not args.quiet:
+        print(_conversion_note(converted, card.img_size, mode, config.model), file=sys.stderr)
     if args.json:
         print(json.dumps(results, indent=2))
         return 0

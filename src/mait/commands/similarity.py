@@ -11,20 +11,12 @@ from itertools import groupby
 
 from ..analysis import attention_layers, last_layers_similarity, measure_similarity
 from ..analysis.plots import plot_similarity
-from ._model import add_model_arguments, prepare
+from ._model import prepare
 from ..errors import UserError
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser)
-    parser.add_argument("--last", type=int, default=8,
-                        help="report the mean similarity among the last K layers (paper: 8; capped at the depth)")
 
 
 def run(args: argparse.Namespace) -> int:
     model, config, loader, output = prepare(args)
-    if args.last < 2:
-        raise UserError(f"--last must be at least 2, got {args.last}")
     shapes = [(layer.grid_size, layer.module.num_heads) for layer in attention_layers(model)]
     groups = [[i for i, _ in run] for _, run in groupby(enumerate(shapes), key=lambda item: item[1])]
     groups = [g for g in groups if len(g) >= 2]

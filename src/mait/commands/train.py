@@ -3,40 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import typing
 from pathlib import Path
 
 from ..errors import UserError
-
-
-def add_config_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
-    """One ``--key`` option per :class:`TrainConfig` field (booleans also get ``--no-key``)."""
-    from ..train import TrainConfig
-    group = parser.add_argument_group("config keys (override the --config file; see docs/training.md)")
-    hints = typing.get_type_hints(TrainConfig)
-    for item in dataclasses.fields(TrainConfig):
-        if item.name in skip:
-            continue
-        flag = "--" + item.name.replace("_", "-")
-        default = item.default if item.default is not dataclasses.MISSING else item.default_factory()
-        if hints[item.name] is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"(default: {default})")
-        else:
-            group.add_argument(flag, default=None, metavar="VALUE", help=f"(default: {default})")
+from ._output import check_output_folder
 
 
 def overrides_from(args: argparse.Namespace) -> dict[str, typing.Any]:
     from ..train import TrainConfig
     return {key: getattr(args, key) for key in TrainConfig.keys() if getattr(args, key, None) is not None}
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", metavar="YAML", help="a YAML file, or the name of a preset shipped with mait (digits, cifar10, cifar100, mait_t24, ...; see docs/training.md)")
-    parser.add_argument("--resume", metavar="DIR",
-                        help="continue the run saved in DIR exactly where it stopped (its config.yaml is the base)")
-    add_config_options(parser)
 
 
 def _init_from_base(init_from: typing.Optional[str]):
@@ -63,6 +40,8 @@ def run(args: argparse.Namespace) -> int:
         if config_file is None and (folder / "config.yaml").is_file():
             config_file = folder / "config.yaml"
     config = load_config(config_file, overrides, base=_init_from_base(overrides.get("init_from")))
+    if config.output:
+        check_output_folder(Path(config.output), "--resume" if args.resume else "--output")
     result = train(config, resume=bool(args.resume))
     if int(os.environ.get("RANK", "0")) == 0:
         print(summary(result))

@@ -8,7 +8,8 @@
 from .checkpoint import load_weights, save_weights
 from .config import TrainConfig, load_config
 from .data import CIFAR10_JPG_HOLDOUT, DataInfo, Loaders, build_loaders, open_data
-from .engine import TrainResult, build_model, evaluate, summary, train
+from .engine import TrainResult, evaluate, summary, train
+from .models import build_model
 
 __all__ = [
     "CIFAR10_JPG_HOLDOUT", "DataInfo", "Loaders", "TrainConfig", "TrainResult", "build_loaders", "build_model",

@@ -8,12 +8,13 @@ previous complete checkpoint behind.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import safetensors
@@ -29,10 +30,20 @@ LAST, BEST, STATE = "last.safetensors", "best.safetensors", "last.state.pt"
 HEAD_KEYS = ("head.weight", "head.bias", "head_dist.weight", "head_dist.bias", "head.fc.weight", "head.fc.bias")
 
 
+def new_file_mode() -> int:
+    """The mode a newly created file gets under the process's umask (``0o666 & ~umask``)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _atomic(path: Path, write) -> None:
+    """Write through ``write(temporary)`` and rename into place, with a new file's mode (some writers, such
+    as safetensors', create their file private)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     write(tmp)
+    os.chmod(tmp, new_file_mode())
     os.replace(tmp, path)
 
 
@@ -74,25 +85,38 @@ def load_state(folder: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def read_metadata(path: Path) -> dict[str, str]:
-    """The metadata of a safetensors file (a one-line error for a missing or unreadable one)."""
+def _checkpoint_file(path: Path) -> Path:
+    """``path`` if it is a file; a one-line error for a folder or a missing file."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"checkpoint {path} is a folder; give a .safetensors file in it "
                         f"(e.g. {path / 'best.safetensors'} or {path / 'last.safetensors'})")
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
+    return path
+
+
+@contextlib.contextmanager
+def _opened(path: Path) -> Iterator[Any]:
+    """A safetensors file opened for reading; a one-line error for a missing or unreadable one."""
+    path = _checkpoint_file(path)
     try:
         with safetensors.safe_open(str(path), framework="pt") as handle:
-            return handle.metadata() or {}
+            yield handle
     except Exception as error:  # safetensors raises its own error types for bad files
         raise UserError(f"checkpoint {path} is not a readable safetensors file: {error}") from None
 
 
-def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file (a one-line error for a missing or unreadable one)."""
-    read_metadata(path)
-    return safetensors.torch.load_file(str(path))
+def read_metadata(path: Path) -> dict[str, str]:
+    """The metadata of a safetensors file alone (its header)."""
+    with _opened(path) as handle:
+        return handle.metadata() or {}
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """The metadata and the tensors of a safetensors file, read in one opening."""
+    with _opened(path) as handle:
+        return handle.metadata() or {}, {key: handle.get_tensor(key) for key in handle.keys()}
 
 
 def _mismatch_message(path: Path, missing: list[str], unexpected: list[str], shapes: list[str]) -> str:
@@ -133,7 +157,13 @@ class LoadReport:
 
 
 def load_weights(model: nn.Module, path: Path, *, allow_head_reset: bool = False, strict: bool = True) -> LoadReport:
-    """Load a safetensors file into ``model``; returns what stayed at its initialisation.
+    """Load a safetensors file into ``model`` (see :func:`load_tensors`); returns what stayed at its initialisation."""
+    return load_tensors(model, read_checkpoint(path)[1], path, allow_head_reset=allow_head_reset, strict=strict)
+
+
+def load_tensors(model: nn.Module, weights: dict[str, torch.Tensor], path: Path, *, allow_head_reset: bool = False,
+                 strict: bool = True) -> LoadReport:
+    """Load a checkpoint's tensors (read from ``path``) into ``model``; returns what stayed at its initialisation.
 
     The position embedding is resampled to the model's patch grid (as timm does for ViTs), so a
     checkpoint loads into the same model built for another image size; connectivity predictors
@@ -145,7 +175,7 @@ def load_weights(model: nn.Module, path: Path, *, allow_head_reset: bool = False
     (e.g. a soft head's α or the learned-mask predictor when starting from a dense model).
     """
     try:
-        weights = convert_legacy_predictors(fit_position_embedding(read_weights(path), model), model)
+        weights = convert_legacy_predictors(fit_position_embedding(dict(weights), model), model)
     except ValueError as error:
         raise UserError(f"checkpoint {path}: {error}") from None
     own = model.state_dict()

@@ -15,7 +15,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 import yaml
 
@@ -71,7 +71,8 @@ class TrainConfig:
     clip_grad: Optional[float] = None
     ema: bool = False
     ema_decay: float = 0.99996
-    amp: bool = True                            # mixed precision on CUDA (bf16 where supported); off on CPU
+    amp: Optional[bool] = None                  # autocast; None: on CUDA, off on CPUs; true: also bf16 on
+                                                # CPUs with native bf16 (docs/training.md, Precision)
 
     # DeiT hard distillation (models with a distillation token)
     teacher: Optional[str] = None
@@ -97,6 +98,13 @@ class TrainConfig:
     progress: bool = True                       # tqdm bar per epoch
     compile: bool = False                       # torch.compile the model for training
 
+    def __post_init__(self) -> None:
+        """A value outside its range is a one-line error naming the key, not a failure deep inside training."""
+        for key, (accepts, expected) in VALUE_RANGES.items():
+            value = getattr(self, key)
+            if value is not None and not accepts(value):
+                raise UserError(f"config key {key} must be {expected}, got {value!r}")
+
     @classmethod
     def keys(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]
@@ -119,6 +127,25 @@ class TrainConfig:
     def save(self, path: Union[str, Path]) -> None:
         from .checkpoint import atomic_write_text  # local: checkpoint imports torch
         atomic_write_text(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _fraction(value: float) -> bool:
+    return 0.0 <= value <= 1.0
+
+
+# Keys with a range (None, where allowed, always passes): a predicate and how the error describes the range.
+VALUE_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    **{key: (lambda v: v >= 0, "a count >= 0") for key in (
+        "holdout_per_class", "train_subset", "val_subset", "workers", "warmup_epochs", "checkpoint_every")},
+    **{key: (lambda v: v >= 1, "at least 1") for key in ("epochs", "img_size")},
+    **{key: (lambda v: v >= 0, ">= 0") for key in (
+        "lr", "weight_decay", "warmup_lr", "min_lr", "mixup", "cutmix", "color_jitter", "reconstruction_weight")},
+    **{key: (_fraction, "between 0 and 1") for key in (
+        "hflip", "reprob", "mixup_prob", "mixup_switch_prob", "distillation_alpha")},
+    **{key: (lambda v: 0 <= v < 1, "in [0, 1)") for key in ("drop_path", "smoothing")},
+    "ema_decay": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "clip_grad": (lambda v: v > 0, "> 0 (or none)"),
+}
 
 
 def _closest(key: str, valid: list[str]) -> str:

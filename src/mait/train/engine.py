@@ -17,7 +17,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Optional
 
-import timm
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -26,17 +25,16 @@ from timm.utils import ModelEmaV3, random_seed
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-import mait  # noqa: F401  (registers the MaiT models in timm)
-from ..models import mask_model
-
 from ..errors import Interrupted, UserError
 from . import checkpoint as ckpt
-from .card import ModelCard, check_against_card, make_card, read_card
+from .card import ModelCard, check_against_card, make_card
 from .config import TrainConfig
-from .data import DataInfo, Loaders, build_loaders, build_transforms, per_rank_batch
+from .data import Loaders, build_loaders, build_transforms, per_rank_batch
 from .distributed import Dist, all_sum, cleanup, setup
-from .logs import PLOT_NAME, RunLog, epoch_line, plot_curves
+from .logs import PLOT_NAME, RunLog, epoch_line, plot_curves, progress_bar
+from .models import build_model
 from .objectives import Objective, build_criterion, build_teacher
+from .precision import choose_precision
 from .stages import enter_stage, plan_stages, stage_at, stage_summary
 
 
@@ -57,56 +55,6 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def build_model(config: TrainConfig, info: DataInfo) -> nn.Module:
-    """``timm.create_model`` with the config's masking and the data's classes/channels (never pretrained)."""
-    kwargs: dict[str, Any] = dict(num_classes=info.num_classes, in_chans=info.in_chans)
-    if info.img_size or config.img_size:
-        kwargs["img_size"] = info.img_size or config.img_size
-    masking: dict[str, Any] = {}
-    if config.scheme is not None:
-        masking["scheme"] = config.scheme
-    if config.mask_size is not None:
-        masking["mask_size"] = config.mask_size
-    if config.drop_path:
-        kwargs["drop_path_rate"] = config.drop_path
-    kwargs.update(config.model_kwargs)
-    check_model_name(config.model)
-    ours = is_mait_model(config.model)
-    try:
-        model = timm.create_model(config.model, pretrained=False, **kwargs, **(masking if ours else {}))
-    except TypeError as error:
-        raise UserError(f"model {config.model} rejects its arguments {dict(kwargs, **masking)}: {error}") from None
-    if masking and not ours:       # a timm ViT: the masks go onto the model as built (mait.mask_model)
-        model = mask_model(model, **masking)
-    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
-    if patch is not None and "img_size" in kwargs and kwargs["img_size"] < max(patch):
-        remedy = "mait_nano4_8 for the digits" if info.img_size else "or set a larger --img-size"
-        raise UserError(f"model {config.model} cuts {patch[0]}x{patch[1]} patches, larger than the "
-                        f"{kwargs['img_size']}x{kwargs['img_size']} images of {info.name}; choose a model with "
-                        f"smaller patches ({remedy})")
-    return model
-
-
-def is_mait_model(name: str) -> bool:
-    """Whether ``name`` is one of mait's registered models (which take the masking arguments themselves)."""
-    return timm.models.model_entrypoint(name).__module__.startswith("mait.")
-
-
-def check_model_name(name: str) -> None:
-    """A one-line error, with the closest names, unless ``name`` is a timm model (ours included)."""
-    if not timm.is_model(name):
-        import difflib
-        close = difflib.get_close_matches(name, timm.list_models(), n=3)
-        raise UserError(f"unknown model {name!r}" + (f" (did you mean {', '.join(close)}?)" if close else
-                                                     "; see timm.list_models('*mait*')"))
-
-
-def _amp_dtype(config: TrainConfig, device: torch.device) -> Optional[torch.dtype]:
-    if not config.amp or device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, env: Optional[Dist] = None,
              amp_dtype: Optional[torch.dtype] = None, progress: bool = False) -> dict[str, float]:
@@ -115,7 +63,7 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, env: Optiona
     model.eval()
     loss_sum = correct1 = correct5 = count = 0.0
     start = time.perf_counter()
-    for images, targets in tqdm(loader, desc="eval", leave=False, disable=not (progress and env.is_main)):
+    for images, targets in progress_bar(progress and env.is_main, loader, desc="eval", leave=False):
         images, targets = images.to(env.device, non_blocking=True), targets.to(env.device, non_blocking=True)
         with torch.autocast(env.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(images)
@@ -163,7 +111,8 @@ class _Run:
         self.objective: Optional[Objective] = None
         self.ema = ModelEmaV3(model, decay=config.ema_decay) if config.ema else None
         self.enter_stage(0)               # after the EMA's copy: the loss's hooks stay on the trained model
-        self.amp_dtype = _amp_dtype(config, env.device)
+        self.precision = choose_precision(config.amp, env.device)
+        self.amp_dtype = self.precision.dtype
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=self.amp_dtype == torch.float16)
         self.epoch, self.step, self.history = 0, 0, []
         self.loss_sum, self.loss_count, self.recon_sum = 0.0, 0, 0.0
@@ -241,8 +190,6 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
 
 
 def _train(config: TrainConfig, resume: bool, env: Dist, start: float) -> TrainResult:
-    if config.epochs < 1:
-        raise UserError(f"epochs must be at least 1, got {config.epochs}")
     if config.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
@@ -257,11 +204,13 @@ def _train(config: TrainConfig, resume: bool, env: Dist, start: float) -> TrainR
     model = build_model(config, loaders.info)
     say = print if env.is_main else (lambda *a, **k: None)
     if config.init_from and state is None:
-        check_against_card(model, config.model, read_card(Path(config.init_from)), Path(config.init_from),
+        source = Path(config.init_from)
+        metadata, weights = ckpt.read_checkpoint(source)
+        check_against_card(model, config.model, ModelCard.from_metadata(metadata), source,
                            consequence="fine-tuning starts from weights trained for another setting")
-        kept_init = ckpt.load_weights(model, Path(config.init_from), allow_head_reset=True, strict=False).describe()
+        kept_init = ckpt.load_tensors(model, weights, source, allow_head_reset=True, strict=False).describe()
         say(f"initialised from {config.init_from}" + (f"; {kept_init}" if kept_init else ""))
-    teacher = build_teacher(config, loaders.info, build_model, attention=config.reconstruction_target == "teacher")
+    teacher = build_teacher(config, loaders.info, attention=config.reconstruction_target == "teacher")
     model.to(env.device)
     if teacher is not None:
         teacher.to(env.device)
@@ -277,6 +226,7 @@ def _train(config: TrainConfig, resume: bool, env: Dist, start: float) -> TrainR
     else:
         say(f"training {config.model} on {loaders.info.name}; output folder: {output}")
         random_seed(config.seed, env.rank)
+    say(f"precision: {run.precision.describe()}")
     if env.is_main:
         config.save(output / "config.yaml")
         if stage_summary(run.stages):
@@ -320,8 +270,8 @@ def _train_epoch(run: _Run, net: nn.Module, batch: int) -> None:
     loaders.train_set.epoch = run.epoch
     net.train()
     run.epoch_start = time.perf_counter()
-    bar = tqdm(total=run.steps, initial=run.step, desc=f"epoch {run.epoch + 1}/{config.epochs}", leave=False,
-               unit="step", disable=not (config.progress and env.is_main), dynamic_ncols=True)
+    bar = progress_bar(config.progress and env.is_main, total=run.steps, initial=run.step,
+                       desc=f"epoch {run.epoch + 1}/{config.epochs}", leave=False, unit="step", dynamic_ncols=True)
     tick, done = time.perf_counter(), 0
     for images, targets in loaders.train:
         images, targets = images.to(env.device, non_blocking=True), targets.to(env.device, non_blocking=True)

@@ -1,15 +1,27 @@
-"""What a person sees: one line per epoch, a CSV, TensorBoard scalars and PNG curves (rank 0 only)."""
+"""What a person sees: progress bars on a terminal, one line per epoch, a CSV, TensorBoard scalars and PNG
+curves (rank 0 only)."""
 
 from __future__ import annotations
 
 import csv
 import io
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
+
+from tqdm import tqdm
 
 from .checkpoint import atomic_write_text
 
 CSV_NAME, PLOT_NAME, TB_NAME = "metrics.csv", "curves.png", "tensorboard"
+
+
+def progress_bar(enabled: bool, iterable: Optional[Iterable] = None, **options: Any) -> tqdm:
+    """A tqdm bar when ``enabled`` and its stream (stderr unless ``file=`` says otherwise) is a terminal.
+
+    Written to a file or a pipe, a bar would put every refresh into the log; there the log keeps
+    the per-epoch lines alone.
+    """
+    return tqdm(iterable, disable=None if enabled else True, **options)
 
 
 def epoch_line(row: dict[str, Any], epochs: int) -> str:

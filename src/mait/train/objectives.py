@@ -34,6 +34,8 @@ from ..learned import RECONSTRUCTION_REDUCTIONS, predictors, reconstruction_loss
 from ..models import mask_model
 from . import checkpoint as ckpt
 from .config import TrainConfig
+from .data import DataInfo
+from .models import build_model
 
 TERMS = ("ce", "hard_distillation", "kl", "tokens", "reconstruction")
 TEACHER_TERMS = ("hard_distillation", "kl", "tokens")
@@ -49,8 +51,8 @@ def build_criterion(config: TrainConfig, mixup_on: bool) -> nn.Module:
     return nn.CrossEntropyLoss()
 
 
-def build_teacher(config: TrainConfig, info: Any, build_model: Any, attention: bool = False) -> Optional[nn.Module]:
-    """The frozen teacher of ``config`` (``build_model(config, info)`` builds it), or None without one.
+def build_teacher(config: TrainConfig, info: DataInfo, attention: bool = False) -> Optional[nn.Module]:
+    """The frozen teacher of ``config`` (built like the student, never masked), or None without one.
 
     With ``attention`` (its attention maps are a reconstruction target) a timm ViT teacher gets
     mait's attention layers without masks (:func:`mait.mask_model` with ``scheme="none"``: the
