@@ -118,3 +118,32 @@ def test_amp_is_a_flag_whose_absence_leaves_the_device_default() -> None:
     assert overrides_from(parser.parse_args(["--no-amp"]))["amp"] is False
     assert "amp" not in overrides_from(parser.parse_args([]))
     assert TrainConfig().amp is None
+
+
+@pytest.mark.parametrize("flags,argv,compute_dtype", [
+    ({"avx512_bf16"}, ["--amp"], torch.bfloat16),
+    ({"avx512_bf16"}, [], torch.float32),
+    ({"avx2"}, ["--amp"], torch.float32),
+])
+def test_eval_computes_in_the_precision_amp_chooses(flags, argv, compute_dtype, cpu_with, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """`mait eval` names its precision and its forward computes in it, like training."""
+    from mait_cli import main
+    result = train(TrainConfig.from_dict(dict(TINY, output=str(tmp_path / "run"))))
+    capsys.readouterr()
+    cpu_with(flags)
+    seen: set[torch.dtype] = set()
+    original = torch.nn.Linear.forward
+
+    def recording(self, x):
+        out = original(self, x)
+        seen.add(out.dtype)
+        return out
+
+    monkeypatch.setattr(torch.nn.Linear, "forward", recording)
+    assert main(["eval", "--checkpoint", str(result.last_checkpoint), "--no-progress", "--device", "cpu", *argv]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-2] == f"precision: {choose_precision(True if argv else None, CPU).describe()}"
+    assert "top-1" in lines[-1]
+    assert seen == {compute_dtype}
