@@ -67,12 +67,13 @@ def build_teacher(config: TrainConfig, info: DataInfo, attention: bool = False) 
                                            base=config)
     teacher = build_model(teacher_config, info)
     ckpt.load_weights(teacher, Path(config.teacher_checkpoint))
-    if attention and isinstance(teacher, VisionTransformer) and not attention_layers(teacher):
+    if attention and isinstance(teacher, VisionTransformer) and not _mait_layers(teacher):
         mask_model(teacher, scheme="none")
     return teacher.eval().requires_grad_(False)
 
 
-def attention_layers(model: nn.Module) -> list[MaskedAttention]:
+def _mait_layers(model: nn.Module) -> list[MaskedAttention]:
+    """The model's MaskedAttention layers in forward order (none for a model mait has not masked)."""
     return [module for module in model.modules() if isinstance(module, MaskedAttention)]
 
 
@@ -125,7 +126,7 @@ class Objective(nn.Module):
 
     def _pair_layers(self, model: nn.Module) -> list[tuple[MaskedAttention, MaskedAttention]]:
         """(student layer with a predictor, the teacher layer at its depth) for the teacher-attention target."""
-        student, teacher = attention_layers(model), attention_layers(self.teacher)
+        student, teacher = _mait_layers(model), _mait_layers(self.teacher)
         if len(student) != len(teacher) or any(s.num_heads != t.num_heads or s.num_tokens != t.num_tokens
                                                 for s, t in zip(student, teacher)):
             raise UserError(f"reconstruction_target: teacher needs a teacher with the student's attention layers; "
