@@ -42,7 +42,10 @@ RECIPES = {"short": None, "full": HERE / "full.yaml", "smoke": HERE / "smoke.yam
 POLL_S = 2.0                                    # how often the runner looks at its jobs
 SEARCH_SOURCE = "sch1-s0"                       # the Sch.1 run the search measures
 ALS_IMAGES, SIMILARITY_IMAGES = 1000, 500       # held-out images for the analyses
-VARIANTS = ["none", "sch1", "mixed", "soft", "random", "sch1-r5", "search"]   # table order
+VARIANTS = ["none", "sch1", "mixed", "soft", "random", "sch1-r5", "search", "all"]   # table order
+# The runs of a recipe when none are named, in the order they start: the 50-epoch study is the
+# four arms of docs/reproduction.md, seed by seed, so each finished pair of seeds is comparable.
+RECIPE_RUNS = {"full": [f"{arm}-s{seed}" for seed in range(3) for arm in ("none", "all", "sch1", "mixed")]}
 
 
 def load_runs() -> dict[str, dict[str, Any]]:
@@ -54,9 +57,10 @@ def variant_of(name: str) -> str:
 
 
 def select(names: list[str], patterns: list[str]) -> list[str]:
+    """The runs the patterns name, in the order of the patterns (then of ``names``)."""
     if not patterns:
         return names
-    chosen = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    chosen = list(dict.fromkeys(n for p in patterns for n in names if fnmatch.fnmatchcase(n, p)))
     if not chosen:
         raise SystemExit(f"no run matches {patterns}; runs: {', '.join(names)}")
     return chosen
@@ -138,7 +142,8 @@ def run_study(patterns: list[str], jobs: int, threads: int, run_dir: Path, recip
     runs, extra = load_runs(), dict(extra or {})
     epochs = {name: run_keys(name, recipe, extra).get("epochs", yaml.safe_load(BASE.read_text())["epochs"])
               for name in runs}
-    todo = [n for n in select(list(runs), patterns) if not finished(run_dir / n, epochs[n])]
+    todo = [n for n in select(list(runs), patterns or RECIPE_RUNS.get(recipe, []))
+            if not finished(run_dir / n, epochs[n])]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     active: dict[str, subprocess.Popen] = {}
     failed: list[str] = []
@@ -406,7 +411,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--runs-dir", type=Path, help="where the run folders live (default runs/cifar10-study[-RECIPE])")
     sub = parser.add_subparsers(dest="action", required=True)
     run = sub.add_parser("run", help="train the runs not finished yet (resuming killed ones)")
-    run.add_argument("patterns", nargs="*", help="run names or globs from runs.yaml (default: all)")
+    run.add_argument("patterns", nargs="*", help="run names or globs from runs.yaml, started in this order "
+                     "(default: the recipe's runs; for short and smoke every run)")
+    run.add_argument("--recipe", choices=list(RECIPES), default=argparse.SUPPRESS, help="as before the action")
     run.add_argument("--jobs", type=int, default=2, help="runs side by side (default 2)")
     run.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
     run.add_argument("--device", choices=["auto", "cpu", "cuda"], help="device of every run (default: mait train's)")
