@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 # 10 steps per epoch, a checkpoint every 3 steps; drop path makes the RNG state matter.
 ARGS = ["--model-kwargs", "{depth: 2, embed_dim: 32}", "--epochs", "3", "--batch-size", "32", "--train-subset", "320",
@@ -43,8 +44,28 @@ def _state(path: Path):
         return None
 
 
+def _resume(folder: Path, expect: str) -> None:
+    proc = _train("--resume", str(folder), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    assert expect in out
+
+
+def _assert_same_run(full: Path, other: Path) -> None:
+    want, got = load_file(str(full / "last.safetensors")), load_file(str(other / "last.safetensors"))
+    assert want.keys() == got.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-6, msg=f"{other.name}: {key}")
+    for a, b in zip(_rows(full), _rows(other), strict=True):
+        for key in ("train_loss", "val_loss", "val_acc1"):
+            assert abs(float(a[key]) - float(b[key])) <= 1e-6, (other.name, key, a, b)
+
+
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
 def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_weights(tmp_path: Path) -> None:
+    """One kill, three resumes: as left; with last.safetensors lagging behind the state (a kill between the
+    two writes, which the state survives because it holds the weights); and from a state of the earlier
+    layout without weights, which resumes from last.safetensors."""
     full, killed = tmp_path / "full", tmp_path / "killed"
     reference = _train(*ARGS, "--output", str(full), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     victim = _train(*ARGS, "--output", str(killed), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -62,19 +83,43 @@ def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_weights(tmp_path:
     state = torch.load(killed / "last.state.pt", weights_only=False)
     assert state["epoch"] < 3 and 0 < state["step"] < STEPS_PER_EPOCH, "the kill must leave a mid-epoch checkpoint"
 
-    resumed = _train("--resume", str(killed), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    out, err = resumed.communicate(timeout=600)
-    assert resumed.returncode == 0, err
-    assert f"resuming {killed} at epoch {state['epoch'] + 1}, step {state['step']}/{STEPS_PER_EPOCH}" in out
-    _finish(reference)
+    lagging, legacy = tmp_path / "lagging", tmp_path / "legacy"
+    shutil.copytree(killed, lagging)
+    stale = {key: torch.zeros_like(value) for key, value in load_file(str(killed / "last.safetensors")).items()}
+    save_file(stale, str(lagging / "last.safetensors"))
+    shutil.copytree(killed, legacy)
+    save_file(state["model"], str(legacy / "last.safetensors"))
+    torch.save({key: value for key, value in state.items() if key != "model"}, legacy / "last.state.pt")
 
-    want, got = load_file(str(full / "last.safetensors")), load_file(str(killed / "last.safetensors"))
-    assert want.keys() == got.keys()
-    for key in want:
-        torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-6, msg=key)
-    for a, b in zip(_rows(full), _rows(killed), strict=True):
-        for key in ("train_loss", "val_loss", "val_acc1"):
-            assert abs(float(a[key]) - float(b[key])) <= 1e-6, (key, a, b)
+    where = f"at epoch {state['epoch'] + 1}, step {state['step']}/{STEPS_PER_EPOCH}"
+    for folder in (killed, lagging, legacy):
+        _resume(folder, f"resuming {folder} {where}")
+    _finish(reference)
+    for folder in (killed, lagging, legacy):
+        _assert_same_run(full, folder)
+
+
+def test_a_second_process_training_into_the_same_folder_is_refused(tmp_path: Path) -> None:
+    """While a run holds its output folder, another `mait train` into it (a second study runner, a resume
+    started twice) gets a one-line error naming the holder, and nothing of the first run is touched."""
+    from mait.train.checkpoint import training_lock
+    folder = tmp_path / "run"
+    with training_lock(folder):
+        proc = subprocess.run([sys.executable, "-m", "mait", "train", "--output", str(folder), "--epochs", "1"],
+                              env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert f"{folder} is being trained into by process {os.getpid()}" in proc.stderr
+    assert sorted(p.name for p in folder.iterdir()) == [".lock"]
+    with training_lock(folder):        # released when the holder leaves: the folder can be taken again
+        pass
+
+
+def test_a_corrupt_state_is_a_one_line_error(tmp_path: Path) -> None:
+    (tmp_path / "last.state.pt").write_bytes(b"not a checkpoint")
+    proc = subprocess.run([sys.executable, "-m", "mait", "train", "--resume", str(tmp_path)], env=ENV,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert "last.state.pt is not a readable training state" in proc.stderr
 
 
 def test_resume_without_checkpoint_is_one_line_error(tmp_path: Path) -> None:

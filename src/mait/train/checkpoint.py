@@ -1,9 +1,10 @@
 """Checkpoints: weights as safetensors, the training state beside them, every file written atomically.
 
-An output folder holds ``last.safetensors`` + ``last.state.pt`` (optimizer, scheduler, EMA,
-scaler, RNG states, epoch, position in the epoch, history) and ``best.safetensors``.  Each
+An output folder holds ``last.safetensors`` + ``last.state.pt`` (weights, optimizer, scheduler,
+EMA, scaler, RNG states, epoch, position in the epoch, history) and ``best.safetensors``.  Each
 file is written to a temporary name and renamed, so a run killed at any moment leaves the
-previous complete checkpoint behind.
+previous complete checkpoint behind; the state is written first and holds the weights, so it
+alone resumes a run exactly even when the process died before ``last.safetensors`` followed.
 """
 
 from __future__ import annotations
@@ -47,12 +48,46 @@ def _atomic(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
+@contextlib.contextmanager
+def training_lock(folder: Path) -> Iterator[None]:
+    """Hold ``folder/.lock`` while a run trains into ``folder``: a second process training into the same
+    folder (two study runners, a resumed run still alive) is refused instead of overwriting the first's
+    checkpoints.  The operating system releases the lock when the process dies, however it dies."""
+    try:
+        import fcntl
+    except ImportError:                     # no POSIX locks (Windows): nothing to hold
+        yield
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            owner = handle.read().strip() or "another process"
+            raise UserError(f"{folder} is being trained into by {owner}; wait for it to end or "
+                            f"choose another --output") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"process {os.getpid()}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     _atomic(path, lambda tmp: tmp.write_text(text))
 
 
+def weights_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's tensors as a checkpoint stores them: detached, on the CPU, contiguous."""
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+
 def save_weights(model: nn.Module, path: Path, metadata: Optional[dict[str, str]] = None) -> None:
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = weights_of(model)
     _atomic(path, lambda tmp: safetensors.torch.save_file(state, str(tmp), metadata=metadata))
 
 
@@ -80,9 +115,15 @@ def load_state(folder: Path) -> dict[str, Any]:
     path = folder / STATE
     if not folder.is_dir():
         raise UserError(f"--resume {folder}: the folder does not exist")
-    if not path.is_file() or not (folder / LAST).is_file():
+    if not path.is_file():
+        raise UserError(f"--resume {folder}: no checkpoint there (expected {STATE})")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # torch raises several error types for a truncated or foreign file
+        raise UserError(f"--resume {folder}: {STATE} is not a readable training state: {error}") from None
+    if "model" not in state and not (folder / LAST).is_file():     # a state of before it held the weights
         raise UserError(f"--resume {folder}: no checkpoint there (expected {STATE} and {LAST})")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return state
 
 
 def _checkpoint_file(path: Path) -> Path:

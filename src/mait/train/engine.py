@@ -9,6 +9,7 @@ DistributedDataParallel; only rank 0 writes files.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -140,19 +141,25 @@ class _Run:
         self.saved = (self.epoch, self.step)
         if not self.env.is_main:
             return
-        ckpt.save_weights(self.model, self.output / ckpt.LAST, self.card.metadata(epoch=self.epoch))
+        # The state holds the weights too, so it alone is a complete resume point: a process killed between
+        # the two writes leaves a state that resumes exactly, whatever last.safetensors holds.
         ckpt.save_state({
-            "epoch": self.epoch, "step": self.step, "optimizer": self.optimizer.state_dict(),
+            "epoch": self.epoch, "step": self.step, "model": ckpt.weights_of(self.model),
+            "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
             "scaler": self.scaler.state_dict(), "ranks": per_rank, "history": self.history,
             "best": (self.best_acc1, self.best_epoch), "world_size": self.env.world_size, "stage": self.stage,
         }, self.output / ckpt.STATE)
+        ckpt.save_weights(self.model, self.output / ckpt.LAST, self.card.metadata(epoch=self.epoch))
 
     def restore(self, state: dict[str, Any]) -> None:
         if state["world_size"] != self.env.world_size:
             raise UserError(f"the run was saved with {state['world_size']} processes; resume it with as many "
                             f"(got {self.env.world_size})")
-        ckpt.load_weights(self.model, self.output / ckpt.LAST)
+        if "model" in state:
+            ckpt.load_tensors(self.model, state["model"], self.output / ckpt.STATE)
+        else:                                             # states written before they held the weights
+            ckpt.load_weights(self.model, self.output / ckpt.LAST)
         self.enter_stage(state.get("stage", 0))          # the stage whose optimizer was saved
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -196,6 +203,13 @@ def _train(config: TrainConfig, resume: bool, env: Dist, start: float) -> TrainR
     if resume and not config.output:
         raise UserError("resume needs the run's output folder")
     output = Path(config.output) if config.output else _default_output(config, env)
+    if resume and not output.is_dir():
+        raise UserError(f"--resume {output}: the folder does not exist")
+    with ckpt.training_lock(output) if env.is_main else contextlib.nullcontext():
+        return _train_into(config, resume, env, start, output)
+
+
+def _train_into(config: TrainConfig, resume: bool, env: Dist, start: float, output: Path) -> TrainResult:
     state = ckpt.load_state(output) if resume else None
     if not resume and (output / ckpt.STATE).exists():
         raise UserError(f"{output} already holds a run; continue it with --resume {output} or choose another --output")
