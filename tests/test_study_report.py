@@ -55,3 +55,44 @@ def test_report_keeps_runs_whose_folders_are_gone(study, tmp_path: Path) -> None
 def test_report_without_any_run_says_so(study, tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="no finished run"):
         study.report(tmp_path / "runs")
+
+
+def test_report_of_the_kept_runs_pairs_sparsifiner_with_its_control(study, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fresh machine: no run folders, only what the full recipe keeps in the repository.  Finished runs
+    make the table (Sparsifiner paired with its control, the others with `none`); every run, finished or
+    not, draws its validation curve."""
+    kept = tmp_path / "results-full"
+    final = {"none-s0": 80.0, "all-s0": 82.0, "none-s1": 79.0, "all-s1": 80.5, "sparsifiner-s0": 79.5,
+             "sparsifiner-ctrl-s0": 80.25}
+    epochs = {name: 9 if "sparsifiner" in name else 4 for name in final} | {"sch1-s0": 4}
+    for name, count in epochs.items():
+        folder = kept / "runs" / name
+        folder.mkdir(parents=True)
+        scheme = name.rsplit("-s", 1)[0]
+        (folder / "config.yaml").write_text(f"model: mait_mini6_32\nscheme: {scheme if scheme in ('none', 'all') else 'none'}"
+                                            f"\nseed: {name[-1]}\nepochs: {count}\n")
+        logged = count if name in final else 2                               # sch1-s0 is still training
+        rows = [f"{e + 1},{final.get(name, 50.0) - (logged - 1 - e)},120.0,300.0" for e in range(logged)]
+        (folder / "metrics.csv").write_text("epoch,val_acc1,epoch_time,train_images_per_s\n" + "\n".join(rows) + "\n")
+        if name in final:
+            (kept / "checkpoints").mkdir(exist_ok=True)
+            (kept / "checkpoints" / f"{name}.safetensors").write_bytes(b"")
+    monkeypatch.setattr(study, "cost_of", lambda checkpoint: {
+        "depth": 6, "params_m": 0.68, "gmacs": 0.05, "mhsa_mmacs": 3.0 if "all" in checkpoint.name else 9.0,
+        "mhsa_sparse_mmacs": 4.0 if checkpoint.name.startswith("sparsifiner-s") else
+        (3.0 if "all" in checkpoint.name else 9.0)})
+    monkeypatch.setattr(study, "analyse", lambda run_dir, out, earlier, kept=None:
+                        {"als": {}, "alphas": {}, "similarity": {}})
+    results = tmp_path / "report"
+    study.report(tmp_path / "gone", results, kept)
+
+    text = (results / "summary.md").read_text()
+    assert "| none | `none` | 3 | 6 | 2 | 79.50 ± 0.71 | 80.00 / 79.00 |  |" in text
+    assert "| all | `all` | 3 | 6 | 2 | 81.25 ± 1.06 | 82.00 / 80.50 | +2.00 / +1.50 | 0.680 | 50.0 | 3.00 | 300 | 8.0 |" in text
+    assert ("| sparsifiner | `none` | 3 | 6 | 1 | 79.50 | 79.50 | -0.75 (vs sparsifiner-ctrl) | 0.680 | 50.0 | "
+            "9.00 (4.00 pruned) | 300 | 18.0 |") in text
+    assert "sch1" not in text, "an unfinished run is not in the table"
+    summary = json.loads((results / "summary.json").read_text())
+    assert {r["run"] for r in summary["runs"]} == set(final)
+    assert (results / "accuracy_per_epoch.png").stat().st_size > 10_000

@@ -4,15 +4,22 @@
     python experiments/cifar10/study.py run 'sch1-*' --jobs 1 --threads 2
     python experiments/cifar10/study.py report              # tables + figures from the saved runs
     python experiments/cifar10/study.py command none-s0     # the plain `mait train` command of one run
-    python experiments/cifar10/study.py --recipe full run --device cuda --jobs 8    # 50 epochs, one GPU
-    python experiments/cifar10/study.py --recipe full report
+    python experiments/cifar10/study.py run --recipe full   # the 50-epoch study: resumes wherever it stopped
+    python experiments/cifar10/study.py status --recipe full   # where each run stands
+    python experiments/cifar10/study.py report --recipe full
 
 Each run is ``mait train --config base.yaml`` plus the keys of the recipe (``--recipe``:
 ``short``, the 2-epoch CPU study of base.yaml; ``full``, full.yaml's 50 epochs; ``smoke``,
 smoke.yaml's 2 epochs on subsets) plus the keys of its entry in ``runs.yaml``, written to
 ``runs/cifar10-study[-<recipe>]/<name>`` (a killed run is resumed).  ``scheme: search`` is
-the scheme the quick empirical search (§4.3) derives from the ALS of run ``sch1-s0``.
-``report`` reads the run folders and writes ``experiments/cifar10/results[-<recipe>]/``;
+the scheme the quick empirical search (§4.3) derives from the ALS of run ``sch1-s0``; an entry's
+``from: <run>`` starts it from that run's final weights (and distils from them), after that run.
+
+The full recipe keeps its runs in the repository, in ``experiments/cifar10/results-full/``: every
+finished run's final weights (``checkpoints/<run>.safetensors``), every run's config, metrics and log
+(``runs/<run>/``), and each unfinished run's latest checkpoint (``resume/<run>/``, refreshed at every
+epoch), from which ``run`` continues on a machine whose run folders are gone.
+``report`` reads the run folders (or the kept ones) and writes ``experiments/cifar10/results[-<recipe>]/``;
 runs of the last report whose folders are gone (a fresh machine) keep that report's figures.
 """
 
@@ -24,6 +31,7 @@ import fnmatch
 import json
 import os
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -42,10 +50,18 @@ RECIPES = {"short": None, "full": HERE / "full.yaml", "smoke": HERE / "smoke.yam
 POLL_S = 2.0                                    # how often the runner looks at its jobs
 SEARCH_SOURCE = "sch1-s0"                       # the Sch.1 run the search measures
 ALS_IMAGES, SIMILARITY_IMAGES = 1000, 500       # held-out images for the analyses
-VARIANTS = ["none", "sch1", "mixed", "soft", "random", "sch1-r5", "search", "all"]   # table order
-# The runs of a recipe when none are named, in the order they start: the 50-epoch study is the
-# four arms of docs/reproduction.md, seed by seed, so each finished pair of seeds is comparable.
-RECIPE_RUNS = {"full": [f"{arm}-s{seed}" for seed in range(3) for arm in ("none", "all", "sch1", "mixed")]}
+VARIANTS = ["none", "all", "sch1", "mixed", "soft", "random", "sch1-r5", "search", "sparsifiner",
+            "sparsifiner-ctrl"]   # table order
+# The runs of a recipe when none are named, in the order they start: the 50-epoch study is the four
+# arms of docs/reproduction.md seed by seed (each finished seed is a paired comparison), then
+# Sparsifiner's released recipe from each unmasked run beside its control.  The other recipes run
+# every entry that starts from scratch.
+RECIPE_RUNS = {"full": [f"{arm}-s{seed}" for seed in range(3) for arm in ("none", "all", "sch1", "mixed")]
+                       + [f"{arm}-s{seed}" for seed in range(3) for arm in ("sparsifiner", "sparsifiner-ctrl")]}
+KEPT_RECIPES = {"full"}              # recipes whose runs live on in the repository (results-<recipe>/)
+PAIRED_WITH = {"sparsifiner": "sparsifiner-ctrl"}      # a variant's baseline when it is not the unmasked run
+RECORD_FILES = ("config.yaml", "metrics.csv", "train.log")                  # kept for every run
+RESUME_FILES = ("last.state.pt", "last.safetensors", "best.safetensors")   # kept while a run is unfinished
 
 
 def load_runs() -> dict[str, dict[str, Any]]:
@@ -105,12 +121,64 @@ def recipe_keys(recipe: str) -> dict[str, Any]:
 
 
 def run_keys(name: str, recipe: str, extra: dict[str, Any]) -> dict[str, Any]:
-    """The keys run ``name`` adds to base.yaml: the recipe's, then its runs.yaml entry's, then ``extra``."""
+    """The keys run ``name`` adds to base.yaml: the recipe's, then its runs.yaml entry's, then ``extra``
+    (``from`` still unresolved: see :func:`resolve_keys`)."""
     return {**recipe_keys(recipe), **load_runs()[name], **extra}
 
 
+def recipe_runs(recipe: str) -> list[str]:
+    """The runs a recipe trains when none are named."""
+    runs = load_runs()
+    return RECIPE_RUNS.get(recipe) or [n for n in runs if "from" not in runs[n]]
+
+
+def kept_dir(recipe: str) -> Optional[Path]:
+    """Where a recipe keeps its runs in the repository (None: it keeps them only in its run folders)."""
+    return RESULTS.with_name(f"{RESULTS.name}-{recipe}") if recipe in KEPT_RECIPES else None
+
+
+def epochs_of(keys: dict[str, Any]) -> int:
+    return int(keys.get("epochs", yaml.safe_load(BASE.read_text())["epochs"]))
+
+
+def dependency(keys: dict[str, Any]) -> Optional[str]:
+    """The run that must finish before this one starts: its ``from`` run, or the run the search measures."""
+    return keys.get("from") or (SEARCH_SOURCE if keys.get("scheme") == "search" else None)
+
+
+def final_checkpoint(name: str, run_dir: Path, kept: Optional[Path]) -> Optional[Path]:
+    """The final weights of finished run ``name``: the kept copy when the recipe keeps runs, else its folder's."""
+    if kept is not None and (kept / "checkpoints" / f"{name}.safetensors").is_file():
+        return kept / "checkpoints" / f"{name}.safetensors"
+    if (run_dir / name / "last.safetensors").is_file():
+        return run_dir / name / "last.safetensors"
+    return None
+
+
+def is_finished(name: str, epochs: int, run_dir: Path, kept: Optional[Path]) -> bool:
+    """All epochs logged and the final weights written, in the run folder or kept in the repository."""
+    if finished(run_dir / name, epochs):
+        return True
+    return (kept is not None and len(read_metrics(kept / "runs" / name)) >= epochs
+            and (kept / "checkpoints" / f"{name}.safetensors").is_file())
+
+
+def resolve_keys(name: str, keys: dict[str, Any], run_dir: Path, kept: Optional[Path]) -> dict[str, Any]:
+    """``keys`` with ``scheme: search`` and ``from: <run>`` turned into ``mait train`` keys."""
+    keys = dict(keys)
+    if keys.get("scheme") == "search":
+        keys["scheme"] = search_scheme(run_dir)
+    source = keys.pop("from", None)
+    if source is not None:
+        weights = final_checkpoint(source, run_dir, kept) or (     # where it will be once that run has finished
+            kept / "checkpoints" / f"{source}.safetensors" if kept else run_dir / source / "last.safetensors")
+        weights = weights.relative_to(ROOT) if weights.is_relative_to(ROOT) else weights
+        keys.update(init_from=str(weights), teacher_checkpoint=str(weights))
+    return keys
+
+
 def train_command(name: str, keys: dict[str, Any], run_dir: Path) -> list[str]:
-    """``mait train`` for one run (``scheme: search`` must already be resolved)."""
+    """``mait train`` for one run (its keys resolved by :func:`resolve_keys`)."""
     output = run_dir / name
     output = output.relative_to(ROOT) if output.is_relative_to(ROOT) else output
     command = [sys.executable, "-m", "mait", "train", "--config", str(BASE.relative_to(ROOT)), "--output", str(output)]
@@ -129,61 +197,137 @@ def prepare_data(keys: dict[str, Any]) -> None:
     """Extract and decode the data set once, before the runs that share it start side by side."""
     from mait.train import load_config, open_data
     from mait.train.data.in_memory import image_array
-    config = load_config(BASE, keys)
+    config = load_config(BASE, {k: v for k, v in keys.items() if k != "from"})
     if str(config.in_memory).lower() != "false":
         image_array(open_data(config.data, config.holdout_per_class)[0])
 
 
+def _copy(source: Path, target: Path) -> None:
+    """Copy a file so that ``target`` is always whole: a temporary name, then a rename."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+
+
+def keep(name: str, epochs: int, run_dir: Path, kept: Path) -> None:
+    """Keep run ``name`` in the repository: its config, metrics and log; its final weights once finished
+    (and its resume point dropped), else its latest checkpoint, from which a fresh machine continues it.
+    The training state is copied first: it holds the weights, so it alone resumes the run exactly."""
+    folder = run_dir / name
+    if not (folder / "metrics.csv").is_file():
+        return
+    for file in RECORD_FILES:
+        if (folder / file).is_file():
+            _copy(folder / file, kept / "runs" / name / file)
+    if finished(folder, epochs):
+        _copy(folder / "last.safetensors", kept / "checkpoints" / f"{name}.safetensors")
+        shutil.rmtree(kept / "resume" / name, ignore_errors=True)
+        return
+    for file in RESUME_FILES:
+        if (folder / file).is_file():
+            _copy(folder / file, kept / "resume" / name / file)
+
+
+def restore(name: str, run_dir: Path, kept: Path) -> bool:
+    """Put a kept unfinished run back into its run folder when that folder has no checkpoint (a fresh machine)."""
+    folder, source = run_dir / name, kept / "resume" / name
+    if (folder / "last.state.pt").is_file() or not (source / "last.state.pt").is_file():
+        return False
+    for file in RESUME_FILES:
+        if (source / file).is_file():
+            _copy(source / file, folder / file)
+    for file in RECORD_FILES:
+        if (kept / "runs" / name / file).is_file():
+            _copy(kept / "runs" / name / file, folder / file)
+    return True
+
+
+def where(name: str, epochs: int, run_dir: Path, kept: Optional[Path]) -> str:
+    """One line on run ``name``: epoch, validation top-1, training images/s and the estimated time left."""
+    rows = read_metrics(run_dir / name) or (read_metrics(kept / "runs" / name) if kept else [])
+    if not rows:
+        return f"{name}: not started"
+    last, recent = rows[-1], [r["epoch_time"] for r in rows[-3:] if "epoch_time" in r]
+    speed = f"  {last['train_images_per_s']:.0f} img/s" if "train_images_per_s" in last else ""
+    hours = sum(r.get("epoch_time", 0.0) for r in rows) / 3600
+    left = "finished" if len(rows) >= epochs else \
+        f"~{(epochs - len(rows)) * statistics.mean(recent) / 3600:.1f} h left" if recent else ""
+    return (f"{name}: epoch {len(rows)}/{epochs}  val top-1 {last['val_acc1']:.2f}{speed}  "
+            f"{hours:.2f} h so far  {left}").rstrip()
+
+
 def run_study(patterns: list[str], jobs: int, threads: int, run_dir: Path, recipe: str = "short",
-              extra: Optional[dict[str, Any]] = None) -> None:
-    """Train the selected runs not finished yet, ``jobs`` at a time; ``extra`` keys (e.g. ``device``) go to every run."""
+              extra: Optional[dict[str, Any]] = None, keep_runs: Optional[bool] = None) -> None:
+    """Train the selected runs not finished yet, ``jobs`` at a time, continuing killed ones from their last
+    checkpoint; ``extra`` keys (e.g. ``device``) go to every run.  With ``keep_runs`` (default: the recipes
+    of :data:`KEPT_RECIPES`) every run is kept in the repository at each epoch (:func:`keep`)."""
     if jobs < 1 or threads < 1:
         raise SystemExit(f"--jobs and --threads must be at least 1, got {jobs} and {threads}")
+    kept = kept_dir(recipe) if keep_runs is not False else None
+    if keep_runs and kept is None:
+        kept = RESULTS.with_name(f"{RESULTS.name}-{recipe}")
     runs, extra = load_runs(), dict(extra or {})
-    epochs = {name: run_keys(name, recipe, extra).get("epochs", yaml.safe_load(BASE.read_text())["epochs"])
-              for name in runs}
-    todo = [n for n in select(list(runs), patterns or RECIPE_RUNS.get(recipe, []))
-            if not finished(run_dir / n, epochs[n])]
+    keys = {name: run_keys(name, recipe, extra) for name in runs}
+    epochs = {name: epochs_of(keys[name]) for name in runs}
+    todo = [n for n in select(list(runs), patterns or recipe_runs(recipe))
+            if not is_finished(n, epochs[n], run_dir, kept)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     active: dict[str, subprocess.Popen] = {}
+    logged: dict[str, int] = {}
     failed: list[str] = []
     print(f"[study] recipe {recipe}: {len(todo)} runs to do, {jobs} at a time, {threads} thread(s) each: "
-          f"{', '.join(todo)}", flush=True)
+          f"{', '.join(todo)}" + (f"; kept in {kept}" if kept else ""), flush=True)
     if todo:
-        prepare_data(run_keys(todo[0], recipe, extra))
+        prepare_data(keys[todo[0]])
     started = time.perf_counter()
     while todo or active:
         for name, proc in list(active.items()):
-            if proc.poll() is not None:
+            rows = len(read_metrics(run_dir / name))
+            ended = proc.poll() is not None
+            if rows != logged[name] or ended:
+                logged[name] = rows
+                if kept is not None:
+                    keep(name, epochs[name], run_dir, kept)
+                print(f"[study] {time.strftime('%H:%M:%S')} {where(name, epochs[name], run_dir, kept)}", flush=True)
+            if ended:
                 del active[name]
-                status = "done" if proc.returncode == 0 else f"FAILED (exit {proc.returncode})"
                 if proc.returncode:
                     failed.append(name)
-                print(f"[study] {time.strftime('%H:%M:%S')} {name} {status}", flush=True)
+                    print(f"[study] {time.strftime('%H:%M:%S')} {name} FAILED (exit {proc.returncode}); "
+                          f"see {run_dir / name / 'train.log'}", flush=True)
         for name in list(todo):
             if len(active) >= jobs:
                 break
-            keys = run_keys(name, recipe, extra)
-            if keys.get("scheme") == "search":
-                if not finished(run_dir / SEARCH_SOURCE, epochs[SEARCH_SOURCE]):
-                    if SEARCH_SOURCE in todo or SEARCH_SOURCE in active:
-                        continue                      # wait for the run the search measures
-                    raise SystemExit(f"{name} needs the finished run {SEARCH_SOURCE} in {run_dir}")
-                keys["scheme"] = search_scheme(run_dir)
+            needed = dependency(keys[name])
+            if needed and not is_finished(needed, epochs[needed], run_dir, kept):
+                if needed in todo or needed in active:
+                    continue                      # wait for the run it starts from
+                raise SystemExit(f"{name} needs the finished run {needed} in {run_dir}")
             folder = run_dir / name
-            command = train_command(name, keys, run_dir)
+            if kept is not None and restore(name, run_dir, kept):
+                print(f"[study] {name}: continuing from the checkpoint kept in {kept / 'resume' / name}", flush=True)
+            command = train_command(name, resolve_keys(name, keys[name], run_dir, kept), run_dir)
             if (folder / "last.state.pt").is_file():
-                command = command[:4] + ["--resume", command[command.index("--output") + 1]] + command[4:]
+                command += ["--resume", command[command.index("--output") + 1]]
             folder.mkdir(parents=True, exist_ok=True)
             log = open(folder / "train.log", "a")
             print(f"[study] {time.strftime('%H:%M:%S')} start {name}: {shlex.join(command[1:])}", flush=True)
             active[name] = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+            logged[name] = len(read_metrics(folder))
             todo.remove(name)
         time.sleep(POLL_S)
     print(f"[study] {time.strftime('%H:%M:%S')} all runs ended after {(time.perf_counter() - started) / 60:.1f} min",
           flush=True)
     if failed:
         raise SystemExit(f"[study] failed runs (see their train.log): {', '.join(failed)}")
+
+
+def status(patterns: list[str], run_dir: Path, recipe: str) -> None:
+    """Print where each run of the selection stands."""
+    kept, runs = kept_dir(recipe), load_runs()
+    for name in select(list(runs), patterns or recipe_runs(recipe)):
+        print(where(name, epochs_of(run_keys(name, recipe, {})), run_dir, kept))
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -196,29 +340,48 @@ def read_metrics(folder: Path) -> list[dict[str, float]]:
         return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(handle)]
 
 
-def run_rows(run_dir: Path) -> list[dict[str, Any]]:
-    """One row per finished run: accuracy, time, scheme, params and MACs."""
-    import timm
-    import mait  # noqa: F401  (registers the models)
+def record_folder(name: str, run_dir: Path, kept: Optional[Path]) -> Path:
+    """The folder with run ``name``'s config and metrics: its run folder, else the kept copy."""
+    if (run_dir / name / "metrics.csv").is_file() or kept is None:
+        return run_dir / name
+    return kept / "runs" / name
+
+
+def cost_of(checkpoint: Path, images: int = 256) -> dict[str, float]:
+    """Parameters, MACs and MHSA MACs per image of the model in ``checkpoint``; a learned mask's pruned
+    count is averaged over ``images`` held-out images (it depends on the input)."""
+    import torch
     from mait.cost import count_macs
+    from mait.train.runs import held_out_images, open_run
+    run = open_run(checkpoint)
+    loader, info = held_out_images(run.config, images, batch_size=images)
+    model = run.model(info)
+    with torch.inference_mode():
+        report = count_macs(model, images=next(iter(loader))[0])
+    return {"depth": len(model.blocks), "params_m": report.params / 1e6, "gmacs": report.macs / 1e9,
+            "mhsa_mmacs": report.mhsa / 1e6, "mhsa_sparse_mmacs": report.mhsa_sparse / 1e6}
+
+
+def run_rows(run_dir: Path, kept: Optional[Path] = None) -> list[dict[str, Any]]:
+    """One row per finished run: accuracy, scheme, params, MACs, training speed and time."""
     from mait.train import load_config
 
     rows = []
     for name in load_runs():
-        folder = run_dir / name
+        folder = record_folder(name, run_dir, kept)
         metrics = read_metrics(folder)
-        if not (folder / "config.yaml").is_file() or not metrics:
+        checkpoint = final_checkpoint(name, run_dir, kept)
+        if not (folder / "config.yaml").is_file() or not metrics or checkpoint is None:
             continue
         config = load_config(folder / "config.yaml", {})
         if len(metrics) < config.epochs:
             continue
-        model = timm.create_model(config.model, scheme=config.scheme, mask_size=config.mask_size,
-                                  **config.model_kwargs)
+        speeds = [r["train_images_per_s"] for r in metrics if "train_images_per_s" in r]
         rows.append({"run": name, "variant": variant_of(name), "seed": config.seed, "scheme": config.scheme,
-                     "mask_size": config.mask_size or 3, "depth": len(model.blocks),
-                     "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
-                     "gmacs": count_macs(model).macs / 1e9, "acc1": metrics[-1]["val_acc1"],
-                     "best_acc1": max(r["val_acc1"] for r in metrics), "train_min": sum(r["epoch_time"] for r in metrics) / 60})
+                     "mask_size": config.mask_size or 3, **cost_of(checkpoint), "acc1": metrics[-1]["val_acc1"],
+                     "best_acc1": max(r["val_acc1"] for r in metrics),
+                     "train_min": sum(r["epoch_time"] for r in metrics) / 60,
+                     "img_s": statistics.median(speeds) if speeds else float("nan")})
     return rows
 
 
@@ -228,33 +391,57 @@ def is_baseline(variant: str) -> bool:
 
 
 def variant_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per variant: accuracy over seeds and the paired difference to the unmasked run."""
+    """One row per variant: accuracy over seeds and the paired difference to its baseline of the same seed
+    (the unmasked run of the same depth, or the variant :data:`PAIRED_WITH` names)."""
     baseline = {(r["depth"], r["seed"]): r["acc1"] for r in rows if is_baseline(r["variant"])}
+    by_run = {(r["variant"], r["seed"]): r["acc1"] for r in rows}
     table = []
     for variant in dict.fromkeys([*VARIANTS, *(r["variant"] for r in rows)]):
         group = [r for r in rows if r["variant"] == variant]
         if not group:
             continue
         accs = [r["acc1"] for r in group]
-        paired = [r["acc1"] - baseline[r["depth"], r["seed"]] for r in group if (r["depth"], r["seed"]) in baseline]
+        if variant in PAIRED_WITH:
+            paired = [r["acc1"] - by_run[PAIRED_WITH[variant], r["seed"]] for r in group
+                      if (PAIRED_WITH[variant], r["seed"]) in by_run]
+        else:
+            paired = [r["acc1"] - baseline[r["depth"], r["seed"]] for r in group if (r["depth"], r["seed"]) in baseline]
+
+        def mean(key: str) -> float:
+            values = [r[key] for r in group if key in r]
+            return statistics.mean(values) if values else float("nan")
+
         table.append({"variant": variant, "scheme": group[0]["scheme"], "mask_size": group[0]["mask_size"],
                       "depth": group[0]["depth"], "seeds": len(group), "acc1_mean": statistics.mean(accs),
                       "acc1_std": statistics.stdev(accs) if len(accs) > 1 else float("nan"), "acc1_all": accs,
-                      "delta_vs_none": paired, "params_m": group[0]["params_m"], "gmacs": group[0]["gmacs"],
-                      "train_min": statistics.mean(r["train_min"] for r in group)})
+                      "baseline": PAIRED_WITH.get(variant, "none"), "delta_vs_none": paired,
+                      "params_m": group[0]["params_m"], "gmacs": group[0]["gmacs"],
+                      "mhsa_mmacs": mean("mhsa_mmacs"), "mhsa_sparse_mmacs": mean("mhsa_sparse_mmacs"),
+                      "img_s": mean("img_s"), "train_min": mean("train_min")})
     return table
 
 
+def _number(value: float, spec: str) -> str:
+    return "" if value != value else format(value, spec)        # NaN (not measured) -> empty cell
+
+
 def markdown_table(table: list[dict[str, Any]]) -> str:
-    lines = ["| variant | scheme | R | layers | seeds | val top-1 (mean ± std) | per seed | Δ vs unmasked (same seed, depth) | "
-             "params (M) | MMACs | train time (min) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | scheme | R | layers | seeds | val top-1 (mean ± std) | per seed | Δ vs baseline (same seed) | "
+             "params (M) | MMACs | MHSA MMACs | train img/s | train time (min) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for t in table:
         std = "" if t["acc1_std"] != t["acc1_std"] else f" ± {t['acc1_std']:.2f}"
         seeds = " / ".join(f"{a:.2f}" for a in t["acc1_all"])
         delta = "" if is_baseline(t["variant"]) else " / ".join(f"{d:+.2f}" for d in t["delta_vs_none"])
+        if delta and t.get("baseline", "none") != "none":
+            delta += f" (vs {t['baseline']})"
+        mhsa = _number(t.get("mhsa_mmacs", float("nan")), ".2f")
+        sparse = t.get("mhsa_sparse_mmacs", float("nan"))
+        if mhsa and sparse == sparse and abs(sparse - t["mhsa_mmacs"]) > 1e-6:
+            mhsa += f" ({sparse:.2f} pruned)"
         lines.append(f"| {t['variant']} | `{t['scheme']}` | {t['mask_size']} | {t['depth']} | {t['seeds']} | "
                      f"{t['acc1_mean']:.2f}{std} | {seeds} | {delta} | {t['params_m']:.3f} | {t['gmacs'] * 1e3:.1f} | "
-                     f"{t['train_min']:.1f} |")
+                     f"{mhsa} | {_number(t.get('img_s', float('nan')), '.0f')} | {t['train_min']:.1f} |")
     return "\n".join(lines)
 
 
@@ -271,6 +458,31 @@ def plot_accuracy(table: list[dict[str, Any]], path: Path) -> None:
     ax.set_ylim(max(0.0, low - 5), max(a for t in table for a in t["acc1_all"]) + 2)
     ax.set_ylabel("validation top-1 (%)")
     ax.set_title("CIFAR-10 study: final validation top-1 per variant (bars: mean, dots: seeds)", fontsize=10)
+    fig.savefig(path, dpi=120)
+
+
+def plot_curves(curves: dict[str, list[dict[str, float]]], epochs: dict[str, int], path: Path) -> None:
+    """Validation top-1 per epoch of every run, finished or not (one colour per variant, one line style per
+    seed); the fine-tunes that start from a finished run are drawn after its last epoch."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(9.0, 5.0), layout="constrained")
+    ax = fig.add_subplot()
+    variants = list(dict.fromkeys(variant_of(n) for n in curves))
+    colours = {v: f"C{i % 10}" for i, v in enumerate(variants)}
+    styles = ["-", "--", ":"]
+    runs = load_runs()
+    for name, rows in curves.items():
+        source = runs[name].get("from")
+        offset = len(curves.get(source, [])) if source else 0
+        seed = int(name.rsplit("-s", 1)[1])
+        done = "" if len(rows) >= epochs[name] else f" ({len(rows)}/{epochs[name]} epochs)"
+        ax.plot([offset + r["epoch"] for r in rows], [r["val_acc1"] for r in rows], styles[seed % 3],
+                color=colours[variant_of(name)], label=f"{name}{done}", linewidth=1.2)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation top-1 (%)")
+    ax.set_title("CIFAR-10 study: validation top-1 per epoch (line style: seed)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=3)
     fig.savefig(path, dpi=120)
 
 
@@ -293,7 +505,7 @@ def plot_als_by_layer(als: dict[str, list[list[float]]], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def analyse(run_dir: Path, out: Path, earlier: dict[str, Any]) -> dict[str, Any]:
+def analyse(run_dir: Path, out: Path, earlier: dict[str, Any], kept: Optional[Path] = None) -> dict[str, Any]:
     """ALS of the seed-0 models, α of the soft models, similarity of the deeper pair
     (``earlier`` holds the last report's values, kept for runs whose folders are gone)."""
     import torch
@@ -303,8 +515,7 @@ def analyse(run_dir: Path, out: Path, earlier: dict[str, Any]) -> dict[str, Any]
     from mait.train.runs import held_out_images, open_run
 
     def model_and_images(name: str, images: int):
-        checkpoint = run_dir / name / "last.safetensors"
-        run = open_run(checkpoint)
+        run = open_run(final_checkpoint(name, run_dir, kept))
         loader, info = held_out_images(run.config, images, batch_size=250)
         return run.model(info), loader
 
@@ -312,7 +523,7 @@ def analyse(run_dir: Path, out: Path, earlier: dict[str, Any]) -> dict[str, Any]
     with torch.inference_mode():
         for variant in ["none", "sch1", "mixed", "soft", "random", "search"]:
             name = f"{variant}-s0"
-            if not (run_dir / name / "last.safetensors").is_file():
+            if final_checkpoint(name, run_dir, kept) is None:
                 continue
             model, loader = model_and_images(name, ALS_IMAGES)
             als = measure_als(model, loader, mask_size=3)
@@ -320,7 +531,7 @@ def analyse(run_dir: Path, out: Path, earlier: dict[str, Any]) -> dict[str, Any]
             save_report(als, out, f"als_{variant}", scheme=model_scheme(model), colorbar_label="ALS (R = 3)",
                         title=f"ALS of run {name} ({ALS_IMAGES} held-out images, R = 3)")
         for name in [n for n in load_runs() if variant_of(n) == "soft"]:
-            if (run_dir / name / "last.safetensors").is_file():
+            if final_checkpoint(name, run_dir, kept) is not None:
                 model, _ = model_and_images(name, 1)
                 alphas = read_alphas(model)
                 found["alphas"][name] = [a.tolist() for a in alphas]
@@ -328,7 +539,7 @@ def analyse(run_dir: Path, out: Path, earlier: dict[str, Any]) -> dict[str, Any]
                             title=f"Learned soft-mask α of run {name}", cmap="coolwarm")
         for variant in ["deep-none", "deep-mixed"]:
             name = f"{variant}-s0"
-            if not (run_dir / name / "last.safetensors").is_file():
+            if final_checkpoint(name, run_dir, kept) is None:
                 continue
             model, loader = model_and_images(name, SIMILARITY_IMAGES)
             similarity = measure_similarity(model, loader)
@@ -351,21 +562,27 @@ def earlier_record(results: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]
     return record.get("runs", []), {k: record.get(k) for k in ("als", "alphas", "similarity", "search")}
 
 
-def report(run_dir: Path, results: Optional[Path] = None) -> None:
-    """Tables and figures from the run folders into ``results`` (default :data:`RESULTS`); runs reported
-    before whose folders are gone (a fresh machine) keep the figures of the last report, so partial
-    re-runs add to it."""
+def report(run_dir: Path, results: Optional[Path] = None, kept: Optional[Path] = None) -> None:
+    """Tables and figures from the run folders (or the runs ``kept`` in the repository) into ``results``
+    (default :data:`RESULTS`); runs reported before whose folders are gone (a fresh machine) keep the
+    figures of the last report, so partial re-runs add to it."""
     results = results or RESULTS
     results.mkdir(parents=True, exist_ok=True)
     old_rows, old_found = earlier_record(results)
-    rows = run_rows(run_dir)
+    rows = run_rows(run_dir, kept)
+    curves = {name: read_metrics(record_folder(name, run_dir, kept)) for name in load_runs()}
+    curves = {name: rows_ for name, rows_ in curves.items() if rows_}
+    if curves:
+        epochs = {name: epochs_of(yaml.safe_load((record_folder(name, run_dir, kept) / "config.yaml").read_text()))
+                  for name in curves}
+        plot_curves(curves, epochs, results / "accuracy_per_epoch.png")
     fresh = {r["run"] for r in rows}
-    kept = [r for r in old_rows if r["run"] not in fresh]
-    if kept:
-        print(f"[study] keeping the last report's figures for {len(kept)} runs not in {run_dir}: "
-              f"{', '.join(r['run'] for r in kept)}", flush=True)
+    earlier = [r for r in old_rows if r["run"] not in fresh]
+    if earlier:
+        print(f"[study] keeping the last report's figures for {len(earlier)} runs not in {run_dir}: "
+              f"{', '.join(r['run'] for r in earlier)}", flush=True)
     order = list(load_runs())
-    rows = sorted(rows + kept, key=lambda r: order.index(r["run"]) if r["run"] in order else len(order))
+    rows = sorted(rows + earlier, key=lambda r: order.index(r["run"]) if r["run"] in order else len(order))
     if not rows:
         raise SystemExit(f"no finished run in {run_dir}; run the study first")
     table = variant_table(rows)
@@ -374,7 +591,7 @@ def report(run_dir: Path, results: Optional[Path] = None) -> None:
         writer.writeheader()
         writer.writerows(rows)
     plot_accuracy(table, results / "accuracy.png")
-    found = analyse(run_dir, results, old_found)
+    found = analyse(run_dir, results, old_found, kept)
     search = run_dir / "search" / "search.json"
     found["search"] = json.loads(search.read_text()) if search.is_file() else old_found.get("search")
     (results / "summary.json").write_text(json.dumps({"variants": table, "runs": rows, **found}, indent=1) + "\n")
@@ -406,37 +623,47 @@ def key_values(pairs: list[str]) -> dict[str, Any]:
 
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipe", default="short", choices=list(RECIPES),
-                        help="short: base.yaml's 2 epochs (CPU); full: 50 epochs (GPU); smoke: 2 epochs on subsets")
+    recipe_help = "short: base.yaml's 2 epochs; full: the 50-epoch study; smoke: 2 epochs on subsets"
+    parser.add_argument("--recipe", default="short", choices=list(RECIPES), help=recipe_help)
     parser.add_argument("--runs-dir", type=Path, help="where the run folders live (default runs/cifar10-study[-RECIPE])")
     sub = parser.add_subparsers(dest="action", required=True)
-    run = sub.add_parser("run", help="train the runs not finished yet (resuming killed ones)")
+
+    def action(name: str, help: str) -> argparse.ArgumentParser:
+        """A sub-command that also takes --recipe after its name."""
+        command = sub.add_parser(name, help=help)
+        command.add_argument("--recipe", choices=list(RECIPES), default=argparse.SUPPRESS, help=recipe_help)
+        return command
+
+    run = action("run", "train the runs not finished yet (resuming killed ones)")
     run.add_argument("patterns", nargs="*", help="run names or globs from runs.yaml, started in this order "
-                     "(default: the recipe's runs; for short and smoke every run)")
-    run.add_argument("--recipe", choices=list(RECIPES), default=argparse.SUPPRESS, help="as before the action")
+                     "(default: the recipe's runs)")
     run.add_argument("--jobs", type=int, default=2, help="runs side by side (default 2)")
     run.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
     run.add_argument("--device", choices=["auto", "cpu", "cuda"], help="device of every run (default: mait train's)")
     run.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more mait train keys for every run")
-    reporting = sub.add_parser("report", help="tables and figures from the finished runs into experiments/cifar10/results")
+    run.add_argument("--keep", action=argparse.BooleanOptionalAction, default=None,
+                     help="keep the runs in experiments/cifar10/results-RECIPE/ (default: for the full recipe)")
+    state = action("status", "where each run stands: epoch, validation top-1, images/s, time left")
+    state.add_argument("patterns", nargs="*", help="run names or globs (default: the recipe's runs)")
+    reporting = action("report", "tables and figures from the finished runs into experiments/cifar10/results[-RECIPE]")
     reporting.add_argument("--results", type=Path, help="output folder (default experiments/cifar10/results[-RECIPE])")
-    command = sub.add_parser("command", help="print the `mait train` command of one run")
+    command = action("command", "print the `mait train` command of one run")
     command.add_argument("name")
     args = parser.parse_args(argv)
     suffix = "" if args.recipe == "short" else f"-{args.recipe}"
     run_dir = args.runs_dir or DEFAULT_RUN_DIR.with_name(DEFAULT_RUN_DIR.name + suffix)
     if args.action == "run":
         extra = key_values(args.set) | ({"device": args.device} if args.device else {})
-        run_study(args.patterns, args.jobs, args.threads, run_dir, args.recipe, extra)
+        run_study(args.patterns, args.jobs, args.threads, run_dir, args.recipe, extra, args.keep)
+    elif args.action == "status":
+        status(args.patterns, run_dir, args.recipe)
     elif args.action == "report":
-        report(run_dir, args.results or RESULTS.with_name(RESULTS.name + suffix))
+        report(run_dir, args.results or RESULTS.with_name(RESULTS.name + suffix), kept_dir(args.recipe))
     else:
         runs = load_runs()
         if args.name not in runs:
             raise SystemExit(f"unknown run {args.name!r}; runs: {', '.join(runs)}")
-        keys = run_keys(args.name, args.recipe, {})
-        if keys.get("scheme") == "search":
-            keys["scheme"] = search_scheme(run_dir)
+        keys = resolve_keys(args.name, run_keys(args.name, args.recipe, {}), run_dir, kept_dir(args.recipe))
         print(shlex.join(["mait", *train_command(args.name, keys, run_dir)[3:]]))
 
 
