@@ -22,7 +22,7 @@ def _configure_logging() -> None:
     if not level:
         return
     logger = _logging.getLogger("mait")
-    if level.upper() not in _logging.getLevelNamesMapping():
+    if not isinstance(_logging.getLevelName(level.upper()), int):      # a registered level's name gives its number
         raise ValueError(f"MAIT_LOG_LEVEL must be one of debug, info, warning, error; got {level!r}")
     logger.setLevel(level.upper())
     if not logger.handlers:
