@@ -43,12 +43,13 @@ _configure_logging()
 
 if _run_as_program():
     def __getattr__(name: str):
-        """The public API, imported on its first use."""
-        api = _importlib.import_module(f"{__name__}._api")
-        if name in api.__all__:
-            return getattr(api, name)
-        if name in globals():                           # a submodule that importing the API imported
-            return globals()[name]
+        """The public API, imported on its first use (a probe of a dunder name imports nothing)."""
+        if not name.startswith("__"):
+            api = _importlib.import_module(f"{__name__}._api")
+            if name in api.__all__:
+                return getattr(api, name)
+            if name in globals():                       # a submodule that importing the API imported
+                return globals()[name]
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 else:
     from ._api import *  # noqa: F401,F403  (the public API; it registers the MaiT models in timm)
