@@ -75,6 +75,7 @@ def test_ci_fails_when_the_install_or_the_tests_fail(tmp_path: Path, pip_status:
     assert calls == ["python --version", 'pip install -e .[dev]', *ran_tests], calls
     assert list(temporary.iterdir()) == []                       # the environment is gone
     if expected:
-        assert f"ci: FAILED with exit status {expected}" in result.stderr
+        why = " (pytest collected no tests)" if expected == 5 else ""
+        assert f"ci: FAILED with exit status {expected}{why} after " in result.stderr
     else:
         assert "install and tests passed" in result.stdout
