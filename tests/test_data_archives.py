@@ -3,7 +3,7 @@
 Each malicious tarball is built here and offered twice: as this Python's tarfile extracts it (with
 the ``"data"`` filter where tarfile has one) and as Python 3.11.2's does (no ``filter`` argument:
 everything in the archive is written as it says).  Both must refuse it in one line naming the
-member, extract nothing, and leave every file outside the cache as it was.
+member, keep nothing, and leave every file outside the cache as it was.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def test_a_member_that_leaves_the_folder_is_refused_in_one_line(tmp_path: Path, 
     with pytest.raises(UserError) as error:
         extract_archive(archive)
     message = str(error.value)
-    assert message == f"cannot extract {archive}: its member {name!r} {reason}; nothing was extracted", message
+    assert message == f"cannot extract {archive}: its member {name!r} {reason}; nothing was kept", message
     assert _files(tmp_path) == before                              # nothing written anywhere
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
     assert not (tmp_path / "escape.txt").exists() and sorted(p.name for p in outside.iterdir()) == ["secret.txt"]

@@ -13,7 +13,7 @@ import shutil
 import tarfile
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 from PIL import Image
@@ -69,20 +69,19 @@ def _unsafe(member: tarfile.TarInfo) -> Optional[str]:
     return None
 
 
-def _checked_members(tar: tarfile.TarFile, archive: Path) -> list[tarfile.TarInfo]:
-    """Every member of ``tar``, after checking that none leaves the folder it is extracted into or is a
-    device (absolute paths, ``..``, links pointing out); the first that does is a one-line UserError.
+def _checked_members(tar: tarfile.TarFile, archive: Path) -> Iterator[tarfile.TarInfo]:
+    """The members of ``tar``, each checked as extraction reaches it: the first that would leave the folder
+    (an absolute path, ``..``, a link pointing out) or is a device is a one-line UserError.
 
     The check is the same on every Python; where tarfile has extraction filters (3.12, 3.11.4+,
     3.10.12+) the ``"data"`` filter is applied on top and also drops set-uid bits and write bits
     for others.
     """
-    members = tar.getmembers()
-    for member in members:
+    for member in tar:
         reason = _unsafe(member)
         if reason is not None:
-            raise UserError(f"cannot extract {archive}: its member {member.name!r} {reason}; nothing was extracted")
-    return members
+            raise UserError(f"cannot extract {archive}: its member {member.name!r} {reason}; nothing was kept")
+        yield member
 
 
 def extract_archive(archive: Path) -> Path:
@@ -100,6 +99,9 @@ def extract_archive(archive: Path) -> Path:
                 tar.extractall(tmp, members=members, filter="data")
             else:                                          # Python 3.11.3 and older, 3.10.11 and older
                 tar.extractall(tmp, members=members)
+    except UserError:                                      # a member refused: drop what came before it
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     except (tarfile.TarError, OSError, EOFError) as error:
         shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f"cannot extract {archive}: {error}") from None
