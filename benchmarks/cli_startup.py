@@ -3,8 +3,9 @@
 Each case is a fresh Python process (what a shell runs), timed from start to exit; the cases run
 in interleaved rounds (each round runs every case once, in a fresh random order) and the median
 is reported, with its ratio to the bare interpreter and to ``import mait``.  The ``mait`` cases
-run ``mait_cli.main`` as the ``mait`` console script does; ``python -m mait --help`` is what the
-console script did when it lived inside the ``mait`` package.
+run ``mait_cli.main`` as the ``mait`` console script does; ``python -m mait --help`` (also how
+``torchrun -m mait`` starts each process) imports the ``mait`` package before its ``__main__``,
+which then leaves torch and the API to the command that runs.
 
     python benchmarks/cli_startup.py                 # 7 rounds
     python benchmarks/cli_startup.py --repeats 15

@@ -42,6 +42,50 @@ def test_help_and_wrong_options_import_neither_torch_nor_timm_nor_mait() -> None
     assert result.returncode == 0, result.stderr
 
 
+def _python(*arguments: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")])))
+    return subprocess.run([sys.executable, *arguments], capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
+
+
+def _imported(importtime: str) -> set[str]:
+    """The modules named by ``python -X importtime``'s report."""
+    return {line.rsplit("|", 1)[1].strip() for line in importtime.splitlines() if line.startswith("import time:")}
+
+
+def test_python_m_mait_help_imports_neither_torch_nor_the_api(tmp_path: Path) -> None:
+    result = _python("-X", "importtime", "-m", "mait", "--help", cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout.startswith("usage: mait [-h] COMMAND"), result.stderr[-2000:]
+    imported = _imported(result.stderr)
+    assert {"mait", "mait_cli"} <= imported, sorted(imported)
+    heavy = sorted(name for name in imported if name.split(".")[0] in ("torch", "timm", "numpy")
+                   or name in ("mait._api", "mait.models"))
+    assert not heavy, heavy
+    result = _python("-X", "importtime", "-c", "import mait", cwd=tmp_path)      # a plain import stays eager
+    assert result.returncode == 0 and {"torch", "timm", "mait._api", "mait.models"} <= _imported(result.stderr)
+
+
+def test_python_m_mait_runs_commands_with_the_whole_api(tmp_path: Path) -> None:
+    """Under ``python -m mait`` a command still finds the models registered in timm and the API in the package."""
+    script = tmp_path / "probe.py"
+    script.write_text(textwrap.dedent("""
+        import sys, timm
+        import mait, mait.commands
+        print(mait.__version__, "mait_nano4_8" in timm.list_models("mait_*"), mait.MaskedAttention.__name__,
+              mait.backends.__name__)
+        try:
+            mait.no_such_name
+        except AttributeError as error:
+            print(error)
+    """))
+    result = _python("-m", "mait", "flops", "mait_nano4_8", cwd=tmp_path)
+    assert result.returncode == 0 and "mait_nano4_8" in result.stdout, result.stderr[-2000:]
+    result = _python("-c", f"import runpy, sys; sys.argv = ['-m']; sys.orig_argv = ['python', '-m', 'mait']; "
+                           f"import mait; sys.argv = ['probe']; runpy.run_path({str(script)!r})", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.splitlines() == ["0.1.0 True MaskedAttention mait.backends",
+                                          "module 'mait' has no attribute 'no_such_name'"]
+
+
 def test_config_options_are_the_fields_of_train_config() -> None:
     fields = {item.name: item for item in dataclasses.fields(TrainConfig)}
     assert [key.name for key in config_keys()] == list(fields)

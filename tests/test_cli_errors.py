@@ -160,6 +160,32 @@ def test_wrong_use_is_one_line_and_changes_no_file(places: dict[str, str], capsy
     assert _state(Path(places["TMP"])) == before
 
 
+def _hide_the_export_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make ``import onnx`` and friends fail in this test, as they do without the ``[export]`` extra."""
+    for name in ("onnx", "onnxscript", "onnxruntime"):
+        monkeypatch.setitem(sys.modules, name, None)
+
+
+EXPORT_USES = [use for use in WRONG_USES if (use.values if hasattr(use, "values") else use)[0].startswith("export ")]
+
+
+@pytest.mark.parametrize("command_line, message", EXPORT_USES)
+def test_wrong_export_use_reads_the_same_without_the_export_extra(places: dict[str, str], capsys, monkeypatch,
+                                                                  command_line: str, message: str) -> None:
+    _hide_the_export_extra(monkeypatch)
+    test_wrong_use_is_one_line_and_changes_no_file(places, capsys, monkeypatch, command_line, message)
+
+
+def test_onnx_export_without_the_export_extra_says_how_to_install_it(places: dict[str, str], tmp_path: Path,
+                                                                     capsys, monkeypatch) -> None:
+    _hide_the_export_extra(monkeypatch)
+    line = _fails(capsys, ["export", "--checkpoint", places["CK"], "--format", "onnx",
+                           "--output", str(tmp_path / "model.onnx")])
+    assert line == ('mait export: error: ONNX export needs the onnx and onnxscript packages: '
+                    'pip install -e ".[export]" in the mait checkout')
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_bug_keeps_its_traceback(monkeypatch) -> None:
     import mait.commands.demo as demo
 

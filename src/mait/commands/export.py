@@ -6,8 +6,9 @@ linear-time backend where the grid is large enough for it to pay (else the dense
 unmasked heads ``scaled_dot_product_attention`` and soft heads the dense ``matmul`` backend; with
 ``--attention reference`` every masked layer is the dense masked attention.  The exported file
 is run on random images (ONNX: with onnxruntime, the ``[export]`` extra) and becomes ``--output``
-only when its logits match PyTorch's within ``--atol``.  The output path is checked before the
-export (never the checkpoint itself, an existing file only with ``--force``) and written atomically.
+only when its logits match PyTorch's within ``--atol``.  The checkpoint and the output path are checked
+before the export (never the checkpoint itself, an existing file only with ``--force``), and before
+the ONNX packages are looked for; the file is written atomically.
 """
 
 from __future__ import annotations
@@ -102,12 +103,12 @@ def run(args: argparse.Namespace) -> int:
     if output.resolve() == args.checkpoint.resolve():
         raise UserError(f"--output {output} is the checkpoint being exported; give another path "
                         f"(e.g. {args.checkpoint.with_suffix(FORMATS[args.format])})")
-    if args.format == "onnx":
-        _check_onnx_exporter()
     saved = open_run(args.checkpoint)
     config = saved.config
     replaced = " (replaced the earlier file)" if output.exists() else ""
     with new_file(output, (FORMATS[args.format],), force=args.force) as written:
+        if args.format == "onnx":         # what was asked is checked first, so a wrong path reads the same
+            _check_onnx_exporter()        # with or without the [export] extra
         card = saved.model_card()
         model = saved.model(card.data_info()).requires_grad_(False)
         masked = set_backend(model, args.attention)

@@ -13,7 +13,7 @@ import shutil
 import tarfile
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 from PIL import Image
@@ -52,6 +52,38 @@ def _archive_key(path: str, size: int, mtime_ns: int) -> str:
     return digest.hexdigest()[:12]
 
 
+def _unsafe(member: tarfile.TarInfo) -> Optional[str]:
+    """Why extracting ``member`` could write outside the folder or make a device (None: it cannot)."""
+    def leaves(path: str) -> bool:
+        return os.path.isabs(path) or os.path.normpath(path).split(os.sep)[0] == os.pardir
+    if member.name.startswith("/") or os.path.isabs(member.name):
+        return "has an absolute path"
+    if leaves(member.name):
+        return "lies outside the folder ('..')"
+    if member.issym() and leaves(os.path.join(os.path.dirname(member.name), member.linkname)):
+        return f"is a link to {member.linkname!r}, outside the folder"
+    if member.islnk() and leaves(member.linkname):
+        return f"is a hard link to {member.linkname!r}, outside the folder"
+    if member.isdev():
+        return "is a device or FIFO"
+    return None
+
+
+def _checked_members(tar: tarfile.TarFile, archive: Path) -> Iterator[tarfile.TarInfo]:
+    """The members of ``tar``, each checked as extraction reaches it: the first that would leave the folder
+    (an absolute path, ``..``, a link pointing out) or is a device is a one-line UserError.
+
+    The check is the same on every Python; where tarfile has extraction filters (3.12, 3.11.4+,
+    3.10.12+) the ``"data"`` filter is applied on top and also drops set-uid bits and write bits
+    for others.
+    """
+    for member in tar:
+        reason = _unsafe(member)
+        if reason is not None:
+            raise UserError(f"cannot extract {archive}: its member {member.name!r} {reason}; nothing was kept")
+        yield member
+
+
 def extract_archive(archive: Path) -> Path:
     """Extract ``archive`` once into the cache (keyed by :func:`archive_key`) and return the folder."""
     target = cache_dir() / f"{archive.name.split('.')[0]}-{archive_key(archive)}"
@@ -62,7 +94,14 @@ def extract_archive(archive: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         with tarfile.open(archive) as tar:
-            tar.extractall(tmp, filter="data")
+            members = _checked_members(tar, archive)
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(tmp, members=members, filter="data")
+            else:                                          # Python 3.11.3 and older, 3.10.11 and older
+                tar.extractall(tmp, members=members)
+    except UserError:                                      # a member refused: drop what came before it
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     except (tarfile.TarError, OSError, EOFError) as error:
         shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f"cannot extract {archive}: {error}") from None
