@@ -246,8 +246,9 @@ class MaskedAttention(nn.Module):
                                  mode=self.mode, custom_mask=self.custom_mask, device_type=q.device.type,
                                  dtype=q.dtype, head_dim=self.head_dim, needs_grad=grad, dropout=dropout)
             plan = self._plans.store(key, plan_attention(call, self.backend))
-            logger.debug("%s(%s) plan: %s", type(self).__name__, "".join(k.value for k in self.head_kinds),
-                         plan.describe())
+            if not torch.compiler.is_compiling():    # a log call would break a torch.compile graph
+                logger.debug("%s(%s) plan: %s", type(self).__name__, "".join(k.value for k in self.head_kinds),
+                             plan.describe())
         return plan
 
     @property
