@@ -79,8 +79,10 @@ def test_compiled_float64_forward_backward_and_one_compile_log(caplog):
     with caplog.at_level(logging.INFO, logger="mait"):
         _check_compiled(grid, size, prefix, "zero", torch.float64, grad=True)
         _check_compiled(grid, size, prefix, "zero", torch.float64, grad=True)     # reuses the compiled code
-    logged = [r.getMessage() for r in caplog.records if "compiled backend: first call" in r.getMessage()]
-    assert len(logged) == 1 and "grid 7x6 R 3 prefix 1 zero" in logged[0] and "with gradients" in logged[0], logged
+    logged = [(r.levelname, r.getMessage()) for r in caplog.records if "compiled backend" in r.getMessage()]
+    assert [level for level, _ in logged] == ["WARNING", "INFO"], logged      # before compiling, then its time
+    assert "compiling the window for grid 7x6 R 3 prefix 1 zero" in logged[0][1], logged
+    assert "with gradients compiled in" in logged[1][1], logged
 
 
 @needs_inductor

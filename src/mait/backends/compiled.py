@@ -15,10 +15,11 @@ window is read from cache instead of streamed ``R²`` times.  Prefix rows are de
 half-precision inputs (bf16 autocast) are computed in float32 inside the fused code and cast back.
 
 :func:`run` calls the function through ``torch.compile(dynamic=False)``: dynamo compiles it once per
-geometry, batch, dtype, device and gradient mode and caches it; the first call of each is logged with
-its compile time (INFO on the ``mait`` logger).  Inside a ``torch.compile`` or ``torch.export`` trace of
-a whole model the plain function is traced instead (no nested compile, no graph break), and so is the
-``local`` backend's (:mod:`.local`): compiling a mait model fuses its window.
+geometry, batch, dtype, device, gradient mode and (on a CPU) torch thread count, and caches it; the
+first call of each says so before it compiles (a WARNING on the ``mait`` logger, shown by default) and
+logs its compile time (INFO).  Inside a ``torch.compile`` or ``torch.export`` trace of a whole model
+the plain function is traced instead (no nested compile, no graph break), and so is the ``local``
+backend's (:mod:`.local`): compiling a mait model fuses its window.
 
 It needs inductor and, on a CPU, a C++ compiler (on CUDA, Triton); without them :func:`can_run`
 refuses in one line and ``auto`` keeps the ``local`` backend.
@@ -141,17 +142,20 @@ def compiled_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         if torch.compiler.is_compiling():
             return window_attention(q, k, v, **kwargs)
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-        key = (tuple(q.shape), q.dtype, str(q.device), needs_grad, tuple(sorted(kwargs.items())))
+        threads = torch.get_num_threads() if q.device.type == "cpu" else 0     # dynamo guards on it too
+        key = (tuple(q.shape), q.dtype, str(q.device), needs_grad, threads, tuple(sorted(kwargs.items())))
         if key in _COMPILED_KEYS:
             return compiled()(q, k, v, **kwargs)
+        (h, w), batch, heads, _, dim = kwargs["grid_size"], *q.shape
+        what = (f"grid {h}x{w} R {mask_size} prefix {num_prefix_tokens} {mode}, batch {batch}, {heads} heads of {dim}, "
+                f"{str(q.dtype).replace('torch.', '')} on {q.device.type}{f', {threads} threads' if threads else ''}"
+                f"{' with gradients' if needs_grad else ''}")
+        logger.warning("compiled backend: compiling the window for %s (the first call of each geometry takes "
+                       "seconds to minutes; later calls reuse it)", what)
         start = time.perf_counter()
         out = compiled()(q, k, v, **kwargs)
         _COMPILED_KEYS.add(key)
-        (h, w), batch, heads, _, dim = kwargs["grid_size"], *q.shape
-        logger.info("compiled backend: first call for grid %dx%d R %d prefix %d %s, batch %d, %d heads of %d, "
-                    "%s on %s%s took %.1f s (inductor compiles once per geometry; later calls reuse it)",
-                    h, w, mask_size, num_prefix_tokens, mode, batch, heads, dim, str(q.dtype).replace("torch.", ""),
-                    q.device.type, " with gradients" if needs_grad else "", time.perf_counter() - start)
+        logger.info("compiled backend: %s compiled in %.1f s", what, time.perf_counter() - start)
         return out
 
 
