@@ -213,13 +213,15 @@ def main() -> None:
     parser.add_argument("--amp", action="store_true", help="bf16 autocast (default float32)")
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS), metavar="LABEL",
                         help="models to time (default all: " + ", ".join(MODELS) + ")")
-    parser.add_argument("--compiled", action="store_true",
-                        help="also time torch.compile of " + ", ".join(COMPILABLE) + " (those among --models)")
+    parser.add_argument("--compiled", nargs="*", choices=COMPILABLE, metavar="LABEL",
+                        help="also time torch.compile of these models (no label: " + ", ".join(COMPILABLE)
+                        + ", those among --models)")
     parser.add_argument("--output-stem", help="results file name (default resolution, resolution_<device>)")
     args = parser.parse_args()
     if BASELINE not in args.models:
         parser.error(f"--models must include the baseline {BASELINE!r} (every ratio is against it)")
-    args.labels = args.models + [label + COMPILED for label in args.models if args.compiled and label in COMPILABLE]
+    compiled = [] if args.compiled is None else args.compiled or [label for label in COMPILABLE if label in args.models]
+    args.labels = args.models + [label + COMPILED for label in compiled]
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     env = environment(device)
@@ -232,11 +234,12 @@ def main() -> None:
     for size in args.sizes:
         rows += measure_size(size, args, device)
         print("\n".join(table([r for r in rows if r["size"] == size])[2:]), flush=True)
-    lines = [title, f"load average at the end: {os.getloadavg()[0]:.1f}", ""] + table(rows) + [""] + targets(rows, args.amp)
+    lines = ([title, f"load average at the end: {os.getloadavg()[0]:.1f}", ""] + table(rows) + [""]
+             + targets(rows, args.amp))
     text = "\n".join(lines) + "\n"
     print(text)
     RESULTS.mkdir(exist_ok=True)
-    stem = args.output_stem or ("resolution" + ("_compiled" if args.compiled else "")
+    stem = args.output_stem or ("resolution" + ("_compiled" if compiled else "")
                                 + ("_bf16" if args.amp else "") + ("" if device.type == "cpu" else f"_{device.type}"))
     (RESULTS / f"{stem}.txt").write_text(text)
     (RESULTS / f"{stem}.json").write_text(json.dumps({"args": vars(args), "environment": env, "rows": rows},

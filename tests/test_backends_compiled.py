@@ -1,7 +1,8 @@
 """The compiled backend (the window as plain tensor code, fused by inductor) against the dense reference.
 
-The plain function is checked eagerly over many shapes (cheap); inductor compiles take seconds to tens of
-seconds each on a CPU, so the default suite compiles three geometries and the rest are marked slow.
+The plain function is checked eagerly over many shapes (cheap); inductor compiles take seconds to a minute
+each on a CPU, so the default suite compiles two geometries here (tests/test_mixed_precision.py one more, in
+bf16) and the rest are marked slow.
 """
 
 from __future__ import annotations
@@ -90,6 +91,7 @@ def test_compiled_float32_truncated_borders_neg_inf_forward_backward():
     _check_compiled((4, 3), 5, 2, "neg_inf", torch.float32, grad=True)      # every window crosses the border
 
 
+@pytest.mark.slow
 @needs_inductor
 def test_compiled_float32_no_prefix_inference():
     _check_compiled((9, 5), 3, 0, "zero", torch.float32, grad=False)
