@@ -53,7 +53,7 @@ def test_module_forward_backward_under_cpu_bf16_autocast(kinds, backend):
 
 # α per head of a call each backend accepts: mixed hard/soft/unmasked heads where it runs them
 BF16_CASES = {"reference": [0.0, 0.4, 1.0], "matmul": [0.0, 0.4, 1.0], "flex": [0.0, 0.4, 1.0],
-              "local": [0.0, 0.0, 0.0], "blocksparse": [0.0, 0.0, 0.0], "triton": [0.0, 0.0, 0.0],
+              "local": [0.0, 0.0, 0.0], "compiled": [0.0, 0.0, 0.0], "blocksparse": [0.0, 0.0, 0.0], "triton": [0.0, 0.0, 0.0],
               "sdpa": [1.0, 1.0, 1.0]}
 FORWARD_ONLY = {"triton"}                               # inference kernels
 NO_CPU_BACKWARD = {"flex", "blocksparse"}              # FlexAttention has no backward on the CPU

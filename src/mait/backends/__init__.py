@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from ..schemes import HeadKind
-from . import blocksparse, flex, learned, local, matmul, reference, sdpa, triton_local
+from . import blocksparse, compiled, flex, learned, local, matmul, reference, sdpa, triton_local
 
 logger = logging.getLogger("mait")
 
@@ -86,6 +86,7 @@ register_backend("reference", reference.run, reference.can_run, lambda call: Tru
 register_backend("matmul", matmul.run, reference.can_run, lambda call: True)   # runs every call, like the reference
 register_backend("sdpa", sdpa.run, sdpa.can_run)
 register_backend("local", local.run, local.can_run)
+register_backend("compiled", compiled.run, compiled.can_run)    # by auto only with MAIT_AUTO_COMPILE=1 (see below)
 register_backend("flex", flex.run, flex.can_run, lambda call: call.custom_mask)
 register_backend("blocksparse", blocksparse.run, blocksparse.can_run)
 register_backend("triton", triton_local.run, triton_local.can_run)   # by name only until measured on a GPU
@@ -128,6 +129,8 @@ def _group_backend(call: AttentionCall) -> Backend:
         return BACKENDS["sdpa"]
     if kind is HeadKind.HARD and local.can_run(call) is None and (
             call.device_type == "cuda" or local_is_faster(call.grid_size, call.mask_size)):
+        if compiled.auto_enabled() and compiled.can_run(call) is None:
+            return BACKENDS["compiled"]
         return BACKENDS["local"]
     return BACKENDS["matmul"]
 
@@ -205,6 +208,10 @@ def plan_attention(call: AttentionCall, backend: str = "auto") -> AttentionPlan:
     otherwise); on the CPU, and wherever no single fast backend fits, it groups heads by
     kind: unmasked heads on SDPA, hard heads on the linear backend when
     :func:`local_is_faster` (always on CUDA), the rest on the dense ``matmul`` backend.
+    Those linear hard heads go to the ``compiled`` backend instead only when the user opts in
+    (``MAIT_AUTO_COMPILE=1``, read when a plan is made): its first call per geometry compiles for
+    seconds, which ``auto`` does not impose unasked (``torch.compile(model)`` fuses the linear
+    backend's window without it).
     Learned heads (a layer's Sparsifiner heads) are always one ``learned`` step, whichever
     backend runs the others.  A named backend that cannot run its heads is an error naming
     the reason.  Steps are numbered with the layer's own heads.

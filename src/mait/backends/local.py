@@ -14,7 +14,9 @@ and nothing to the numerator.  Border truncation is therefore exact without a va
 mask (``mode="neg_inf"`` gives the padded slots -inf instead).  Prefix rows attend to
 everything and run through ``scaled_dot_product_attention``.
 
-Time and memory are O(T·R²·d).  The backward pass is explicit (:class:`_LocalRows`): the
+Time and memory are O(T·R²·d).  This is eager code; inside a ``torch.compile`` or ``torch.export``
+trace the same function is traced as the compiled backend's plain tensor code (:mod:`.compiled`), which
+the compiler fuses and differentiates.  The backward pass is explicit (:class:`_LocalRows`): the
 standard softmax gradient restricted to the window and prefix logits (the zero logits
 depend on nothing), with every value also receiving ``Σ_i rest_i dout_i``.
 
@@ -34,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from ._common import autocast_inputs, hard_local_only, no_autocast
+from .compiled import compiled_window_attention
 
 
 @lru_cache(maxsize=64)
@@ -56,11 +59,10 @@ def row_bands(qg: torch.Tensor) -> list[tuple[int, int]]:
 
     A tensor of up to two bands is one band: it stays in cache anyway, and more (smaller) operations only add
     overhead.  Measured on a 2-core EPYC, one thread: from 4.6 MiB per tensor (56x56 at batch 4) 2 MiB bands
-    are 1.0-1.6x faster than whole-grid passes, forward and backward (benchmarks/README.md).  Eager only:
-    under torch.compile / torch.export the grid is one band (the batch may be symbolic there)."""
+    are 1.0-1.6x faster than whole-grid passes, forward and backward (benchmarks/README.md)."""
     batch, heads, h, w, dim = qg.shape
     row = batch * heads * w * dim * qg.element_size()
-    if torch.compiler.is_compiling() or row * h <= 2 * BAND_BYTES:
+    if row * h <= 2 * BAND_BYTES:
         return [(0, h)]
     rows = max(1, BAND_BYTES // row)
     return [(y0, min(h, y0 + rows)) for y0 in range(0, h, rows)]
@@ -104,8 +106,7 @@ class _LocalRows(torch.autograd.Function):
                 torch.sum(torch.mul(qg[:, :, y0:y1], kw, out=band_product), -1, out=scores[:, :, y0:y1, :, i])
         del product
         if not zero:
-            bias = _pad_bias.__wrapped__ if torch.compiler.is_compiling() else _pad_bias   # no traced tensor cached
-            scores += bias((h, w), size, scores.dtype, str(scores.device))
+            scores += _pad_bias((h, w), size, scores.dtype, str(scores.device))
         peak = scores.amax(-1, keepdim=True)
         prefix_scores = (qg.reshape(batch, heads, n, dim) @ kp.transpose(-2, -1)).reshape(batch, heads, h, w, p)
         if p:
@@ -183,6 +184,9 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid_s
 
     ``q, k, v`` are ``(B, heads, T, d)`` with ``T = num_prefix_tokens + H * W``.
     """
+    if torch.compiler.is_compiling():    # the same function as fusable tensor code (no graph break)
+        return compiled_window_attention(q, k, v, grid_size=grid_size, mask_size=mask_size,
+                                         num_prefix_tokens=num_prefix_tokens, mode=mode, scale=scale)
     q, k, v = autocast_inputs(q, k, v)
     half = q.dtype if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) else None
     if half is not None:     # a CPU runs the slot loop's elementwise work faster (and more exactly) in float32
