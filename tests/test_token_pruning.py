@@ -308,3 +308,31 @@ def test_fixed_masks_follow_a_size_change_under_pruning():
     model.set_input_size(img_size=48)
     out = model(torch.randn(2, 3, 48, 48))
     assert out.shape == (2, 10) and model.token_index.shape == (2, kept_tokens(144, 0.5, 3))
+
+
+def test_predictor_cost_on_the_tokens_left():
+    torch.manual_seed(0)
+    model = timm.create_model("sparsifiner_nano4_8", token_keep_rate=0.5, sparse_basis=False).eval()
+    report = count_macs(model)
+    predictor = model.blocks[3].attn.predictor               # after two prune layers: 1 + 16 tokens of 65
+    tokens, rows, reduced, basis, dim = 17, 16, 8, 10, 16
+    want = (rows + tokens) * dim * reduced + reduced * tokens * basis + rows * reduced * basis + rows * basis * tokens
+    layer = next(item for item in report.layers if item.name == "blocks.3")
+    assert layer.predictor == 4 * want == layer.predictor_sparse      # unpruned map: the dense count
+    kept = predictor.kept_for(tokens)
+    assert kept == min(predictor.kept, rows) == 16
+    assert layer.attention_map == 4 * 2 * dim * (tokens + rows * kept)
+
+
+def test_flops_cli_prints_the_whole_model_reduction(capsys):
+    from mait.cli import main
+    assert main(["flops", "sparsifiner_nano4_8", "--token-keep-rate", "0.5", "--stages-only"]) == 0
+    text = capsys.readouterr().out
+    torch.manual_seed(0)
+    pruned = count_macs(timm.create_model("sparsifiner_nano4_8", token_keep_rate=0.5, sparse_basis=False))
+    unpruned = count_macs(timm.create_model("sparsifiner_nano4_8", sparse_basis=False))
+    dense = count_macs(timm.create_model("mait_nano4_8", scheme="none"))
+    line = next(line for line in text.splitlines() if line.startswith("predictor counted densely"))
+    assert f"{pruned.macs / 1e9:.3f}" in line and f"{100 * (pruned.macs / unpruned.macs - 1):.1f}%" in line
+    assert f"{100 * (pruned.macs / dense.macs - 1):.1f}%" in line
+    assert "after blocks 1, 2, 3" in text and "predictor by its nonzeros" in text
