@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole GPU check (about 5 minutes on one H200): every CUDA path against the float64
 # reference, the op over 14x14..112x112 grids, the model and training-step tables, the
-# targets table, and inference time against image size (224-1344 px); results in
+# targets table, inference time against image size (224-1344 px) and images/s against the
+# token keep rate (benchmarks/token_pruning.py); results in
 # benchmarks/results/gpu_* and resolution_cuda.*. Needs a CUDA GPU and torch >= 2.5.
 # Usage: benchmarks/gpu.sh [--smoke]   (--smoke: a tiny CPU dry run of the same script)
 set -euo pipefail
@@ -14,3 +15,4 @@ fi
 mkdir -p benchmarks/results
 python benchmarks/gpu_check.py "$@" 2>&1 | tee benchmarks/results/gpu.txt
 python benchmarks/resolution.py --device cuda --repeats 5 2>&1 | tee -a benchmarks/results/gpu.txt
+python benchmarks/token_pruning.py --device cuda --no-cost 2>&1 | tee -a benchmarks/results/gpu.txt

@@ -128,10 +128,12 @@ def test_every_patch_present_is_the_unpruned_layer(kinds):
     layer = MaskedAttention(8, 2, grid_size=(4, 4), num_prefix_tokens=1, head_kinds=kinds,
                             keep_rate=0.3 if "l" in kinds else None).double().eval()
     x = torch.randn(3, 17, 8, dtype=torch.float64)
+    layer.capture_attention = True
     layer.token_index = torch.arange(16).expand(3, -1)
-    got = layer(x)
+    got, probs = layer(x), layer.last_attention
     layer.token_index = None
     torch.testing.assert_close(got, layer(x), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(probs, layer.last_attention, rtol=1e-10, atol=1e-12)
 
 
 # --------------------------------------------------------------- whole models: dropping = excluding
@@ -336,3 +338,22 @@ def test_flops_cli_prints_the_whole_model_reduction(capsys):
     assert f"{pruned.macs / 1e9:.3f}" in line and f"{100 * (pruned.macs / unpruned.macs - 1):.1f}%" in line
     assert f"{100 * (pruned.macs / dense.macs - 1):.1f}%" in line
     assert "after blocks 1, 2, 3" in text and "predictor by its nonzeros" in text
+
+
+def test_token_distillation_compares_the_kept_tokens():
+    from mait.train.objectives import Objective
+    torch.manual_seed(0)
+    teacher = timm.create_model("mait_nano4_8", scheme="none").eval()
+    student = timm.create_model("sparsifiner_nano4_8", token_keep_rate=0.5)
+    set_phase(student, "frozen")
+    images = torch.randn(3, 1, 8, 8)
+    objective = Objective({"tokens": 1.0}, torch.nn.CrossEntropyLoss(), teacher, student)
+    loss, _ = objective(student, images, student.train()(images), torch.zeros(3, dtype=torch.long))
+    objective.close()
+    with torch.no_grad():
+        theirs = teacher.forward_features(images)[:, 1:]
+        mine = student.eval().forward_features(images)[:, 1:]     # drop path 0: training computes the same
+    kept = student.token_index
+    assert kept.shape == (3, 8)
+    want = torch.stack([(mine[b] - theirs[b, kept[b]]).pow(2).mean() for b in range(3)]).mean()
+    torch.testing.assert_close(loss, want)
