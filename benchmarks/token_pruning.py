@@ -7,7 +7,8 @@ Speed: DeiT-S-size Sparsifiner (``sparsifiner_deit_small_224``, keep 0.25) and M
 (``mait_s24_224``) at each ρ (``token_keep_rate``; prune layers 3, 6, 9 of 12 and 6, 12, 18 of
 24), inference, timed in interleaved rounds (a fresh random order per round after one untimed
 round) and reported as medians, with the speed-up against the same model at ρ = 1 from the same
-rounds.  Cost: the whole-model GMACs of DeiT-S-size Sparsifiner over attention keep rates and ρ
+rounds.  On a CPU each call is timed twice: by the process's CPU time (what one thread spent on it,
+which other processes on a loaded machine barely change) and by the wall clock.  Cost: the whole-model GMACs of DeiT-S-size Sparsifiner over attention keep rates and ρ
 (predictor counted by its pruned nonzeros on a zero image, at its initialisation) against the
 dense DeiT-S, and the first (keep rate, ρ) past a 60 % reduction.  Results go to
 ``benchmarks/results/token_pruning[_<device>].{txt,json}``.
@@ -51,30 +52,38 @@ def speed(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
             models[name, rate] = model.to(args.device)
     images = torch.randn(args.batch_size, 3, 224, 224, device=args.device)
 
-    def call(key: tuple[str, float]) -> float:
+    def call(key: tuple[str, float]) -> tuple[float, float]:
         with torch.inference_mode(), torch.autocast(args.device, torch.bfloat16, enabled=args.device == "cuda"):
-            start = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.process_time()
             models[key](images)
             _sync(args.device)
-            return time.perf_counter() - start
+            return time.perf_counter() - wall, time.process_time() - cpu
 
     keys = list(models)
     for key in keys:             # one untimed round
         call(key)
-    times: dict[tuple[str, float], list[float]] = {key: [] for key in keys}
+    times: dict[tuple[str, float], list[tuple[float, float]]] = {key: [] for key in keys}
     for _ in range(args.repeats):
         random.shuffle(keys)
         for key in keys:
             times[key].append(call(key))
-    rows, lines = [], [f"{'model':<28}{'rho':>6}{'GMACs':>8}{'img/s':>9}{'vs rho=1':>10}"]
+    clocks = ("wall",) if args.device == "cuda" else ("cpu", "wall")
+    header = "".join(f"{f'img/s ({clock})':>16}{'vs rho=1':>10}" for clock in clocks)
+    rows, lines = [], [f"{'model':<28}{'rho':>6}{'GMACs':>8}{header}"]
+
+    def rate_of(key: tuple[str, float], clock: str) -> float:
+        return args.batch_size / statistics.median(t[0 if clock == "wall" else 1] for t in times[key])
+
     for name in MODELS:
-        base = args.batch_size / statistics.median(times[name, 1.0])
         for rate in args.rates:
-            per_second = args.batch_size / statistics.median(times[name, rate])
-            rows.append(dict(model=name, rho=rate, gmacs=costs[name, rate], images_per_s=per_second,
-                             speedup=per_second / base, times_s=times[name, rate]))
-            lines.append(f"{name:<28}{rate:>6.2f}{costs[name, rate]:>8.3f}{per_second:>9.2f}"
-                         f"{per_second / base:>9.2f}x")
+            row = dict(model=name, rho=rate, gmacs=costs[name, rate], times_s=times[name, rate])
+            line = f"{name:<28}{rate:>6.2f}{costs[name, rate]:>8.3f}"
+            for clock in clocks:
+                per_second, base = rate_of((name, rate), clock), rate_of((name, 1.0), clock)
+                row |= {f"images_per_s_{clock}": per_second, f"speedup_{clock}": per_second / base}
+                line += f"{per_second:>16.2f}{per_second / base:>9.2f}x"
+            rows.append(row)
+            lines.append(line)
     return rows, lines
 
 

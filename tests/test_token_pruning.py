@@ -12,6 +12,8 @@ import torch
 
 import mait
 from mait import MaskedAttention
+from timm.models.vision_transformer import ResPostBlock
+
 from mait.cost import count_macs
 from mait.learned import set_phase
 from mait.tokens import (class_attention_scores, default_prune_layers, kept_tokens, select_tokens,
@@ -151,7 +153,9 @@ def _excluding_reference(model: torch.nn.Module, images: torch.Tensor) -> tuple[
     for number, block in enumerate(model.blocks):
         layer = block.attn
         heads, dim = layer.num_heads, layer.head_dim
-        q, k, v = layer.qkv(block.norm1(x)).reshape(batch, tokens, 3, heads, dim).permute(2, 0, 3, 1, 4)
+        post_norm = isinstance(block, ResPostBlock)
+        q, k, v = layer.qkv(x if post_norm else block.norm1(x)).reshape(batch, tokens, 3, heads, dim).permute(
+            2, 0, 3, 1, 4)
         s = (q * layer.scale) @ k.transpose(-2, -1)
         keep = layer.keep_mask().expand(heads, tokens, tokens)
         alpha = layer.alpha.detach().view(heads, 1, 1)
@@ -175,8 +179,12 @@ def _excluding_reference(model: torch.nn.Module, images: torch.Tensor) -> tuple[
             logits[:, learned] = torch.cat([s[:, learned, :prefix], patch_rows], dim=2)
         logits = logits.masked_fill(~alive[:, None, None, :], float("-inf"))
         out = (logits.softmax(-1) @ v).transpose(1, 2).reshape(batch, tokens, channels)
-        x = x + block.ls1(layer.proj(out))
-        x = x + block.ls2(block.mlp(block.norm2(x)))
+        if post_norm:
+            x = x + block.norm1(layer.proj(out))
+            x = x + block.norm2(block.mlp(x))
+        else:
+            x = x + block.ls1(layer.proj(out))
+            x = x + block.ls2(block.mlp(block.norm2(x)))
         if number in model.token_prune_layers:
             stage += 1
             count = kept_tokens(patches, model.token_keep_rate, stage)
@@ -189,9 +197,9 @@ def _excluding_reference(model: torch.nn.Module, images: torch.Tensor) -> tuple[
     return model.forward_head(x), x[alive].view(batch, -1, channels)
 
 
-def _tiny_vit() -> torch.nn.Module:
+def _tiny_vit(**kwargs) -> torch.nn.Module:
     vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, embed_dim=32, depth=4, num_heads=2,
-                            num_classes=5, init_values=0.1)
+                            num_classes=5, **kwargs)
     return mait.mask_model(vit, "*:hs", token_keep_rate=0.6)
 
 
@@ -205,7 +213,8 @@ MODELS = {
     # 17 tokens leave n = 2 basis tokens: thresholding the basis would tie many map entries at 0
     "sparsifiner, cifar shape": lambda: timm.create_model("sparsifiner_mini6_32", img_size=16, token_keep_rate=0.5,
                                                           embed_dim=24, basis_threshold=0.0),
-    "mask_model": _tiny_vit,
+    "mask_model": lambda: _tiny_vit(init_values=0.1),
+    "mask_model, post-norm blocks": lambda: _tiny_vit(block_fn=ResPostBlock),
 }
 
 
@@ -256,14 +265,14 @@ def test_pruning_follows_the_predictor_phase_and_trains():
 def test_whole_model_cost_counts_the_tokens_left():
     model = timm.create_model("mait_micro4_32", token_keep_rate=0.5, scheme="none")
     report = count_macs(model)
-    dim, patches, tokens = 64, 64, []
+    dim, patches, want = 64, 64, 0
     count, stage = patches, 0
-    for number in range(4):
-        tokens.append(1 + count)
+    for number in range(4):                 # a prune layer's MLP runs on the tokens it keeps
+        attention = 1 + count
         if number in model.token_prune_layers:
             stage += 1
             count = kept_tokens(patches, 0.5, stage)
-    want = sum(t * dim * dim * (4 + 2 * 2) + 2 * t * t * dim for t in tokens)
+        want += attention * dim * dim * 4 + 2 * attention * attention * dim + (1 + count) * dim * dim * 2 * 2
     blocks = sum(layer.macs for layer in report.layers if layer.name.startswith("blocks."))
     assert blocks == want
 

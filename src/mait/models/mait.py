@@ -18,7 +18,7 @@ import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.deit import VisionTransformerDistilled
-from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_filter_fn
 
 from ..learned import BASIS_REDUCTION, BASIS_THRESHOLD, COEF_TOPK, predictor_options
 from ..masks import check_mask_fits_grid, to_grid
@@ -96,25 +96,31 @@ class MaskedViTMixin:
         return self.norm(self._pruned_blocks(x))
 
     def _pruned_blocks(self, x: torch.Tensor) -> torch.Tensor:
-        """The blocks with token pruning; the kept patches' grid positions ``(B, n)`` go to ``token_index``."""
+        """The blocks with token pruning; the kept patches' grid positions ``(B, n)`` go to ``token_index``.
+
+        A prune layer's class attention decides which tokens its block's output keeps, so in timm's ``Block``
+        (pre-norm) the tokens are dropped right after the attention: the block's MLP, which works per token,
+        already runs on the kept ones only (the same result for them as pruning after the block)."""
         prefix, patches = self.num_prefix_tokens, x.shape[1] - self.num_prefix_tokens
         index, stage = None, 0
         for number, block in enumerate(self.blocks):
             prune = number in self.token_prune_layers
+            split = prune and type(block) is Block
             block.attn.token_index, block.attn.score_tokens = index, prune
             try:
-                x = block(x)
+                x = x + block.drop_path1(block.ls1(block.attn(block.norm1(x)))) if split else block(x)
             finally:
                 block.attn.token_index, block.attn.score_tokens = None, False
-            if not prune:
-                continue
-            stage += 1
-            scores, block.attn.token_scores = block.attn.token_scores, None
-            count = kept_tokens(patches, self.token_keep_rate, stage)
-            if count < scores.shape[1]:
-                chosen = select_tokens(scores, count)
-                x = gather_tokens(x, prefix, chosen)
-                index = chosen if index is None else index.gather(1, chosen)
+            if prune:
+                stage += 1
+                scores, block.attn.token_scores = block.attn.token_scores, None
+                count = kept_tokens(patches, self.token_keep_rate, stage)
+                if count < scores.shape[1]:
+                    chosen = select_tokens(scores, count)
+                    x = gather_tokens(x, prefix, chosen)
+                    index = chosen if index is None else index.gather(1, chosen)
+            if split:
+                x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
         self.token_index = index
         return x
 
