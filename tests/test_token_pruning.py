@@ -9,11 +9,10 @@ import math
 import pytest
 import timm
 import torch
+from timm.models.vision_transformer import ResPostBlock
 
 import mait
 from mait import MaskedAttention
-from timm.models.vision_transformer import ResPostBlock
-
 from mait.cost import count_macs
 from mait.learned import set_phase
 from mait.tokens import (class_attention_scores, default_prune_layers, kept_tokens, select_tokens,
@@ -309,6 +308,8 @@ def test_wrong_uses_of_a_pruned_model():
     with pytest.raises(ValueError, match="no class token; use class_token=True"):
         mait.mask_model(no_class, token_keep_rate=0.5)
     assert not isinstance(no_class, mait.MaiT)                      # refused before anything changed
+    with pytest.raises(ValueError, match=r"token pruning \(token_keep_rate=0.5\) drops; analyse the model after"):
+        mait.analysis.collect_attention(model, torch.randn(2, 1, 8, 8))
     model.set_grad_checkpointing(True)
     with pytest.raises(ValueError, match="gradient checkpointing cannot replay token pruning"):
         model.train()(torch.randn(2, 1, 8, 8))

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from timm.layers import register_notrace_module
 
 from .backends import AttentionCall, AttentionPlan, learned as learned_backend, logger, plan_attention, reference
+from .backends.local import empty_sdpa_layout
 from .functional import MODES, cached_local_mask, needs_grad
 from .learned import ConnectivityPredictor, check_learned_mode
 from .masks import (GridSize, check_mask_fits_grid, check_mask_size, check_num_prefix_tokens, local_mask, random_mask,
@@ -307,7 +308,7 @@ class MaskedAttention(nn.Module):
         their predictor on those tokens."""
         positions = token_positions(self.token_index, self.num_prefix_tokens)
         keep = self.pruned_keep(positions)
-        out = q.new_empty(*q.shape[:3], v.shape[-1])
+        out = empty_sdpa_layout(v)          # the module's transpose back to (B, T', C) is then a free view
         fixed = [h for h, kind in enumerate(self.head_kinds) if kind is not HeadKind.LEARNED]
         if fixed and self.unmasked:
             out[:, fixed] = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=self.scale)
