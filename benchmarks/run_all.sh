@@ -39,3 +39,5 @@ python benchmarks/local_versions.py --base b3f2253 --threads "$T" --repeats 7 --
 # 10. training images/s with bf16 autocast (mait train --amp) against float32, on this CPU
 python benchmarks/train_throughput.py --compare precision --presets digits cifar10 cifar10-study \
     --schemes default all none --train-subset 2560 --repeats 3 --threads "$T" 2>&1 | grep -v -E '^(USDT|ERROR:)' | tail -n 21
+# 11. token pruning: images/s against rho (Sparsifiner DeiT-S, MaiT-S) and the whole-model GMACs sweep
+python benchmarks/token_pruning.py --threads "$T" 2>&1 | grep -v -E '^(USDT|ERROR:)' | tail -n 36

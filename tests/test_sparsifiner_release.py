@@ -278,13 +278,18 @@ def test_the_presets_build_coherent_runs():
     assert len(objective.pairs) == 12
 
 
+@pytest.mark.parametrize("token_keep_rate", [1.0, 0.7])
 def test_two_stage_run_resumes_exactly_across_the_stage_boundary(dense_digits: Path, tmp_path: Path,
-                                                                   monkeypatch: pytest.MonkeyPatch):
+                                                                   monkeypatch: pytest.MonkeyPatch,
+                                                                   token_keep_rate: float):
     """The digits preset on a subset: stage 1 moves only the predictors, stage 2 only the backbone, and a run
-    interrupted at the stage boundary and resumed ends with the uninterrupted run's weights."""
+    interrupted at the stage boundary and resumed ends with the uninterrupted run's weights; with token
+    pruning too (off while the predictors reconstruct, on in the second stage, the token loss over the kept
+    tokens)."""
     from mait.errors import Interrupted
     from mait.train import engine
     common = dict(init_from=str(dense_digits), teacher_checkpoint=str(dense_digits), train_subset=64,
+                  model_kwargs={"keep_rate": 0.25, "token_keep_rate": token_keep_rate},
                   val_subset=32, progress=False, deterministic=True, epochs=3,
                   stages=[{"name": "reconstruct", "epochs": 1, "lr": 6e-4, "min_lr": 4e-4, "warmup_epochs": 0.6,
                            "warmup_lr": 0.0, "train": "predictor", "predictor": "reconstruct",

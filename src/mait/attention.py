@@ -13,14 +13,17 @@ from typing import Any, Hashable, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import register_notrace_module
 
-from .backends import AttentionCall, AttentionPlan, logger, plan_attention, reference
+from .backends import AttentionCall, AttentionPlan, learned as learned_backend, logger, plan_attention, reference
+from .backends.local import empty_sdpa_layout
 from .functional import MODES, cached_local_mask, needs_grad
 from .learned import ConnectivityPredictor, check_learned_mode
 from .masks import (GridSize, check_mask_fits_grid, check_mask_size, check_num_prefix_tokens, local_mask, random_mask,
                     to_grid)
 from .schemes import HeadKind
+from .tokens import class_attention_scores, token_positions
 
 MASK_CACHE_SIZE = 8      # grids whose random masks a layer keeps per device
 PLAN_CACHE_SIZE = 32     # (grid, device, dtype, gradient, dropout) plans a layer keeps
@@ -77,9 +80,20 @@ class MaskedAttention(nn.Module):
     Set ``capture_attention = True`` to keep the last attention probabilities in
     ``last_attention`` (``(B, heads, T, T)``, detached) for analysis; off by default so the
     normal path never materialises them when a backend does not need to.
+
+    Token pruning (:mod:`mait.tokens`; the model sets these around each call): with ``token_index``
+    ``(B, n)`` the call's tokens are the prefix tokens and the patches at those positions of the grid
+    (row-major), the others dropped.  Fixed-mask heads then apply their mask over the tokens present
+    (a kept patch's window is its ``R x R`` window on the original grid; the other tokens present get
+    the head's α, i.e. logit 0 for hard heads), learned heads run their predictor on the tokens present
+    (per-token tables indexed by original position).  With ``score_tokens`` the call leaves the class
+    token's head-averaged attention to the patches present in ``token_scores`` ``(B, n)``.
     """
 
     _reused_modules = ("qkv", "q_norm", "k_norm", "attn_drop", "proj", "proj_drop")
+    token_index: Optional[torch.Tensor] = None     # patches present after token pruning (None: the whole grid)
+    score_tokens: bool = False
+    token_scores: Optional[torch.Tensor] = None
 
     def __init__(self, dim: int, num_heads: int = 8, *, grid_size: GridSize, mask_size: int = 3,
                  num_prefix_tokens: int = 1, head_kinds: Optional[Sequence[Union[HeadKind, str]]] = None,
@@ -273,17 +287,53 @@ class MaskedAttention(nn.Module):
         if grid_size is not None:
             self.set_grid(grid_size)
         tokens = x.shape[1]
-        if tokens != self.num_tokens:
+        if self.token_index is not None:
+            if tokens != self.num_prefix_tokens + self.token_index.shape[1]:
+                raise ValueError(f"{type(self).__name__} got {tokens} tokens but token pruning left "
+                                 f"{self.num_prefix_tokens} prefix + {self.token_index.shape[1]} patch tokens")
+        elif tokens != self.num_tokens:
             raise ValueError(f"{type(self).__name__} got {tokens} tokens but its patch grid holds {self.num_tokens} "
                              f"({self.num_prefix_tokens} prefix + {self.grid_size[0]}x{self.grid_size[1]} grid); "
                              f"run it inside its model, or pass grid_size=(H, W) for this input")
 
-    def _probabilities(self, q: torch.Tensor, k: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-        """The attention probabilities of a call, for analysis: the fixed-mask heads' from the definition, the
-        learned heads' from the masks their predictor kept in that call."""
+    def pruned_keep(self, positions: torch.Tensor) -> torch.Tensor:
+        """The keep mask among the tokens present after token pruning, ``(B, 1 or heads, T', T')``: the grid's
+        mask (:meth:`keep_mask`) at the tokens' unpruned ``positions`` ``(B, T')``, so a kept patch's window is
+        its window on the original grid."""
+        full = self.keep_mask(positions.device)
+        rows, cols = positions[:, :, None], positions[:, None, :]
+        return full[rows, cols][:, None] if full.dim() == 2 else full[:, rows, cols].transpose(0, 1)
+
+    def _pruned_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor,
+                          dropout_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention among the tokens left by token pruning (``token_index``) and its keep mask: fixed-mask heads
+        by the dense definition over the ``T'`` tokens present (SDPA when none is masked), learned heads by
+        their predictor on those tokens."""
+        positions = token_positions(self.token_index, self.num_prefix_tokens)
+        keep = self.pruned_keep(positions)
+        out = empty_sdpa_layout(v)          # the module's transpose back to (B, T', C) is then a free view
+        fixed = [h for h, kind in enumerate(self.head_kinds) if kind is not HeadKind.LEARNED]
+        if fixed and self.unmasked:
+            out[:, fixed] = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=self.scale)
+        elif fixed:
+            out[:, fixed] = reference.masked_attention(q[:, fixed], k[:, fixed], v[:, fixed],
+                                                       keep=keep if keep.shape[1] == 1 else keep[:, fixed],
+                                                       alpha=alpha[fixed], mode=self.mode, scale=self.scale,
+                                                       dropout_p=dropout_p)
+        if self.predictor is not None:
+            heads = self.learned_index
+            # ``call`` is read for its num_prefix_tokens only, which the layer holds.
+            out[:, heads] = learned_backend.run(q[:, heads], k[:, heads], v[:, heads], call=self, scale=self.scale,
+                                                predictor=self.predictor, capture=self.capture_attention,
+                                                positions=positions)
+        return out, keep
+
+    def _probabilities(self, q: torch.Tensor, k: torch.Tensor, alpha: torch.Tensor,
+                       keep: torch.Tensor) -> torch.Tensor:
+        """The attention probabilities of a call, for analysis: the fixed-mask heads' from the definition with
+        ``keep``, the learned heads' from the masks their predictor kept in that call."""
         q, k = q.detach(), k.detach()
-        probs = reference.attention_probs(q, k, keep=self.keep_mask(q.device), alpha=alpha.detach(), mode=self.mode,
-                                          scale=self.scale)
+        probs = reference.attention_probs(q, k, keep=keep, alpha=alpha.detach(), mode=self.mode, scale=self.scale)
         if self.predictor is None:
             return probs
         heads = self.learned_index
@@ -302,11 +352,16 @@ class MaskedAttention(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         dropout_p = self.attn_drop.p if self.training else 0.0
         alpha = self.alpha
-        plan = self.plan(q, dropout_p > 0.0)
-        out = plan.run(q, k, v, alpha=alpha, keep=self.keep_mask(q.device) if plan.needs_keep else None,
-                       scale=self.scale, dropout_p=dropout_p, predictor=self.predictor,
-                       capture=self.capture_attention)
+        if self.token_index is None:
+            plan = self.plan(q, dropout_p > 0.0)
+            keep = self.keep_mask(q.device) if plan.needs_keep or self.capture_attention else None
+            out = plan.run(q, k, v, alpha=alpha, keep=keep if plan.needs_keep else None, scale=self.scale,
+                           dropout_p=dropout_p, predictor=self.predictor, capture=self.capture_attention)
+        else:
+            out, keep = self._pruned_attention(q, k, v, alpha, dropout_p)
+        if self.score_tokens:
+            self.token_scores = class_attention_scores(q, k, self.scale, self.num_prefix_tokens)
         if self.capture_attention:
-            self.last_attention = self._probabilities(q, k, alpha)
+            self.last_attention = self._probabilities(q, k, alpha, keep)
         x = out.transpose(1, 2).reshape(batch, tokens, channels)
         return self.proj_drop(self.proj(x))

@@ -9,7 +9,10 @@ so do masked talking-heads layers (CaiT mixes heads before the softmax).  A lear
 (Sparsifiner) head costs its kept pairs, ``2·d·(P·T + (T-P)·k)``, plus its connectivity
 predictor (counted apart: ``predictor`` densely, :func:`predictor_macs`; ``predictor_sparse``
 with the sparse basis's actual nonzeros, :func:`sparse_predictor_macs`).  Norms,
-activations, softmax and top-k are not counted, as in the paper and fvcore.
+activations, softmax and top-k are not counted, as in the paper and fvcore.  With token pruning
+(:mod:`mait.tokens`) every layer is counted on the tokens it gets, so the dropped tokens cost
+nothing after their prune layer; the class-attention row that scores the tokens is part of the
+layer's attention map.
 
 :func:`count_macs` runs one forward pass with hooks and reports MACs per layer and per
 stage; :func:`block_macs` is the closed form for one transformer block.
@@ -48,39 +51,44 @@ def learned_map_macs(tokens: int, head_dim: int, kept: int, num_prefix_tokens: i
     return 2 * head_dim * (num_prefix_tokens * tokens + (tokens - num_prefix_tokens) * kept)
 
 
-def _predictor_products(predictor: ConnectivityPredictor, head_dim: int) -> tuple[int, int]:
-    """MACs of one head's predictor for one image: ``(everything before the map, the dense map)``."""
-    tokens, prefix = predictor.num_tokens, predictor.num_prefix_tokens
+def _predictor_products(predictor: ConnectivityPredictor, head_dim: int,
+                        tokens: Optional[int] = None) -> tuple[int, int]:
+    """MACs of one head's predictor for one image on ``tokens`` (default: all it was built for; fewer after
+    token pruning): ``(everything before the map, the dense map)``."""
+    tokens, prefix = tokens or predictor.num_tokens, predictor.num_prefix_tokens
     reduced, basis = predictor.proj_c_q.out_features, predictor.num_basis
     rows = tokens - prefix
     before = (rows + tokens) * head_dim * reduced + reduced * tokens * basis + rows * reduced * basis
     return before, rows * basis * tokens
 
 
-def predictor_macs(predictor: ConnectivityPredictor, head_dim: int) -> int:
-    """MACs of one head's connectivity predictor for one image, every product dense.
+def predictor_macs(predictor: ConnectivityPredictor, head_dim: int, tokens: Optional[int] = None) -> int:
+    """MACs of one head's connectivity predictor for one image (on ``tokens``), every product dense.
 
     ``proj_c`` on the patch queries and on every key (``d -> c``), ``k_c`` onto the ``n``
     basis tokens (``c·T·n``), the coefficients (``(T-P)·c·n``) and the map from the basis
     (``(T-P)·n·T``).
     """
-    return sum(_predictor_products(predictor, head_dim))
+    return sum(_predictor_products(predictor, head_dim, tokens))
 
 
-def sparse_predictor_macs(predictor: ConnectivityPredictor, q: torch.Tensor, k: torch.Tensor) -> float:
+def sparse_predictor_macs(predictor: ConnectivityPredictor, q: torch.Tensor, k: torch.Tensor,
+                          positions: Optional[torch.Tensor] = None) -> float:
     """MACs of the predictor's call on ``q, k`` ``(B, heads, T, d)`` (all images and heads) as it decides masks.
 
     With the sparse basis, the map multiplies only nonzeros: per patch query, the basis rows of its
     ``coef_topk`` kept coefficients, each with its entries above ``basis_threshold`` (counted on
-    this input); the products before the map stay dense.  Without it, :func:`predictor_macs`.
+    this input; after token pruning only the columns of the tokens present, ``positions``); the
+    products before the map stay dense.  Without it, :func:`predictor_macs`.
     """
-    batch, heads, _, head_dim = q.shape
-    before, dense_map = _predictor_products(predictor, head_dim)
+    batch, heads, tokens, head_dim = q.shape
+    before, dense_map = _predictor_products(predictor, head_dim, tokens)
     if not predictor.sparse_basis:
         return float(batch * heads * (before + dense_map))
-    kept = predictor.pruned_coefficients(predictor.coefficients(q, k)) != 0         # (B, h, T-P, n)
-    nonzeros = (predictor.pruned_basis() != 0).sum(dim=-1)                           # (n,)
-    return float(batch * heads * before + (kept.double() @ nonzeros.double()).sum().item())
+    kept = predictor.pruned_coefficients(predictor.coefficients(q, k, positions)) != 0    # (B, h, T'-P, n)
+    basis = predictor.pruned_basis() != 0                                                   # (n, T)
+    nonzeros = basis.sum(-1) if positions is None else basis[:, positions].sum(-1).t()[:, None, None]   # (B,1,1,n)
+    return float(batch * heads * before + (kept.double() * nonzeros.double()).sum().item())
 
 
 def block_macs(tokens: int, dim: int, *, mlp_ratio: float = 4.0, **attention: int) -> tuple[int, int]:
@@ -106,7 +114,7 @@ def _masked(module: MaskedAttention, x: torch.Tensor) -> int:
     head_dim = x.shape[2] // module.num_heads
     dense_head = 2 * x.shape[1] * x.shape[1] * head_dim
     return fixed - learned * dense_head + learned * learned_map_macs(
-        x.shape[1], head_dim, module.predictor.kept, module.num_prefix_tokens)
+        x.shape[1], head_dim, module.predictor.kept_for(x.shape[1]), module.num_prefix_tokens)
 
 
 def _full(module: nn.Module, x: torch.Tensor) -> int:
@@ -190,6 +198,11 @@ class CostReport:
         return self.attention_map + self.predictor_sparse
 
     @property
+    def macs_sparse(self) -> float:
+        """Whole-model MACs with the connectivity predictors counted by their sparse basis's nonzeros."""
+        return self.macs - self.predictor + self.predictor_sparse
+
+    @property
     def params(self) -> int:
         return sum(layer.params for layer in self.layers)
 
@@ -242,6 +255,31 @@ class CostReport:
         return "\n".join(lines)
 
 
+def whole_model_reductions(model: nn.Module, name: str = "") -> str:
+    """Whole-model MACs of a token-pruned model against the same model unpruned and against its dense backbone
+    (every head full, no predictor), the predictor counted densely and by its pruned nonzeros: a few lines for
+    ``mait flops``."""
+    rate, layers = model.token_keep_rate, model.token_prune_layers
+    pruned = count_macs(model, name=name)
+    model.set_token_pruning(1.0, layers)
+    try:
+        unpruned, full = count_macs(model, name=name), count_macs(model, name=name, mask_savings=False)
+    finally:
+        model.set_token_pruning(rate, layers)
+    dense = full.macs - full.predictor
+    rows = [("model", pruned.macs, unpruned.macs)]
+    if pruned.predictor:
+        rows = [("predictor counted densely", pruned.macs, unpruned.macs),
+                ("predictor by its nonzeros", pruned.macs_sparse, unpruned.macs_sparse)]
+    lines = [f"whole model with token pruning (token_keep_rate {rate:g} after blocks {', '.join(map(str, layers))}) "
+             f"against the same model unpruned ({unpruned.macs / 1e9:.3f} GMACs) and its dense backbone "
+             f"({dense / 1e9:.3f} GMACs), per image:",
+             f"{'':<28}{'GMACs':>10}{'unpruned':>10}{'vs unpruned':>13}{'vs dense':>10}"]
+    lines += [f"{label:<28}{macs / 1e9:>10.3f}{base / 1e9:>10.3f}{100 * (macs / base - 1):>12.1f}%"
+              f"{100 * (macs / dense - 1):>9.1f}%" for label, macs, base in rows]
+    return "\n".join(lines)
+
+
 _BLOCK = re.compile(r"^(?P<stage>(?:.*\.)?(?:blocks|blocks_token_only))\.(?P<index>\d+)(?:\.|$)")
 _STAGE = re.compile(r"^(?P<stage>(?:layers|stages)\.\d+)(?:\.|$)")
 
@@ -290,8 +328,8 @@ def count_macs(model: nn.Module, input_size: Optional[Sequence[int]] = None, nam
         if isinstance(module, ConnectivityPredictor):
             def predictor(mod, inputs, output):
                 batch, heads, tokens, head_dim = inputs[0].shape
-                layer(module_name).predictor += batch * heads * predictor_macs(mod, head_dim)
-                layer(module_name).predictor_sparse += sparse_predictor_macs(mod, *inputs[:2])
+                layer(module_name).predictor += batch * heads * predictor_macs(mod, head_dim, tokens)
+                layer(module_name).predictor_sparse += sparse_predictor_macs(mod, *inputs[:3])
             return predictor
         if ".predictor." in f"{module_name}.":        # its linear maps are in predictor_macs
             return None
@@ -341,7 +379,7 @@ def _average_sparse_predictor(model: nn.Module, images: torch.Tensor, layer: Cal
     for module_name, module in model.named_modules():
         if isinstance(module, ConnectivityPredictor):
             def collect(mod, inputs, output, module_name=module_name):
-                totals[module_name] = totals.get(module_name, 0.0) + sparse_predictor_macs(mod, *inputs[:2])
+                totals[module_name] = totals.get(module_name, 0.0) + sparse_predictor_macs(mod, *inputs[:3])
             handles.append(module.register_forward_hook(collect))
     was_training = model.training
     try:

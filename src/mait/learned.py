@@ -91,7 +91,8 @@ class Prediction(NamedTuple):
 class ConnectivityPredictor(nn.Module):
     """Sparsifiner's low-rank connectivity predictor for one layer (its weights are shared by the layer's heads).
 
-    ``forward(q, k, dense=False)`` takes the raw queries and keys ``(B, heads, T, d)`` and returns
+    ``forward(q, k, positions=None, dense=False)`` takes the raw queries and keys ``(B, heads, T, d)`` (or
+    ``(B, heads, T', d)`` after token pruning, with the tokens' unpruned ``positions`` ``(B, T')``) and returns
     the dense approximate map ``(B, heads, T - P, T)`` (only with ``dense``; else None) and the
     kept-key indices ``(B, heads, T - P, k)`` (detached; the ``k`` largest entries of each row of
     the pruned map).  ``num_heads`` is the layer's head count (the softmax scale is
@@ -139,16 +140,25 @@ class ConnectivityPredictor(nn.Module):
                 f"mode={self.mode!r}" + (f", basis_threshold={self.basis_threshold:g}, coef_topk={self.coef_topk}"
                                          if self.sparse_basis else ", sparse_basis=False"))
 
-    def coefficients(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """The patch queries' coefficients over the basis tokens, ``(B, heads, T - P, n)`` (rows sum to 1)."""
+    def coefficients(self, q: torch.Tensor, k: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The patch queries' coefficients over the basis tokens, ``(B, heads, T - P, n)`` (rows sum to 1).
+
+        ``positions`` ``(B, T')``: the tokens present (after token pruning) by their unpruned position, whose
+        rows of the per-token table ``proj_n`` mix the keys (default: all ``T``, in order)."""
         q_c = self.proj_c_q(q[:, :, self.num_prefix_tokens:])                # (B, h, T-P, c)
-        k_basis = self.proj_c_k(k).transpose(-2, -1) @ self.proj_n            # (B, h, c, n)
+        mix = self.proj_n if positions is None else self.proj_n[positions][:, None]   # (T, n) or (B, 1, T', n)
+        k_basis = self.proj_c_k(k).transpose(-2, -1) @ mix                    # (B, h, c, n)
         return (q_c @ k_basis * self.scale).softmax(dim=-1)
 
     def pruned_basis(self) -> torch.Tensor:
         """The sparse basis ``(n, T)`` that decides masks: ``|W|`` where it exceeds ``basis_threshold``, else 0."""
         magnitude = self.proj_back_n.t().abs()
         return magnitude * (magnitude > self.basis_threshold)
+
+    def kept_for(self, tokens: int) -> int:
+        """Keys kept per patch query among ``tokens`` present: ``k``, but at most the patches left after token
+        pruning (the release's ``min(attention budget, token budget)``)."""
+        return min(self.kept, tokens - self.num_prefix_tokens) if tokens < self.num_tokens else self.kept
 
     def pruned_coefficients(self, coef: torch.Tensor) -> torch.Tensor:
         """``coef`` with all but its ``coef_topk`` largest entries per row zeroed (unchanged for 0 or ``>= n``)."""
@@ -162,15 +172,23 @@ class ConnectivityPredictor(nn.Module):
         """Keep a learning call's dense map (and its detached inputs) for the reconstruction loss; None forgets."""
         self.recorded = None if approx is None else Prediction(approx, q.detach(), k.detach(), scale)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor,
+    def forward(self, q: torch.Tensor, k: torch.Tensor, positions: Optional[torch.Tensor] = None,
                 dense: bool = False) -> tuple[Optional[torch.Tensor], torch.Tensor]:
-        if q.shape[2] != self.num_tokens:
+        if positions is None and q.shape[2] != self.num_tokens:
             raise ValueError(f"the connectivity predictor was built for {self.num_tokens} tokens, got {q.shape[2]}")
-        coef = self.coefficients(q, k)
-        approx = coef @ self.proj_back_n.t() if dense or not self.sparse_basis else None
+        if positions is not None and tuple(positions.shape) != (q.shape[0], q.shape[2]):
+            raise ValueError(f"positions must be (B, T') = ({q.shape[0]}, {q.shape[2]}), got {tuple(positions.shape)}")
+        coef = self.coefficients(q, k, positions)
+        basis = self.proj_back_n.t() if positions is None else self.proj_back_n[positions].transpose(-2, -1)[:, None]
+        approx = coef @ basis if dense or not self.sparse_basis else None
         with torch.no_grad():
-            decide = self.pruned_coefficients(coef) @ self.pruned_basis() if self.sparse_basis else approx
-            index = decide.topk(self.kept, dim=-1, sorted=False).indices
+            if self.sparse_basis:
+                pruned = self.pruned_basis() if positions is None else \
+                    self.pruned_basis()[:, positions].permute(1, 0, 2)[:, None]       # (B, 1, n, T')
+                decide = self.pruned_coefficients(coef) @ pruned
+            else:
+                decide = approx
+            index = decide.topk(self.kept_for(q.shape[2]), dim=-1, sorted=False).indices
         return approx, index
 
 

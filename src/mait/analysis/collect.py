@@ -150,6 +150,10 @@ def iter_attention(model: nn.Module, images: Images, *,
     Each item is a list over layers of ``(B, heads, T, T)`` probabilities; nothing of earlier
     batches is kept, so reductions over a loader hold one batch of maps at a time.
     """
+    rate = getattr(model, "token_keep_rate", 1.0)
+    if rate < 1.0:
+        raise ValueError(f"attention maps over the patch grid need every token, which token pruning "
+                         f"(token_keep_rate={rate:g}) drops; analyse the model after model.set_token_pruning(1.0)")
     if device is None:
         device = next(model.parameters()).device
     was_training = model.training

@@ -137,17 +137,18 @@ def learned_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: 
 
 
 def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, call: Any, scale: float, predictor: Any,
-        capture: bool = False, **_: Any) -> torch.Tensor:
+        capture: bool = False, positions: Optional[torch.Tensor] = None, **_: Any) -> torch.Tensor:
     """The learned heads of a layer: the predictor's kept keys, then :func:`learned_attention`.
 
     A training call with gradients in the predictor's ``"joint"`` or ``"reconstruct"`` phase
     leaves its dense map on the predictor (``predictor.recorded``, read by
     :func:`mait.learned.reconstruction_loss`); in ``"reconstruct"`` the heads attend densely (the
     backbone's attention stays undistorted while the predictor learns, as released).  With
-    ``capture`` the boolean masks ``(B, heads, T, T)`` of the call go to ``predictor.last_keep``.
+    ``capture`` the boolean masks ``(B, heads, T, T)`` of the call go to ``predictor.last_keep``.  After token
+    pruning ``positions`` ``(B, T')`` are the tokens' unpruned positions (:mod:`mait.tokens`).
     """
     learning = predictor.training and torch.is_grad_enabled() and predictor.phase != "frozen"
-    approx, index = predictor(q, k, dense=learning)
+    approx, index = predictor(q, k, positions, dense=learning)
     predictor.record(approx if learning else None, q, k, scale)
     dense = learning and predictor.phase == "reconstruct"
     if capture:

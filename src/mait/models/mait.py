@@ -18,11 +18,12 @@ import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.deit import VisionTransformerDistilled
-from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_filter_fn
 
 from ..learned import BASIS_REDUCTION, BASIS_THRESHOLD, COEF_TOPK, predictor_options
 from ..masks import check_mask_fits_grid, to_grid
 from ..schemes import MaskingScheme, resolve_scheme
+from ..tokens import check_token_keep_rate, gather_tokens, kept_tokens, prune_layers, select_tokens
 from ._masking import PatchGrid, alpha_no_weight_decay, apply_masking, check_image_size, with_mait_only_parameters
 
 __all__ = ["MaiT", "MaiTDistilled"]
@@ -35,22 +36,98 @@ class MaskedViTMixin:
     ``dynamic_img_size=True`` (any image size, as for timm's ViTs) each batch's grid is handed to
     the layers (:class:`PatchGrid`) and the position embedding is resampled by timm, and
     :meth:`set_input_size` moves the model to another size for good.
+
+    With ``token_keep_rate=ρ < 1`` the model also prunes tokens (:mod:`mait.tokens`, docs/sparsity.md):
+    after each of ``token_prune_layers`` (default: the release's 3, 6, 9 of 12 blocks, scaled to the
+    depth) only the patch tokens the class token attends to most are kept, the ``j``-th keeping
+    ``ceil(ρ^j · N)`` of the ``N`` patches, and the others are dropped from all later computation.
+    Pruning is off in a training forward whose connectivity predictors learn (their ``"reconstruct"``
+    or ``"joint"`` phase), as the release turns it off while they reconstruct attention.
     """
+
+    token_keep_rate: float = 1.0
+    token_prune_layers: tuple[int, ...] = ()
+    token_index: Optional[torch.Tensor] = None
 
     def __init__(self, *, scheme: Union[str, MaskingScheme] = "sch1", mask_size: int = 3,
                  soft_alpha_init: float = 0.5, mask_seed: int = 0, attention_mode: str = "zero",
                  attention_backend: str = "auto", keep_rate: Union[float, Sequence[float]] = 0.25,
                  learned_mode: str = "neg_inf", basis_reduction: int = BASIS_REDUCTION, sparse_basis: bool = True,
                  basis_threshold: float = BASIS_THRESHOLD, coef_topk: int = COEF_TOPK,
-                 pos_embed_std: Optional[float] = None, **kwargs: Any) -> None:
+                 pos_embed_std: Optional[float] = None, token_keep_rate: float = 1.0,
+                 token_prune_layers: Optional[Sequence[int]] = None, **kwargs: Any) -> None:
         check_image_size(kwargs.get("img_size", 224), kwargs.get("patch_size", 16))
         super().__init__(**kwargs)
         self.install_masks(scheme=scheme, mask_size=mask_size, soft_alpha_init=soft_alpha_init, mask_seed=mask_seed,
                            attention_mode=attention_mode, attention_backend=attention_backend, keep_rate=keep_rate,
                            learned_mode=learned_mode, predictor_options=predictor_options(
                                basis_reduction, sparse_basis, basis_threshold, coef_topk))
+        self.set_token_pruning(token_keep_rate, token_prune_layers)
         if pos_embed_std is not None:      # e.g. pixel tokens, whose embedding is far larger than timm's 0.02
             nn.init.trunc_normal_(self.pos_embed, std=pos_embed_std)
+
+    def set_token_pruning(self, keep_rate: float = 1.0, layers: Optional[Sequence[int]] = None) -> None:
+        """Prune tokens after ``layers`` (default: the release's, scaled to the depth) keeping ``keep_rate`` of
+        them at each (1.0: no pruning).  Needs a class token, whose attention scores the patches."""
+        keep_rate = check_token_keep_rate(keep_rate)
+        layers = prune_layers(layers, len(self.blocks))
+        if keep_rate < 1.0 and not self.has_class_token:
+            raise ValueError(f"token pruning (token_keep_rate={keep_rate:g}) ranks the patches by the class token's "
+                             f"attention, and this model has no class token; use class_token=True")
+        self.token_keep_rate, self.token_prune_layers = keep_rate, layers
+
+    def prunes_tokens(self) -> bool:
+        """Whether a forward now prunes tokens: ``token_keep_rate < 1`` and no connectivity predictor learning."""
+        if self.token_keep_rate >= 1.0:
+            return False
+        return not (self.training and torch.is_grad_enabled() and
+                    any(block.attn.predictor is not None and block.attn.predictor.phase != "frozen"
+                        for block in self.blocks))
+
+    def forward_features(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                         is_causal: bool = False) -> torch.Tensor:
+        if not self.prunes_tokens():
+            self.token_index = None
+            return super().forward_features(x, attn_mask=attn_mask, is_causal=is_causal)
+        if self.grad_checkpointing and self.training:
+            raise ValueError(f"gradient checkpointing cannot replay token pruning (token_keep_rate="
+                             f"{self.token_keep_rate:g}); turn one of them off")
+        x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
+        return self.norm(self._pruned_blocks(x))
+
+    def _pruned_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """The blocks with token pruning; the kept patches' grid positions ``(B, n)`` go to ``token_index``.
+
+        A prune layer's class attention decides which tokens its block's output keeps, so in timm's ``Block``
+        (pre-norm) the tokens are dropped right after the attention: the block's MLP, which works per token,
+        already runs on the kept ones only (the same result for them as pruning after the block)."""
+        prefix, patches = self.num_prefix_tokens, x.shape[1] - self.num_prefix_tokens
+        index, stage = None, 0
+        for number, block in enumerate(self.blocks):
+            prune = number in self.token_prune_layers
+            split = prune and type(block) is Block
+            block.attn.token_index, block.attn.score_tokens = index, prune
+            try:
+                x = x + block.drop_path1(block.ls1(block.attn(block.norm1(x)))) if split else block(x)
+            finally:
+                block.attn.token_index, block.attn.score_tokens = None, False
+            if prune:
+                stage += 1
+                scores, block.attn.token_scores = block.attn.token_scores, None
+                count = kept_tokens(patches, self.token_keep_rate, stage)
+                if count < scores.shape[1]:
+                    chosen = select_tokens(scores, count)
+                    x = gather_tokens(x, prefix, chosen)
+                    index = chosen if index is None else index.gather(1, chosen)
+            if split:
+                x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+        self.token_index = index
+        return x
+
+    def forward_intermediates(self, *args: Any, **kwargs: Any) -> Any:
+        if self.token_keep_rate < 1.0:
+            raise ValueError(_NO_DENSE_MAP.format(what="forward_intermediates()", rate=self.token_keep_rate))
+        return super().forward_intermediates(*args, **kwargs)
 
     def install_masks(self, *, scheme: Union[str, MaskingScheme], mask_size: int = 3, soft_alpha_init: float = 0.5,
                       mask_seed: int = 0, attention_mode: str = "zero", attention_backend: str = "auto",
@@ -98,6 +175,9 @@ class MaskedViTMixin:
             block.attn.set_grid(self.patch_embed.grid_size)
 
 
+_NO_DENSE_MAP = ("{what} returns a feature map of every patch, which token pruning (token_keep_rate={rate}) "
+                 "drops; build the model with token_keep_rate=1.0 for feature extraction")
+
 _FIXED_SIZE_LEARNED = ("{what} is not available with learned (Sparsifiner) heads: their connectivity predictor "
                        "holds per-token tables for one patch grid; build the model for the image size it runs at "
                        "(img_size=...)")
@@ -121,6 +201,9 @@ class MaiT(MaskedViTMixin, VisionTransformer):
             ``n = T // basis_reduction`` basis tokens, and the sparse basis that decides masks outside training
             (``sparse_basis=False``: mait's unpruned predictor); defaults as released (6, True, 0.02, 8).
         pos_embed_std: initialise the position embedding with this std instead of timm's 0.02.
+        token_keep_rate: ``ρ``, the fraction of patch tokens each prune layer keeps (1.0: no token pruning).
+        token_prune_layers: the blocks after which tokens are pruned (default: 3, 6, 9 scaled to the depth,
+            ``l · depth // 12``).
     """
 
 
@@ -132,7 +215,14 @@ class MaiTDistilled(MaskedViTMixin, VisionTransformerDistilled):
 deit_checkpoint_filter = with_mait_only_parameters(checkpoint_filter_fn)
 
 
+def check_features_only(kwargs: dict) -> None:
+    """``features_only`` needs every patch's feature map, which token pruning drops: a one-line error."""
+    if kwargs.get("features_only") and kwargs.get("token_keep_rate", 1.0) != 1.0:
+        raise ValueError(_NO_DENSE_MAP.format(what="features_only=True", rate=kwargs["token_keep_rate"]))
+
+
 def _create_mait(variant: str, pretrained: bool = False, distilled: bool = False, **kwargs: Any):
+    check_features_only(kwargs)
     out_indices = kwargs.pop("out_indices", 3)
     return build_model_with_cfg(
         MaiTDistilled if distilled else MaiT,

@@ -3,7 +3,7 @@ VisionTransformer-family model into a masked one in place, keeping its weights."
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Sequence, Union
 
 import torch.nn as nn
 from timm.models.deit import VisionTransformerDistilled
@@ -30,7 +30,8 @@ def masked_class(cls: type) -> type:
 
 def mask_model(model: nn.Module, scheme: Union[str, MaskingScheme] = "sch1", *, mask_size: int = 3,
                soft_alpha_init: float = 0.5, mask_seed: int = 0, attention_mode: str = "zero",
-               attention_backend: str = "auto") -> nn.Module:
+               attention_backend: str = "auto", token_keep_rate: float = 1.0,
+               token_prune_layers: Optional[Sequence[int]] = None) -> nn.Module:
     """Give a timm ViT mait's masked attention heads, in place, keeping its weights; returns the model.
 
     ``model`` is a timm ``VisionTransformer`` or subclass (ViT, DeiT and distilled DeiT, DeiT-III, ...)
@@ -38,8 +39,8 @@ def mask_model(model: nn.Module, scheme: Union[str, MaskingScheme] = "sch1", *, 
     :class:`mait.MaskedAttention` configured by ``scheme`` (see :mod:`mait.schemes`; ``"none"`` leaves the
     logits unchanged), and the model becomes the matching MaiT class (``mask_model(deit_tiny, "sch1")``
     computes what ``mait_t12_224`` with ``scheme="sch1"`` and the same weights computes).  A model built with
-    ``dynamic_img_size=True`` stays dynamic.  The other arguments are those of :class:`mait.MaiT`; soft heads
-    start at ``soft_alpha_init``.  Anything else is a one-line error naming what can be masked.
+    ``dynamic_img_size=True`` stays dynamic.  The other arguments are those of :class:`mait.MaiT` (token
+    pruning included: ``token_keep_rate``, ``token_prune_layers``); soft heads start at ``soft_alpha_init``.  Anything else is a one-line error naming what can be masked.
     """
     kind = type(model).__name__
     if isinstance(model, MaskedViTMixin):
@@ -55,6 +56,7 @@ def mask_model(model: nn.Module, scheme: Union[str, MaskingScheme] = "sch1", *, 
                              f"mask_model masks ViTs whose blocks use timm's Attention (e.g. vit_*, deit_*, deit3_*)")
     if not model.patch_embed.dynamic_img_pad:
         check_image_size(model.patch_embed.img_size, model.patch_embed.patch_size)
+    MaskedViTMixin.set_token_pruning(model, token_keep_rate, token_prune_layers)
     MaskedViTMixin.install_masks(model, scheme=scheme, mask_size=mask_size, soft_alpha_init=soft_alpha_init,
                                  mask_seed=mask_seed, attention_mode=attention_mode,
                                  attention_backend=attention_backend, keep_rate=None)

@@ -16,7 +16,9 @@ Keyword arguments beyond a MaiT model's: ``keep_rate`` (default 0.25, the releas
 gives one per layer), ``mode`` (``"neg_inf"``: the release's semantics; ``"zero"``: MaiT's
 zero-logit semantics on the learned mask, mait's variant) and the predictor's
 ``basis_reduction``, ``basis_threshold``, ``coef_topk`` and ``sparse_basis`` (``False``:
-mait's unpruned variant).  ``scheme=`` still works, e.g. ``"*:hllu"`` mixes fixed and learned heads.
+mait's unpruned variant).  ``token_keep_rate`` (default 1.0: off) adds the release's token pruning
+(after blocks 3, 6 and 9 of 12 keep ``ceil(ρ^j · N)`` patches; ``token_prune_layers``), the pruned
+tokens dropped (docs/sparsity.md).  ``scheme=`` still works, e.g. ``"*:hllu"`` mixes fixed and learned heads.
 The release trains it in two stages from the dense model; see the ``sparsifiner_*`` presets.
 """
 
@@ -26,7 +28,7 @@ from typing import Any
 
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from .mait import MaiT, _cfg, deit_checkpoint_filter
+from .mait import MaiT, _cfg, check_features_only, deit_checkpoint_filter
 from .small import MINI6_32, NANO4_8, default_cfgs as small_cfgs
 
 __all__ = ["sparsifiner_deit_tiny_224", "sparsifiner_deit_small_224", "sparsifiner_nano4_8", "sparsifiner_mini6_32"]
@@ -43,6 +45,7 @@ default_cfgs = generate_default_cfgs({
 
 def _create(variant: str, pretrained: bool, model_args: dict, kwargs: dict) -> MaiT:
     """Build a Sparsifiner model; ``mode`` names the learned heads' semantics (MaiT's ``learned_mode``)."""
+    check_features_only(kwargs)
     if "mode" in kwargs:
         kwargs["learned_mode"] = kwargs.pop("mode")
     heads = kwargs.get("num_heads", model_args["num_heads"])

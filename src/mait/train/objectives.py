@@ -7,7 +7,7 @@ Terms (``losses:`` of a stage, docs/training.md):
 * ``kl``: ``KL(teacher || student)`` of the class probabilities, averaged over images (the
   Sparsifiner release's logit distillation);
 * ``tokens``: mean squared error between the student's and the teacher's final (normed) patch
-  tokens (the release's token distillation);
+  tokens (the release's token distillation; with token pruning over the tokens the student kept);
 * ``reconstruction``: the learned heads' attention-reconstruction loss
   (:func:`mait.learned.reconstruction_loss`) against the dense teacher's attention
   (``reconstruction_target: teacher``, as released) or each layer's own dense attention
@@ -167,6 +167,9 @@ class Objective(nn.Module):
                                         reduction="batchmean", log_target=True)
             if "tokens" in self.weights:
                 mine = self._tokens[:, model.num_prefix_tokens:]
+                kept = getattr(model, "token_index", None)          # token pruning: the teacher's at the kept ones
+                if kept is not None and kept.shape == mine.shape[:2]:
+                    tokens = tokens.gather(1, kept[..., None].expand(-1, -1, tokens.shape[-1]))
                 if mine.shape != tokens.shape:
                     raise UserError(f"the tokens loss term compares final patch tokens, but the student's are "
                                     f"{tuple(mine.shape[1:])} and the teacher's {tuple(tokens.shape[1:])}")
