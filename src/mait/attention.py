@@ -118,6 +118,22 @@ class MaskedAttention(nn.Module):
         self._setup_masking(**masking)
         return self
 
+    @classmethod
+    def adopt(cls, attn: nn.Module, **masking: Any) -> "MaskedAttention":
+        """Wrap a timm attention layer whose computation a subclass reimplements (Eva's, BEiT's): the masked layer
+        takes over all of ``attn``'s parameters, buffers (persistent or not), sub-modules and settings, so the
+        model's state-dict keys stay timm's."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self._parameters.update(attn._parameters)
+        self._buffers.update(attn._buffers)
+        self._non_persistent_buffers_set.update(attn._non_persistent_buffers_set)
+        self._modules.update(attn._modules)
+        self.__dict__.update({name: value for name, value in vars(attn).items() if not name.startswith("_")})
+        self.head_dim = getattr(attn, "head_dim", None) or self.proj.in_features // self.num_heads
+        self._setup_masking(**masking)
+        return self
+
     def _setup_masking(self, grid_size: GridSize, mask_size: int = 3, num_prefix_tokens: int = 1,
                        head_kinds: Optional[Sequence[Union[HeadKind, str]]] = None, soft_alpha_init: float = 0.5,
                        mask_seed: int = 0, mode: str = "zero", backend: str = "auto",
@@ -235,16 +251,17 @@ class MaskedAttention(nn.Module):
         """Boolean keep mask of the current grid (see :meth:`keep_mask`) on the layer's device."""
         return self.keep_mask()
 
-    def plan(self, q: torch.Tensor, dropout: bool = False) -> AttentionPlan:
+    def plan(self, q: torch.Tensor, dropout: bool = False, bias: bool = False) -> AttentionPlan:
         """The layer's attention plan for inputs like ``q`` on the current grid; decided once per grid,
-        device, dtype, gradient and dropout."""
+        device, dtype, gradient, dropout and logit bias (``bias``: the logits carry an additive bias)."""
         grad = needs_grad(q) or (self.alpha_logit is not None and needs_grad(self.alpha_logit))
-        key = (self.grid_size, q.device.type, q.dtype, grad, dropout)
+        key = (self.grid_size, q.device.type, q.dtype, grad, dropout, bias)
         plan = self._plans.lookup(key)
         if plan is None:
             call = AttentionCall(self.grid_size, self.mask_size, self.num_prefix_tokens, self._call_kinds,
                                  mode=self.mode, custom_mask=self.custom_mask, device_type=q.device.type,
-                                 dtype=q.dtype, head_dim=self.head_dim, needs_grad=grad, dropout=dropout)
+                                 dtype=q.dtype, head_dim=self.head_dim, needs_grad=grad, dropout=dropout,
+                                 bias=bias)
             plan = self._plans.store(key, plan_attention(call, self.backend))
             logger.debug("%s(%s) plan: %s", type(self).__name__, "".join(k.value for k in self.head_kinds),
                          plan.describe())
@@ -275,12 +292,13 @@ class MaskedAttention(nn.Module):
                              f"({self.num_prefix_tokens} prefix + {self.grid_size[0]}x{self.grid_size[1]} grid); "
                              f"run it inside its model, or pass grid_size=(H, W) for this input")
 
-    def _probabilities(self, q: torch.Tensor, k: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    def _probabilities(self, q: torch.Tensor, k: torch.Tensor, alpha: torch.Tensor,
+                       bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The attention probabilities of a call, for analysis: the fixed-mask heads' from the definition, the
         learned heads' from the masks their predictor kept in that call."""
         q, k = q.detach(), k.detach()
         probs = reference.attention_probs(q, k, keep=self.keep_mask(q.device), alpha=alpha.detach(), mode=self.mode,
-                                          scale=self.scale)
+                                          scale=self.scale, bias=None if bias is None else bias.detach())
         if self.predictor is None:
             return probs
         heads = self.learned_index
@@ -297,13 +315,19 @@ class MaskedAttention(nn.Module):
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
+        x = self._attend(q, k, v).transpose(1, 2).reshape(batch, tokens, channels)
+        return self.proj_drop(self.proj(x))
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Masked attention of ``(B, heads, T, d)`` queries, keys and values through the layer's plan, ``bias``
+        an optional ``(heads, T, T)`` or ``(1, heads, T, T)`` logit bias added before the mask (docs/semantics.md); ``(B, heads, T, d)``."""
         dropout_p = self.attn_drop.p if self.training else 0.0
         alpha = self.alpha
-        plan = self.plan(q, dropout_p > 0.0)
+        plan = self.plan(q, dropout_p > 0.0, bias is not None)
         out = plan.run(q, k, v, alpha=alpha, keep=self.keep_mask(q.device) if plan.needs_keep else None,
                        scale=self.scale, dropout_p=dropout_p, predictor=self.predictor,
-                       capture=self.capture_attention)
+                       capture=self.capture_attention, bias=bias)
         if self.capture_attention:
-            self.last_attention = self._probabilities(q, k, alpha)
-        x = out.transpose(1, 2).reshape(batch, tokens, channels)
-        return self.proj_drop(self.proj(x))
+            self.last_attention = self._probabilities(q, k, alpha, bias)
+        return out
