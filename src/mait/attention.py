@@ -320,8 +320,8 @@ class MaskedAttention(nn.Module):
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Masked attention of ``(B, heads, T, d)`` queries, keys and values through the layer's plan, ``bias``
-        an optional ``(heads, T, T)`` or ``(1, heads, T, T)`` logit bias added before the mask (docs/semantics.md); ``(B, heads, T, d)``."""
+        """Masked attention of ``(B, heads, T, d)`` queries, keys and values through the layer's plan; ``bias`` an
+        optional ``(heads, T, T)`` or ``(1, heads, T, T)`` logit bias added before the mask (docs/semantics.md)."""
         dropout_p = self.attn_drop.p if self.training else 0.0
         alpha = self.alpha
         plan = self.plan(q, dropout_p > 0.0, bias is not None)

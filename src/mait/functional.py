@@ -2,10 +2,11 @@
 
 Semantics (docs/semantics.md, paper Eq. 2): ``A = softmax(Mα ⊙ (q kᵀ / √d + B))``, ``out = A v``
 where ``Mα`` is 1 on prefix rows/columns and on spatial neighbours within the ``R x R``
-window and the head's α elsewhere, and ``B`` an optional logit bias (0 unless given).  α = 0 is the paper's hard mask (non-neighbour logits
-become 0, *not* -inf), 0 < α < 1 a soft mask, α = 1 plain attention.  The op runs through an
-attention plan (:func:`mait.backends.plan_attention`): which backend runs which heads, decided
-once per call shape and cached.  The module :class:`mait.MaskedAttention` (``mait.attention``)
+window and the head's α elsewhere, and ``B`` an optional logit bias (0 unless given).
+α = 0 is the paper's hard mask (non-neighbour logits become 0, *not* -inf), 0 < α < 1 a soft
+mask, α = 1 plain attention.  The op runs through an attention plan
+(:func:`mait.backends.plan_attention`): which backend runs which heads, decided once per call
+shape and cached.  The module :class:`mait.MaskedAttention` (``mait.attention``)
 computes the same function inside a model.
 """
 
@@ -135,7 +136,7 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid_
                              or bias.dim() not in (3, 4) or (bias.dim() == 4 and bias.shape[0] != 1)):
         raise ValueError(f"bias must be a float tensor of shape (heads, T, T) = ({heads}, {tokens}, {tokens}) or "
                          f"(1, heads, T, T); got {bias.dtype} {tuple(bias.shape)}")
-    grad = needs_grad(q, k, v, alpha_t) or (bias is not None and needs_grad(bias))
+    grad = needs_grad(q, k, v, alpha_t, *([] if bias is None else [bias]))
     call = AttentionCall(grid, mask_size, num_prefix_tokens, _head_kinds(alpha, alpha_t), mode=mode,
                          custom_mask=mask is not None, device_type=q.device.type, dtype=q.dtype,
                          head_dim=q.shape[-1], needs_grad=grad, dropout=dropout_p > 0.0, bias=bias is not None)

@@ -7,7 +7,8 @@ with two functions and a registration here:
 * ``can_run(call) -> None | str``: ``None`` when it can run the :class:`AttentionCall`,
   else a short reason.  ``auto`` and an explicitly named backend use the same check.
 * ``run(q, k, v, *, alpha, keep, call, scale, dropout_p, bias) -> Tensor``; ``bias`` is the
-  ``(heads, T, T)`` or ``(1, heads, T, T)`` logit bias of a call with ``call.bias`` (BEiT's relative position bias), else None.
+  ``(heads, T, T)`` or ``(1, heads, T, T)`` logit bias of a call with ``call.bias`` (BEiT's
+  relative position bias), else None.
 
 An :class:`AttentionCall` describes a call without its tensors (geometry, head kinds,
 device, dtype, gradient, dropout), so it is hashable: :func:`plan_attention` turns it into
@@ -42,7 +43,8 @@ class AttentionCall:
     ``HARD`` when its α is a constant 0, ``NONE`` when a constant 1 and ``SOFT`` otherwise
     (any α that needs a gradient); a layer's call also holds ``LEARNED`` heads.  ``custom_mask`` says that the keep mask is a given
     tensor (random-mask heads, a user mask) rather than the local ``R x R`` window.  ``bias`` says that the
-    logits carry an additive ``(heads, T, T)`` (or ``(1, heads, T, T)``) bias before the mask (docs/semantics.md, "Logit bias").
+    logits carry an additive ``(heads, T, T)`` (or ``(1, heads, T, T)``) bias before the mask
+    (docs/semantics.md, "Logit bias").
     """
 
     grid_size: tuple[int, int]
@@ -246,13 +248,14 @@ def _fixed_steps(call: AttentionCall, backend: str) -> list[PlanStep]:
         whole = _gpu_whole_layer(call)
         if whole is not None:
             return [PlanStep(whole, heads, call)]
+        if call.bias:
+            logger.info("a layer with a logit bias on the %dx%d grid runs its heads by kind (hard heads on the "
+                        "linear-time backend, the others dense): the fused FlexAttention kernels %s",
+                        *call.grid_size, flex.can_run(call))
     groups: dict[str, list[int]] = {}
     for kind in dict.fromkeys(call.head_kinds):
         members = [h for h in heads if call.head_kinds[h] is kind]
         groups.setdefault(_group_backend(call.subset(members)).name, []).extend(members)
-    if call.bias and HeadKind.HARD in call.head_kinds and "local" not in groups:
-        logger.info("hard heads on the %dx%d grid run on a dense backend: the linear-time backend %s",
-                    *call.grid_size, local.can_run(call.subset([call.head_kinds.index(HeadKind.HARD)])))
     if len(groups) == 1:
         return [PlanStep(BACKENDS[next(iter(groups))], heads, call)]
     return [PlanStep(BACKENDS[name], tuple(sorted(members)), call.subset(sorted(members)))

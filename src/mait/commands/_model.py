@@ -23,7 +23,8 @@ def create_model(name: str, **options: Any) -> nn.Module:
     """``timm.create_model(name, **options)`` with the options a user gave: an unknown name, an option the
     model does not take, or an image smaller than one of its patches is a one-line error."""
     check_model_name(name)
-    masking = {} if is_mait_model(name) else {key: options.pop(key) for key in ("scheme", "mask_size") if key in options}
+    masking = {} if is_mait_model(name) else {key: options.pop(key) for key in ("scheme", "mask_size")
+                                              if key in options}
     try:
         model = timm.create_model(name, pretrained=False, **options)
     except TypeError as error:
