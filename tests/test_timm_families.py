@@ -229,6 +229,21 @@ def test_dynamic_eva_stays_dynamic_and_follows_each_grid():
     assert (auto - expected).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("name", ["eva02", pytest.param("beit", marks=pytest.mark.skipif(
+    not hasattr(Beit, "set_input_size"), reason="timm's Beit has set_input_size from timm 1.0.31"))])
+def test_set_input_size_of_a_masked_model_equals_the_model_built_for_the_size(name):
+    """timm resamples the position embedding, the rotary grid or the bias tables; the masked layers take the grid."""
+    model = mait.mask_model(_family(name), scheme="0:hsuu,1:all")
+    model.set_input_size(img_size=64)
+    assert all(block.attn.grid_size == (8, 8) for block in model.blocks)
+    cls, variants = (Eva, EVA_VARIANTS) if name in EVA_VARIANTS else (Beit, BEIT_VARIANTS)
+    built = mait.mask_model(cls(**dict(TINY, img_size=64), **variants[name]).eval(), scheme="0:hsuu,1:all")
+    built.load_state_dict(model.state_dict())
+    x = _images(64, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), built(x), rtol=0, atol=1e-5)
+
+
 def test_cait_equals_masked_cait_with_the_same_weights():
     cait = _family("cait_xxs24_224")
     weights = {key: value.clone() for key, value in cait.state_dict().items()}
