@@ -18,6 +18,7 @@ from timm.layers import register_notrace_module
 
 from .backends import AttentionCall, AttentionPlan, learned as learned_backend, logger, plan_attention, reference
 from .backends.local import empty_sdpa_layout
+from .errors import UserError
 from .functional import MODES, cached_local_mask, needs_grad
 from .learned import ConnectivityPredictor, check_learned_mode
 from .masks import (GridSize, check_mask_fits_grid, check_mask_size, check_num_prefix_tokens, local_mask, random_mask,
@@ -129,6 +130,22 @@ class MaskedAttention(nn.Module):
         self.scale = attn.scale
         for name in cls._reused_modules:
             setattr(self, name, getattr(attn, name))
+        self._setup_masking(**masking)
+        return self
+
+    @classmethod
+    def adopt(cls, attn: nn.Module, **masking: Any) -> "MaskedAttention":
+        """Wrap a timm attention layer whose computation a subclass reimplements (Eva's, BEiT's): the masked layer
+        takes over all of ``attn``'s parameters, buffers (persistent or not), sub-modules and settings, so the
+        model's state-dict keys stay timm's."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self._parameters.update(attn._parameters)
+        self._buffers.update(attn._buffers)
+        self._non_persistent_buffers_set.update(attn._non_persistent_buffers_set)
+        self._modules.update(attn._modules)
+        self.__dict__.update({name: value for name, value in vars(attn).items() if not name.startswith("_")})
+        self.head_dim = getattr(attn, "head_dim", None) or self.proj.in_features // self.num_heads
         self._setup_masking(**masking)
         return self
 
@@ -249,16 +266,17 @@ class MaskedAttention(nn.Module):
         """Boolean keep mask of the current grid (see :meth:`keep_mask`) on the layer's device."""
         return self.keep_mask()
 
-    def plan(self, q: torch.Tensor, dropout: bool = False) -> AttentionPlan:
+    def plan(self, q: torch.Tensor, dropout: bool = False, bias: bool = False) -> AttentionPlan:
         """The layer's attention plan for inputs like ``q`` on the current grid; decided once per grid,
-        device, dtype, gradient and dropout."""
+        device, dtype, gradient, dropout and logit bias (``bias``: the logits carry an additive bias)."""
         grad = needs_grad(q) or (self.alpha_logit is not None and needs_grad(self.alpha_logit))
-        key = (self.grid_size, q.device.type, q.dtype, grad, dropout)
+        key = (self.grid_size, q.device.type, q.dtype, grad, dropout, bias)
         plan = self._plans.lookup(key)
         if plan is None:
             call = AttentionCall(self.grid_size, self.mask_size, self.num_prefix_tokens, self._call_kinds,
                                  mode=self.mode, custom_mask=self.custom_mask, device_type=q.device.type,
-                                 dtype=q.dtype, head_dim=self.head_dim, needs_grad=grad, dropout=dropout)
+                                 dtype=q.dtype, head_dim=self.head_dim, needs_grad=grad, dropout=dropout,
+                                 bias=bias)
             # while tracing, dynamo runs the function itself (and warns when handed its lru_cache wrapper)
             decide = plan_attention.__wrapped__ if torch.compiler.is_compiling() else plan_attention
             plan = self._plans.store(key, decide(call, self.backend))
@@ -328,12 +346,13 @@ class MaskedAttention(nn.Module):
                                                 positions=positions)
         return out, keep
 
-    def _probabilities(self, q: torch.Tensor, k: torch.Tensor, alpha: torch.Tensor,
-                       keep: torch.Tensor) -> torch.Tensor:
+    def _probabilities(self, q: torch.Tensor, k: torch.Tensor, alpha: torch.Tensor, keep: torch.Tensor,
+                       bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The attention probabilities of a call, for analysis: the fixed-mask heads' from the definition with
-        ``keep``, the learned heads' from the masks their predictor kept in that call."""
+        ``keep`` (and ``bias``), the learned heads' from the masks their predictor kept in that call."""
         q, k = q.detach(), k.detach()
-        probs = reference.attention_probs(q, k, keep=keep, alpha=alpha.detach(), mode=self.mode, scale=self.scale)
+        probs = reference.attention_probs(q, k, keep=keep, alpha=alpha.detach(), mode=self.mode, scale=self.scale,
+                                          bias=None if bias is None else bias.detach())
         if self.predictor is None:
             return probs
         heads = self.learned_index
@@ -350,18 +369,27 @@ class MaskedAttention(nn.Module):
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
+        x = self._attend(q, k, v).transpose(1, 2).reshape(batch, tokens, channels)
+        return self.proj_drop(self.proj(x))
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Masked attention of ``(B, heads, T, d)`` queries, keys and values through the layer's plan; ``bias`` an
+        optional ``(heads, T, T)`` or ``(1, heads, T, T)`` logit bias added before the mask (docs/semantics.md)."""
         dropout_p = self.attn_drop.p if self.training else 0.0
         alpha = self.alpha
         if self.token_index is None:
-            plan = self.plan(q, dropout_p > 0.0)
+            plan = self.plan(q, dropout_p > 0.0, bias is not None)
             keep = self.keep_mask(q.device) if plan.needs_keep or self.capture_attention else None
             out = plan.run(q, k, v, alpha=alpha, keep=keep if plan.needs_keep else None, scale=self.scale,
-                           dropout_p=dropout_p, predictor=self.predictor, capture=self.capture_attention)
+                           dropout_p=dropout_p, predictor=self.predictor, capture=self.capture_attention, bias=bias)
+        elif bias is not None:
+            raise UserError(f"{type(self).__name__}: token pruning does not carry a logit bias (BEiT's relative "
+                            f"position bias); use token_keep_rate=1.0 on this model")
         else:
             out, keep = self._pruned_attention(q, k, v, alpha, dropout_p)
         if self.score_tokens:
             self.token_scores = class_attention_scores(q, k, self.scale, self.num_prefix_tokens)
         if self.capture_attention:
-            self.last_attention = self._probabilities(q, k, alpha, keep)
-        x = out.transpose(1, 2).reshape(batch, tokens, channels)
-        return self.proj_drop(self.proj(x))
+            self.last_attention = self._probabilities(q, k, alpha, keep, bias)
+        return out

@@ -26,7 +26,10 @@ from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
+from timm.layers import AttentionRope
+from timm.models.beit import Attention as BeitAttention
 from timm.models.cait import ClassAttn, TalkingHeadAttn
+from timm.models.eva import EvaAttention
 from timm.models.swin_transformer import WindowAttention
 from timm.models.vision_transformer import Attention
 
@@ -133,7 +136,8 @@ def _class_attention(module: nn.Module, x: torch.Tensor) -> int:
 def _counters(mask_savings: bool) -> list[tuple[type, Callable[[nn.Module, torch.Tensor], int]]]:
     """Attention-map counters per module type; order matters (subclasses first)."""
     return [(MaskedAttention, _masked if mask_savings else _full), (TalkingHeadAttn, _full), (Attention, _full),
-            (WindowAttention, _windows), (ClassAttn, _class_attention)]
+            (EvaAttention, _full), (AttentionRope, _full), (BeitAttention, _full), (WindowAttention, _windows),
+            (ClassAttn, _class_attention)]
 
 
 @dataclass

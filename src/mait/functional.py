@@ -1,11 +1,12 @@
 """The functional op :func:`masked_attention`: masked multi-head attention with the paper's semantics.
 
-Semantics (docs/semantics.md, paper Eq. 2): ``A = softmax(Mα ⊙ (q kᵀ / √d))``, ``out = A v``
+Semantics (docs/semantics.md, paper Eq. 2): ``A = softmax(Mα ⊙ (q kᵀ / √d + B))``, ``out = A v``
 where ``Mα`` is 1 on prefix rows/columns and on spatial neighbours within the ``R x R``
-window and the head's α elsewhere.  α = 0 is the paper's hard mask (non-neighbour logits
-become 0, *not* -inf), 0 < α < 1 a soft mask, α = 1 plain attention.  The op runs through an
-attention plan (:func:`mait.backends.plan_attention`): which backend runs which heads, decided
-once per call shape and cached.  The module :class:`mait.MaskedAttention` (``mait.attention``)
+window and the head's α elsewhere, and ``B`` an optional logit bias (0 unless given).
+α = 0 is the paper's hard mask (non-neighbour logits become 0, *not* -inf), 0 < α < 1 a soft
+mask, α = 1 plain attention.  The op runs through an attention plan
+(:func:`mait.backends.plan_attention`): which backend runs which heads, decided once per call
+shape and cached.  The module :class:`mait.MaskedAttention` (``mait.attention``)
 computes the same function inside a model.
 """
 
@@ -91,7 +92,8 @@ def needs_grad(*tensors: torch.Tensor) -> bool:
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid_size: GridSize,
                      mask_size: int = 3, num_prefix_tokens: int = 1, alpha: AlphaLike = 0.0,
                      mode: str = "zero", mask: Optional[torch.Tensor] = None, scale: Optional[float] = None,
-                     dropout_p: float = 0.0, backend: str = "auto") -> torch.Tensor:
+                     dropout_p: float = 0.0, bias: Optional[torch.Tensor] = None,
+                     backend: str = "auto") -> torch.Tensor:
     """Masked multi-head attention with the paper's semantics.
 
     Args:
@@ -107,6 +109,8 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid_
             (``True`` = full-strength logit), e.g. :func:`mait.random_mask`.
         scale: logit scale, default ``d ** -0.5``.
         dropout_p: dropout on the attention probabilities (training only).
+        bias: optional ``(heads, T, T)`` (or ``(1, heads, T, T)``) float logit bias ``B`` added before the mask,
+            ``softmax(Mα ⊙ (S + B))`` (BEiT's relative position bias; docs/semantics.md).
         backend: ``"auto"`` or the name of a registered backend (see :mod:`mait.backends`).
 
     Returns:
@@ -128,12 +132,17 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid_
                              or mask.dim() not in (2, 3) or (mask.dim() == 3 and mask.shape[0] != heads)):
         raise ValueError(f"mask must be a bool tensor of shape (T, T) or (heads, T, T) = ({heads}, {tokens}, "
                          f"{tokens}); got {mask.dtype} {tuple(mask.shape)}")
+    if bias is not None and (not torch.is_floating_point(bias) or tuple(bias.shape)[-3:] != (heads, tokens, tokens)
+                             or bias.dim() not in (3, 4) or (bias.dim() == 4 and bias.shape[0] != 1)):
+        raise ValueError(f"bias must be a float tensor of shape (heads, T, T) = ({heads}, {tokens}, {tokens}) or "
+                         f"(1, heads, T, T); got {bias.dtype} {tuple(bias.shape)}")
+    grad = needs_grad(q, k, v, alpha_t, *([] if bias is None else [bias]))
     call = AttentionCall(grid, mask_size, num_prefix_tokens, _head_kinds(alpha, alpha_t), mode=mode,
                          custom_mask=mask is not None, device_type=q.device.type, dtype=q.dtype,
-                         head_dim=q.shape[-1], needs_grad=needs_grad(q, k, v, alpha_t), dropout=dropout_p > 0.0)
+                         head_dim=q.shape[-1], needs_grad=grad, dropout=dropout_p > 0.0, bias=bias is not None)
     plan = plan_attention(call, backend)
     keep = None
     if plan.needs_keep:
         keep = mask.to(q.device) if mask is not None else cached_local_mask(grid, mask_size, num_prefix_tokens, q.device)
     return plan.run(q, k, v, alpha=alpha_t, keep=keep, scale=q.shape[-1] ** -0.5 if scale is None else float(scale),
-                    dropout_p=float(dropout_p))
+                    dropout_p=float(dropout_p), bias=bias)

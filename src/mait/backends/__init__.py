@@ -6,7 +6,9 @@ with two functions and a registration here:
 
 * ``can_run(call) -> None | str``: ``None`` when it can run the :class:`AttentionCall`,
   else a short reason.  ``auto`` and an explicitly named backend use the same check.
-* ``run(q, k, v, *, alpha, keep, call, scale, dropout_p) -> Tensor``.
+* ``run(q, k, v, *, alpha, keep, call, scale, dropout_p, bias) -> Tensor``; ``bias`` is the
+  ``(heads, T, T)`` or ``(1, heads, T, T)`` logit bias of a call with ``call.bias`` (BEiT's
+  relative position bias), else None.
 
 An :class:`AttentionCall` describes a call without its tensors (geometry, head kinds,
 device, dtype, gradient, dropout), so it is hashable: :func:`plan_attention` turns it into
@@ -40,7 +42,9 @@ class AttentionCall:
     ``head_kinds`` holds :class:`HeadKind.HARD`, ``SOFT`` or ``NONE`` per head: a head is
     ``HARD`` when its α is a constant 0, ``NONE`` when a constant 1 and ``SOFT`` otherwise
     (any α that needs a gradient); a layer's call also holds ``LEARNED`` heads.  ``custom_mask`` says that the keep mask is a given
-    tensor (random-mask heads, a user mask) rather than the local ``R x R`` window.
+    tensor (random-mask heads, a user mask) rather than the local ``R x R`` window.  ``bias`` says that the
+    logits carry an additive ``(heads, T, T)`` (or ``(1, heads, T, T)``) bias before the mask
+    (docs/semantics.md, "Logit bias").
     """
 
     grid_size: tuple[int, int]
@@ -54,6 +58,7 @@ class AttentionCall:
     head_dim: int = 64
     needs_grad: bool = False
     dropout: bool = False
+    bias: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -168,27 +173,33 @@ class AttentionPlan:
                           f"{step.backend.name}" for step in self.steps)
         return (f"grid {call.grid_size[0]}x{call.grid_size[1]} R {call.mask_size} prefix {call.num_prefix_tokens} "
                 f"{call.mode} on {call.device_type}/{str(call.dtype).replace('torch.', '')}"
-                f"{' train' if call.needs_grad else ''}: {parts}")
+                f"{' train' if call.needs_grad else ''}{' bias' if call.bias else ''}: {parts}")
 
     def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, alpha: torch.Tensor,
             keep: Optional[torch.Tensor], scale: float, dropout_p: float = 0.0, predictor: Optional[Any] = None,
-            capture: bool = False) -> torch.Tensor:
-        """Every step on its heads; ``predictor`` (and ``capture``) go to a layer's learned-heads step."""
+            capture: bool = False, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Every step on its heads; ``predictor`` (and ``capture``) go to a layer's learned-heads step, the
+        logit ``bias`` (calls with ``call.bias``) to every step, sliced to its heads."""
+        if (bias is not None) != self.call.bias:
+            raise ValueError(f"this plan was made for a call {'with' if self.call.bias else 'without'} a logit bias")
         if len(self.steps) == 1:
-            return self._run_step(self.steps[0], q, k, v, alpha, keep, scale, dropout_p, predictor, capture)
+            return self._run_step(self.steps[0], q, k, v, alpha, keep, scale, dropout_p, predictor, capture, bias)
         out = local.empty_sdpa_layout(v)        # not torch.cat: keeps the module's transpose a free view
         for step in self.steps:
             index = step.index
             step_keep = keep[index] if keep is not None and keep.dim() == 3 else keep
             out[:, index] = self._run_step(step, q[:, index], k[:, index], v[:, index], alpha[index], step_keep,
-                                           scale, dropout_p, predictor, capture)
+                                           scale, dropout_p, predictor, capture,
+                                           None if bias is None else bias[..., index, :, :])
         return out
 
     @staticmethod
     def _run_step(step: PlanStep, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor,
                   keep: Optional[torch.Tensor], scale: float, dropout_p: float, predictor: Optional[Any],
-                  capture: bool) -> torch.Tensor:
+                  capture: bool, bias: Optional[torch.Tensor]) -> torch.Tensor:
         extra = dict(predictor=predictor, capture=capture) if step.backend.takes_predictor else {}
+        if bias is not None:
+            extra["bias"] = bias
         return step.backend.run(q, k, v, alpha=alpha, keep=keep, call=step.call, scale=scale, dropout_p=dropout_p,
                                 **extra)
 
@@ -244,6 +255,10 @@ def _fixed_steps(call: AttentionCall, backend: str) -> list[PlanStep]:
         whole = _gpu_whole_layer(call)
         if whole is not None:
             return [PlanStep(whole, heads, call)]
+        if call.bias:
+            logger.info("a layer with a logit bias on the %dx%d grid runs its heads by kind (hard heads on the "
+                        "linear-time backend, the others dense): the fused FlexAttention kernels %s",
+                        *call.grid_size, flex.can_run(call))
     groups: dict[str, list[int]] = {}
     for kind in dict.fromkeys(call.head_kinds):
         members = [h for h in heads if call.head_kinds[h] is kind]

@@ -31,10 +31,14 @@ def no_autocast(like: torch.Tensor) -> ContextManager[Any]:
     return nullcontext()
 
 
-def hard_local_only(call: Any) -> Optional[str]:
-    """Why a hard-heads-only, local-window, dropout-free backend cannot run ``call`` (None: it can)."""
+def hard_local_only(call: Any, bias: bool = False) -> Optional[str]:
+    """Why a hard-heads-only, local-window, dropout-free backend cannot run ``call`` (None: it can); ``bias``: the
+    backend takes a logit bias."""
     if call.custom_mask:
         return "it only implements the local R x R mask, not a custom mask"
+    if call.bias and not bias:
+        return ("it takes no additive logit bias (BEiT's relative position bias); the local, matmul, reference "
+                "and (unmasked heads) sdpa backends do")
     if call.dropout:
         return "attention dropout needs the dense probabilities (use dropout_p=0, or the matmul or reference backend)"
     if set(call.head_kinds) != {HeadKind.HARD}:

@@ -105,6 +105,8 @@ def can_run(call: Any) -> Optional[str]:
     """Any head kinds and masks; no attention dropout; a GPU kernel (CPU: forward only)."""
     if not available():
         return "torch.nn.attention.flex_attention is not available in this torch"
+    if call.bias:
+        return "it takes no additive logit bias (use the matmul or reference backend)"
     if call.dropout:
         return "FlexAttention has no attention dropout (use dropout_p=0, or the matmul or reference backend)"
     if call.device_type != "cuda" and call.needs_grad:

@@ -167,4 +167,6 @@ def can_run(call: Any) -> Optional[str]:
     """Learned heads only: they need their layer's connectivity predictor."""
     if set(call.head_kinds) != {HeadKind.LEARNED}:
         return "it runs learned (Sparsifiner) heads only, with their layer's connectivity predictor"
+    if call.bias:
+        return "it takes no additive logit bias"
     return None

@@ -14,6 +14,9 @@ and nothing to the numerator.  Border truncation is therefore exact without a va
 mask (``mode="neg_inf"`` gives the padded slots -inf instead).  Prefix rows attend to
 everything and run through ``scaled_dot_product_attention``.
 
+A logit bias (BEiT's relative position bias) is read where the loop needs it: on the ``R²`` window slots
+of each patch (padded slots keep their zero logit) and the prefix rows and columns (:func:`window_bias`).
+
 Time and memory are O(T·R²·d).  This is eager code; inside a ``torch.compile`` or ``torch.export``
 trace the same function is traced as the compiled backend's plain tensor code (:mod:`.compiled`), which
 the compiler fuses and differentiates.  The backward pass is explicit (:class:`_LocalRows`): the
@@ -79,18 +82,21 @@ class _LocalRows(torch.autograd.Function):
     """Patch rows of hard-masked attention with an explicit O(T·R²·d) backward.
 
     Inputs are the scaled grid queries ``qg`` and grid keys/values ``kg, vg`` (``(B, h, H, W, d)``)
-    and the prefix keys/values ``kp, vp`` (``(B, h, P, d)``).  Autograd through the slot loop
-    would allocate one full padded gradient per slot; here gradients accumulate in place.
-    Both passes walk the grid in row bands (:func:`row_bands`).
+    and the prefix keys/values ``kp, vp`` (``(B, h, P, d)``), and optionally the logit bias of the
+    window slots and prefix columns (``(1, h, H, W, R²)``, ``(1, h, H, W, P)``, :func:`window_bias`).
+    Autograd through the slot loop would allocate one full padded gradient per slot; here gradients
+    accumulate in place.  Both passes walk the grid in row bands (:func:`row_bands`).
     """
 
     @staticmethod
-    def forward(ctx, qg, kg, vg, kp, vp, size: int, zero: bool):  # type: ignore[override]
+    def forward(ctx, qg, kg, vg, kp, vp, size: int, zero: bool,  # type: ignore[override]
+                slot_bias=None, prefix_bias=None):
         with no_autocast(qg):
-            return _LocalRows._forward(ctx, qg, kg, vg, kp, vp, size, zero)
+            return _LocalRows._forward(ctx, qg, kg, vg, kp, vp, size, zero, slot_bias, prefix_bias)
 
     @staticmethod
-    def _forward(ctx, qg, kg, vg, kp, vp, size: int, zero: bool):  # type: ignore[no-untyped-def]
+    def _forward(ctx, qg, kg, vg, kp, vp, size: int, zero: bool,  # type: ignore[no-untyped-def]
+                 slot_bias, prefix_bias):
         batch, heads, h, w, dim = qg.shape
         r, n, p = (size - 1) // 2, h * w, kp.shape[2]
         pad = (0, 0, r, r, r, r)
@@ -105,10 +111,14 @@ class _LocalRows(torch.autograd.Function):
             for i, kw in enumerate(_windows(kpad, size, (y0, y1), w)):
                 torch.sum(torch.mul(qg[:, :, y0:y1], kw, out=band_product), -1, out=scores[:, :, y0:y1, :, i])
         del product
+        if slot_bias is not None:      # the logit bias of every window slot; 0 on padded slots (see window_bias)
+            scores += slot_bias
         if not zero:
             scores += _pad_bias((h, w), size, scores.dtype, str(scores.device))
         peak = scores.amax(-1, keepdim=True)
         prefix_scores = (qg.reshape(batch, heads, n, dim) @ kp.transpose(-2, -1)).reshape(batch, heads, h, w, p)
+        if prefix_bias is not None:
+            prefix_scores = prefix_scores + prefix_bias
         if p:
             peak = torch.maximum(peak, prefix_scores.amax(-1, keepdim=True))
         if zero:
@@ -147,6 +157,7 @@ class _LocalRows(torch.autograd.Function):
         delta = (grad * out).sum(-1, keepdim=True)                                # Σ_j P_ij dP_ij
         dq = torch.zeros_like(qg)
         dkpad, dvpad = torch.zeros_like(kpad), torch.zeros_like(vpad)
+        dslot = probs.new_zeros(probs.shape[1:]) if ctx.needs_input_grad[7] else None    # (heads, H, W, R²)
         for y0, y1 in bands:
             band_grad, band_q, band_dq = grad[:, :, y0:y1], qg[:, :, y0:y1], dq[:, :, y0:y1]
             band_product, band_delta = product[:, :, :y1 - y0], delta[:, :, y0:y1]
@@ -156,6 +167,8 @@ class _LocalRows(torch.autograd.Function):
             for i, (kw, vw, dkw, dvw) in enumerate(windows):
                 slot = band_probs[..., i, None]
                 dscore = slot * (torch.sum(torch.mul(band_grad, vw, out=band_product), -1, keepdim=True) - band_delta)
+                if dslot is not None:
+                    dslot[:, y0:y1, :, i] = dscore.sum((0, -1))
                 band_dq.addcmul_(dscore, kw)
                 dkw.addcmul_(dscore, band_q)
                 dvw.addcmul_(slot - band_rest, band_grad)
@@ -167,7 +180,9 @@ class _LocalRows(torch.autograd.Function):
         everyone = (rest * grad).sum((2, 3))[:, :, None, :]             # every token gets Σ_i rest_i dout_i
         dvp = (prefix_probs - rest).reshape(batch, heads, n, p).transpose(-2, -1) @ grad_rows + everyone
         dvg = dvpad[:, :, r:r + h, r:r + w] + everyone[:, :, :, None, :]
-        return dq, dkpad[:, :, r:r + h, r:r + w], dvg, dkp, dvp, None, None
+        dprefix_bias = dprefix.sum(0).reshape(1, heads, h, w, p) if ctx.needs_input_grad[8] else None
+        return (dq, dkpad[:, :, r:r + h, r:r + w], dvg, dkp, dvp, None, None,
+                None if dslot is None else dslot[None], dprefix_bias)
 
 
 def empty_sdpa_layout(v: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
@@ -177,14 +192,38 @@ def empty_sdpa_layout(v: torch.Tensor, dtype: Optional[torch.dtype] = None) -> t
     return v.new_empty(batch, tokens, heads, dim, dtype=dtype).transpose(1, 2)
 
 
+def window_keys(grid: tuple[int, int], mask_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(keys, inside)``, both ``(H·W, R²)``: the patch index of each window slot of each patch, in the slot order
+    of the linear-time loop (0 on padded slots), and whether the slot lies inside the grid."""
+    h, w = grid
+    r = (mask_size - 1) // 2
+    index = F.pad(torch.arange(h * w, device=device, dtype=torch.float32).reshape(1, h, w) + 1, (r, r, r, r))[0]
+    slots = index.unfold(0, mask_size, 1).unfold(1, mask_size, 1).reshape(h * w, mask_size * mask_size)
+    return (slots - 1).clamp(min=0).long(), slots > 0
+
+
+def window_bias(bias: torch.Tensor, grid: tuple[int, int], mask_size: int,
+                num_prefix_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A ``(heads, T, T)`` logit bias as the linear-time loop reads it: ``(1, heads, H, W, R²)`` on the window slots
+    (0 on padded slots, which must keep their zero logit) and ``(1, heads, H, W, P)`` on the prefix columns.
+    O(T·R²) gathered entries of the bias; differentiable (BEiT's bias table learns)."""
+    heads, p, (h, w) = bias.shape[0], num_prefix_tokens, grid
+    keys, inside = window_keys(grid, mask_size, bias.device)
+    slots = bias[:, p:, p:].gather(-1, keys.expand(heads, -1, -1))
+    slots = torch.where(inside, slots, torch.zeros((), dtype=bias.dtype, device=bias.device))
+    return slots.reshape(1, heads, h, w, -1), bias[:, p:, :p].reshape(1, heads, h, w, p)
+
+
 def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid_size: tuple[int, int],
                     mask_size: int, num_prefix_tokens: int, mode: str = "zero", scale: Optional[float] = None,
-                    **_: object) -> torch.Tensor:
+                    bias: Optional[torch.Tensor] = None, **_: object) -> torch.Tensor:
     """Hard-masked attention (every head α = 0) in O(T·R²·d); same result as the dense reference.
 
-    ``q, k, v`` are ``(B, heads, T, d)`` with ``T = num_prefix_tokens + H * W``.
+    ``q, k, v`` are ``(B, heads, T, d)`` with ``T = num_prefix_tokens + H * W``; ``bias`` an optional
+    ``(heads, T, T)`` or ``(1, heads, T, T)`` logit bias, read on the window slots and prefix rows/columns only
+    (the other logits of a hard head are 0, bias included).
     """
-    if torch.compiler.is_compiling():    # the same function as fusable tensor code (no graph break)
+    if torch.compiler.is_compiling() and bias is None:    # the same function as fusable tensor code (no graph break)
         return compiled_window_attention(q, k, v, grid_size=grid_size, mask_size=mask_size,
                                          num_prefix_tokens=num_prefix_tokens, mode=mode, scale=scale)
     q, k, v = autocast_inputs(q, k, v)
@@ -194,25 +233,31 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid_s
     batch, heads, tokens, dim = q.shape
     p, (h, w) = num_prefix_tokens, grid_size
     scale = dim ** -0.5 if scale is None else scale
+    slot_bias = prefix_bias = row_bias = None
+    if bias is not None:
+        bias = bias.reshape(heads, tokens, tokens).to(q.dtype)
+        slot_bias, prefix_bias = window_bias(bias, grid_size, mask_size, p)
+        row_bias = bias[:, :p]
     qg = (q[:, :, p:] * scale).reshape(batch, heads, h, w, dim)
     kg = k[:, :, p:].reshape(batch, heads, h, w, dim)
     vg = v[:, :, p:].reshape(batch, heads, h, w, dim)
-    rows = _LocalRows.apply(qg, kg, vg, k[:, :, :p], v[:, :, :p], mask_size, mode == "zero")
+    rows = _LocalRows.apply(qg, kg, vg, k[:, :, :p], v[:, :, :p], mask_size, mode == "zero", slot_bias, prefix_bias)
     rows = rows.reshape(batch, heads, h * w, dim)
     if not p:
         return rows if half is None else rows.to(half)
     # Prefix rows are unmasked in every mode: one dense row each.
     out = empty_sdpa_layout(v, half)
-    out[:, :, :p] = F.scaled_dot_product_attention(q[:, :, :p], k, v, scale=scale)
+    out[:, :, :p] = F.scaled_dot_product_attention(q[:, :, :p], k, v, attn_mask=row_bias, scale=scale)
     out[:, :, p:] = rows
     return out
 
 
-def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, call: Any, scale: float, **_: Any) -> torch.Tensor:
+def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, call: Any, scale: float,
+        bias: Optional[torch.Tensor] = None, **_: Any) -> torch.Tensor:
     return local_attention(q, k, v, grid_size=call.grid_size, mask_size=call.mask_size,
-                           num_prefix_tokens=call.num_prefix_tokens, mode=call.mode, scale=scale)
+                           num_prefix_tokens=call.num_prefix_tokens, mode=call.mode, scale=scale, bias=bias)
 
 
 def can_run(call: Any) -> Optional[str]:
-    """Hard heads on the local window, without attention dropout."""
-    return hard_local_only(call)
+    """Hard heads on the local window, without attention dropout; a logit bias is read on the window slots."""
+    return hard_local_only(call, bias=True)

@@ -31,11 +31,14 @@ def scaled_mask_factor(keep: torch.Tensor, alpha: torch.Tensor, scale: float, dt
 
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, keep: torch.Tensor,
                      alpha: torch.Tensor, mode: str = "zero", scale: Optional[float] = None,
-                     dropout_p: float = 0.0) -> torch.Tensor:
-    """``softmax(Mα ⊙ S) v`` like :func:`mait.backends.reference.masked_attention` (same arguments;
+                     dropout_p: float = 0.0, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``softmax(Mα ⊙ (S + B)) v`` like :func:`mait.backends.reference.masked_attention` (same arguments;
     ``keep`` may also be a per-instance ``(B, heads, T, T)`` mask)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     scores = q @ k.transpose(-2, -1)
+    if bias is not None:     # the bias enters before the mask: scale and add it first, then Mα as the reference does
+        scores = torch.addcmul(bias, scores, torch.full((), scale, dtype=scores.dtype, device=scores.device))
+        scale = 1.0
     if mode == "zero":
         factor = scaled_mask_factor(keep, alpha, scale, scores.dtype)
         # in place unless α needs its gradient (which reads the unscaled logits)
@@ -47,5 +50,6 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, keep:
 
 
 def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, alpha: torch.Tensor, keep: torch.Tensor,
-        call: Any, scale: float, dropout_p: float = 0.0) -> torch.Tensor:
-    return masked_attention(q, k, v, keep=keep, alpha=alpha, mode=call.mode, scale=scale, dropout_p=dropout_p)
+        call: Any, scale: float, dropout_p: float = 0.0, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return masked_attention(q, k, v, keep=keep, alpha=alpha, mode=call.mode, scale=scale, dropout_p=dropout_p,
+                            bias=bias)

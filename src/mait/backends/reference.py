@@ -31,18 +31,22 @@ def masked_scores(scores: torch.Tensor, keep: torch.Tensor, alpha: torch.Tensor,
 
 
 def attention_probs(q: torch.Tensor, k: torch.Tensor, *, keep: torch.Tensor, alpha: torch.Tensor,
-                    mode: str = "zero", scale: float | None = None) -> torch.Tensor:
-    """Attention probabilities ``softmax(Mα ⊙ S)`` of shape ``(B, heads, T, T)``."""
+                    mode: str = "zero", scale: float | None = None,
+                    bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Attention probabilities ``softmax(Mα ⊙ (S + B))`` of shape ``(B, heads, T, T)``; ``bias`` is the
+    ``(heads, T, T)`` logit bias ``B`` (BEiT's relative position bias), 0 when None."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     scores = (q * scale) @ k.transpose(-2, -1)
+    if bias is not None:
+        scores = scores + bias
     return masked_scores(scores, keep, alpha, mode).softmax(dim=-1)
 
 
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, keep: torch.Tensor,
                      alpha: torch.Tensor, mode: str = "zero", scale: float | None = None,
-                     dropout_p: float = 0.0, **_: object) -> torch.Tensor:
-    """Dense masked attention ``softmax(Mα ⊙ S) @ v``; dropout (if any) is applied to the probabilities."""
-    probs = attention_probs(q, k, keep=keep, alpha=alpha, mode=mode, scale=scale)
+                     dropout_p: float = 0.0, bias: Optional[torch.Tensor] = None, **_: object) -> torch.Tensor:
+    """Dense masked attention ``softmax(Mα ⊙ (S + B)) @ v``; dropout (if any) is applied to the probabilities."""
+    probs = attention_probs(q, k, keep=keep, alpha=alpha, mode=mode, scale=scale, bias=bias)
     return weighted_values(probs, v, dropout_p)
 
 
@@ -54,8 +58,9 @@ def weighted_values(probs: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0
 
 
 def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, alpha: torch.Tensor, keep: torch.Tensor,
-        call: Any, scale: float, dropout_p: float = 0.0) -> torch.Tensor:
-    return masked_attention(q, k, v, keep=keep, alpha=alpha, mode=call.mode, scale=scale, dropout_p=dropout_p)
+        call: Any, scale: float, dropout_p: float = 0.0, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return masked_attention(q, k, v, keep=keep, alpha=alpha, mode=call.mode, scale=scale, dropout_p=dropout_p,
+                            bias=bias)
 
 
 def can_run(call: Any) -> Optional[str]:

@@ -11,8 +11,10 @@ from ..schemes import HeadKind
 
 
 def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, dropout_p: float = 0.0,
-        **_: Any) -> torch.Tensor:
-    return F.scaled_dot_product_attention(q, k, v, scale=scale, dropout_p=dropout_p)
+        bias: Optional[torch.Tensor] = None, **_: Any) -> torch.Tensor:
+    """Plain attention; a logit ``bias`` is SDPA's additive mask, passed in the shape its caller made it (BEiT's
+    ``(1, heads, T, T)`` or ``(heads, T, T)``: SDPA's CPU kernel sums in another order for each)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale, dropout_p=dropout_p)
 
 
 def can_run(call: Any) -> Optional[str]:

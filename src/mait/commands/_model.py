@@ -13,7 +13,8 @@ from torch.utils.data import DataLoader
 
 from ..errors import UserError
 from ..train import TrainConfig
-from ..train.models import check_model_name
+from ..models import mask_model
+from ..train.models import check_model_name, is_mait_model
 from ..train.runs import held_out_images, open_run
 from ._output import check_output_folder
 
@@ -22,6 +23,8 @@ def create_model(name: str, **options: Any) -> nn.Module:
     """``timm.create_model(name, **options)`` with the options a user gave: an unknown name, an option the
     model does not take, or an image smaller than one of its patches is a one-line error."""
     check_model_name(name)
+    masking = {} if is_mait_model(name) else {key: options.pop(key) for key in ("scheme", "mask_size")
+                                              if key in options}
     try:
         model = timm.create_model(name, pretrained=False, **options)
     except TypeError as error:
@@ -34,6 +37,11 @@ def create_model(name: str, **options: Any) -> nn.Module:
         patch = "x".join(map(str, embed.patch_size))
         raise UserError(f"--img-size {options.get('img_size')} is smaller than one {patch} patch of {name}; "
                         f"use at least {max(embed.patch_size)}")
+    if masking:                 # a timm model: the masks go onto it as built (mait.mask_model)
+        try:
+            model = mask_model(model, **masking)
+        except ValueError as error:
+            raise UserError(str(error)) from None
     return model
 
 

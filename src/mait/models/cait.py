@@ -65,12 +65,19 @@ class MaskedCait(Cait):
         check_image_size(kwargs.get("img_size", 224), kwargs.get("patch_size", 16))
         kwargs.pop("attention_backend", None)  # talking heads always run densely
         super().__init__(**kwargs)
-        self.mask_size = mask_size
+        self.install_masks(scheme=scheme, mask_size=mask_size, soft_alpha_init=soft_alpha_init, mask_seed=mask_seed,
+                           attention_mode=attention_mode)
+
+    def install_masks(self, *, scheme: Union[str, MaskingScheme], mask_size: int = 3, soft_alpha_init: float = 0.5,
+                      mask_seed: int = 0, attention_mode: str = "zero") -> None:
+        """Replace every self-attention layer by a masked one per ``scheme`` (keeping its weights); the
+        class-attention layers stay as they are."""
         self.scheme = apply_masking(
             self.blocks, scheme=scheme, depth=len(self.blocks), num_heads=self.blocks[0].attn.num_heads,
             grid_size=self.patch_embed.grid_size, num_prefix_tokens=0, mask_size=mask_size,
             soft_alpha_init=soft_alpha_init, mask_seed=mask_seed, attention_mode=attention_mode,
             wrap=MaskedTalkingHeadAttn.from_attention)
+        self.mask_size = mask_size
 
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:

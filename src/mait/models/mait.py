@@ -11,7 +11,7 @@ Parameter names are timm's, so DeiT checkpoints load into a MaiT of the same sha
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Callable, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -20,6 +20,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_filter_fn
 
+from ..attention import MaskedAttention
 from ..learned import BASIS_REDUCTION, BASIS_THRESHOLD, COEF_TOPK, predictor_options
 from ..masks import check_mask_fits_grid, to_grid
 from ..schemes import MaskingScheme, resolve_scheme
@@ -35,7 +36,8 @@ class MaskedViTMixin:
     The masks live on the patch grid.  A model built for one image size keeps its grid; with
     ``dynamic_img_size=True`` (any image size, as for timm's ViTs) each batch's grid is handed to
     the layers (:class:`PatchGrid`) and the position embedding is resampled by timm, and
-    :meth:`set_input_size` moves the model to another size for good.
+    :meth:`set_input_size` moves the model to another size for good.  ``_wrap_attention`` builds the masked
+    layer from a block's timm attention layer (subclasses for other timm attention classes replace it).
 
     With ``token_keep_rate=ρ < 1`` the model also prunes tokens (:mod:`mait.tokens`, docs/sparsity.md):
     after each of ``token_prune_layers`` (default: the release's 3, 6, 9 of 12 blocks, scaled to the
@@ -45,6 +47,7 @@ class MaskedViTMixin:
     or ``"joint"`` phase), as the release turns it off while they reconstruct attention.
     """
 
+    _wrap_attention = staticmethod(MaskedAttention.from_attention)
     token_keep_rate: float = 1.0
     token_prune_layers: tuple[int, ...] = ()
     token_index: Optional[torch.Tensor] = None
@@ -132,19 +135,22 @@ class MaskedViTMixin:
     def install_masks(self, *, scheme: Union[str, MaskingScheme], mask_size: int = 3, soft_alpha_init: float = 0.5,
                       mask_seed: int = 0, attention_mode: str = "zero", attention_backend: str = "auto",
                       keep_rate: Union[float, Sequence[float], None] = 0.25, learned_mode: str = "neg_inf",
-                      predictor_options: Optional[dict] = None) -> None:
-        """Replace every block's attention by a masked layer per ``scheme`` (keeping its weights)."""
-        if not isinstance(self.patch_drop, nn.Identity):
+                      predictor_options: Optional[dict] = None,
+                      wrap: Optional[Callable[..., nn.Module]] = None) -> None:
+        """Replace every block's attention by a masked layer per ``scheme`` (keeping its weights), built by
+        ``wrap`` (default: the class's ``_wrap_attention``)."""
+        if getattr(self, "patch_drop", None) is not None and not isinstance(self.patch_drop, nn.Identity):
             raise ValueError("patch dropout removes tokens from the patch grid, which masked attention needs whole; "
                              "use patch_drop_rate=0")
         depth, heads = len(self.blocks), self.blocks[0].attn.num_heads
-        if self.dynamic_img_size and resolve_scheme(scheme, depth, heads).has_learned:
+        if getattr(self, "dynamic_img_size", False) and resolve_scheme(scheme, depth, heads).has_learned:
             raise ValueError(_FIXED_SIZE_LEARNED.format(what="dynamic_img_size=True"))
         self.scheme = apply_masking(
             self.blocks, scheme=scheme, depth=depth, num_heads=heads, grid_size=self.patch_embed.grid_size,
             num_prefix_tokens=self.num_prefix_tokens, mask_size=mask_size, soft_alpha_init=soft_alpha_init,
             mask_seed=mask_seed, attention_mode=attention_mode, attention_backend=attention_backend,
-            keep_rate=keep_rate, learned_mode=learned_mode, predictor_options=predictor_options)
+            keep_rate=keep_rate, learned_mode=learned_mode, predictor_options=predictor_options,
+            wrap=wrap or self._wrap_attention)
         self.mask_size = mask_size
         self.patch_grid = PatchGrid([block.attn for block in self.blocks])
 

@@ -26,6 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.models.beit import Beit
+from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 
 from ..attention import MaskedAttention
@@ -54,7 +56,7 @@ def build_criterion(config: TrainConfig, mixup_on: bool) -> nn.Module:
 def build_teacher(config: TrainConfig, info: DataInfo, attention: bool = False) -> Optional[nn.Module]:
     """The frozen teacher of ``config`` (built like the student, never masked), or None without one.
 
-    With ``attention`` (its attention maps are a reconstruction target) a timm ViT teacher gets
+    With ``attention`` (its attention maps are a reconstruction target) a timm ViT, Eva or BEiT teacher gets
     mait's attention layers without masks (:func:`mait.mask_model` with ``scheme="none"``: the
     same computation), which can hand out their attention maps.
     """
@@ -67,7 +69,7 @@ def build_teacher(config: TrainConfig, info: DataInfo, attention: bool = False) 
                                            base=config)
     teacher = build_model(teacher_config, info)
     ckpt.load_weights(teacher, Path(config.teacher_checkpoint))
-    if attention and isinstance(teacher, VisionTransformer) and not _mait_layers(teacher):
+    if attention and isinstance(teacher, (VisionTransformer, Eva, Beit)) and not _mait_layers(teacher):
         mask_model(teacher, scheme="none")
     return teacher.eval().requires_grad_(False)
 
