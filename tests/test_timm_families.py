@@ -193,6 +193,31 @@ def test_linear_time_backend_carries_the_bias_forward_and_backward(grid, prefix,
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-11)
 
 
+def test_linear_time_backend_keeps_the_bias_inside_a_compiled_graph():
+    """Traced by torch.compile, a call with a logit bias stays on the window code that reads the bias (the fused
+    plain-code path has none): the compiled function equals the reference."""
+    generator = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(2, 3, 1 + 30, 8, generator=generator, dtype=torch.float64) for _ in range(3))
+    bias = torch.randn(3, 31, 31, generator=generator, dtype=torch.float64)
+
+    def attend(backend: str) -> torch.Tensor:
+        return mait.masked_attention(q, k, v, grid_size=(5, 6), num_prefix_tokens=1, mask_size=3, alpha=0.0,
+                                     bias=bias, backend=backend)
+
+    torch._dynamo.reset()
+    got = torch.compile(attend, backend="eager")("local")
+    torch.testing.assert_close(got, attend("reference"), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["eva02", "beit", "cait_xxs24_224"])
+def test_token_pruning_is_refused_where_the_tokens_cannot_be_dropped(name):
+    """Rotary embeddings, relative position biases and CaiT's class attention are laid out for every token."""
+    model = _family(name)
+    with pytest.raises(ValueError, match=r"token pruning \(token_keep_rate=0.5\) works on VisionTransformer-family"):
+        mait.mask_model(model, "sch1", token_keep_rate=0.5)
+    assert not any(isinstance(m, mait.MaskedAttention) for m in model.modules()), "a refused model is unchanged"
+
+
 def test_bias_semantics_of_the_op():
     """Hard head: non-neighbour logits are 0 whatever the bias; neighbour and prefix logits carry it; an unmasked
     head sees S + B (the functional op, against a naive per-entry Mα)."""
