@@ -90,7 +90,7 @@ WRONG_USES = [
     ("flops mait_t24_224 --img-size 100", "img_size 100 is not divisible by patch_size 16"),
     ("flops deit_tiny_patch16_224 --img-size 0", "argument --img-size: must be at least 1, got 0"),
     ("flops resnet18 --img-size 64", "model resnet18 takes no --img-size"),
-    ("flops deit_tiny_patch16_224 --scheme sch1", "model deit_tiny_patch16_224 takes no --scheme"),
+    ("flops xcit_nano_12_p16_224 --scheme sch1", "mask_model cannot mask Xcit: cross-covariance attention"),
     ("demo --batch-size 0", "argument --batch-size: must be at least 1, got 0"),
     ("predict --checkpoint CK FILE --top-k 0", "argument --top-k: must be at least 1, got 0"),
     ("als --model mait_nano4_8 --max-images -1", "argument --max-images: must be at least 0, got -1"),

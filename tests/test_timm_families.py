@@ -193,20 +193,27 @@ def test_linear_time_backend_carries_the_bias_forward_and_backward(grid, prefix,
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-11)
 
 
-def test_linear_time_backend_keeps_the_bias_inside_a_compiled_graph():
-    """Traced by torch.compile, a call with a logit bias stays on the window code that reads the bias (the fused
-    plain-code path has none): the compiled function equals the reference."""
+@pytest.mark.parametrize("grid,prefix,size,mode", [((5, 6), 1, 3, "zero"), ((4, 7), 2, 5, "neg_inf"),
+                                                 ((6, 6), 0, 3, "zero")])
+def test_linear_time_backend_carries_the_bias_inside_a_compiled_graph(grid, prefix, size, mode):
+    """Traced by torch.compile (or torch.export), the local backend runs as the compiled backend's plain tensor
+    code, which reads the bias as the eager loop does: forward and backward equal the reference."""
     generator = torch.Generator().manual_seed(7)
-    q, k, v = (torch.randn(2, 3, 1 + 30, 8, generator=generator, dtype=torch.float64) for _ in range(3))
-    bias = torch.randn(3, 31, 31, generator=generator, dtype=torch.float64)
+    tokens = prefix + grid[0] * grid[1]
+    q, k, v = (torch.randn(2, 3, tokens, 8, generator=generator, dtype=torch.float64, requires_grad=True)
+               for _ in range(3))
+    bias = torch.randn(3, tokens, tokens, generator=generator, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(2, 3, tokens, 8, generator=generator, dtype=torch.float64)
 
-    def attend(backend: str) -> torch.Tensor:
-        return mait.masked_attention(q, k, v, grid_size=(5, 6), num_prefix_tokens=1, mask_size=3, alpha=0.0,
-                                     bias=bias, backend=backend)
+    def attend(backend: str) -> tuple[torch.Tensor, ...]:
+        out = mait.masked_attention(q, k, v, grid_size=grid, num_prefix_tokens=prefix, mask_size=size, alpha=0.0,
+                                    mode=mode, bias=bias, backend=backend)
+        return (out, *torch.autograd.grad((out * weights).sum(), (q, k, v, bias)))
 
     torch._dynamo.reset()
-    got = torch.compile(attend, backend="eager")("local")
-    torch.testing.assert_close(got, attend("reference"), rtol=0, atol=1e-12)
+    traced = torch.compile(attend, backend="eager")("local")
+    for got, expected in zip(traced, attend("reference")):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-11)
 
 
 @pytest.mark.parametrize("name", ["eva02", "beit", "cait_xxs24_224"])

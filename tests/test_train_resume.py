@@ -107,11 +107,13 @@ def test_a_second_process_training_into_the_same_folder_is_refused(tmp_path: Pat
     with training_lock(folder):
         proc = subprocess.run([sys.executable, "-m", "mait", "train", "--output", str(folder), "--epochs", "1"],
                               env=ENV, capture_output=True, text=True, timeout=120)
+        assert sorted(p.name for p in folder.iterdir()) == [".lock"]
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
     assert f"{folder} is being trained into by process {os.getpid()}" in proc.stderr
-    assert sorted(p.name for p in folder.iterdir()) == [".lock"]
-    with training_lock(folder):        # released when the holder leaves: the folder can be taken again
-        pass
+    assert not folder.exists(), "the holder leaves no lock behind, nor the folder it made for nothing"
+    with training_lock(folder):        # the folder can be taken again
+        (folder / "metrics.csv").write_text("epoch\n")
+    assert sorted(p.name for p in folder.iterdir()) == ["metrics.csv"]
 
 
 def test_a_corrupt_state_is_a_one_line_error(tmp_path: Path) -> None:

@@ -46,15 +46,23 @@ AUTO_ENV = "MAIT_AUTO_COMPILE"     # "1": ``auto`` may pick this backend in eage
 
 
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid_size: tuple[int, int],
-                     mask_size: int, num_prefix_tokens: int, zero: bool, scale: float) -> torch.Tensor:
+                     mask_size: int, num_prefix_tokens: int, zero: bool, scale: float,
+                     bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Hard-masked attention (every head α = 0) as compile-friendly tensor code; the reference's result.
 
     ``q, k, v`` are ``(B, heads, T, d)`` with ``T = num_prefix_tokens + H * W``; ``zero`` selects the
-    paper's zero logits (else ``neg_inf``).
+    paper's zero logits (else ``neg_inf``); ``bias`` an optional ``(heads, T, T)`` or ``(1, heads, T, T)``
+    logit bias, read on the window slots and the prefix rows and columns as the local backend reads it.
     """
     out_dtype = q.dtype
     if q.device.type == "cpu" and q.dtype in HALF:     # the CPU's element-wise work: faster and exact in float32
         q, k, v = q.float(), k.float(), v.float()
+    row_bias = None
+    if bias is not None:
+        from .local import window_bias     # local imports this module
+        bias = bias.reshape(q.shape[1], q.shape[2], q.shape[2]).to(q.dtype)
+        slot_bias, prefix_bias = window_bias(bias, grid_size, mask_size, num_prefix_tokens)
+        row_bias = bias[:, :num_prefix_tokens]
     batch, heads, _, dim = q.shape
     p, (h, w), size = num_prefix_tokens, grid_size, mask_size
     r, n = (size - 1) // 2, h * w
@@ -68,6 +76,8 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid_
     # Logits of the R² window slots, then of the P prefix keys: (B, heads, H, W, R² + P).
     scores = torch.stack([(qg * kpad[:, :, dy:dy + h, dx:dx + w]).sum(-1) for dy, dx in offsets]
                          + [(qg * kp[:, :, j]).sum(-1) for j in range(p)], -1)
+    if bias is not None:      # padded slots get 0 from window_bias, so they stay zero logits
+        scores = scores + torch.cat([slot_bias, prefix_bias], -1)
     if not zero:      # padded slots are outside the grid: -inf (strict neighbourhood attention)
         inside = F.pad(torch.ones(h, w, device=q.device), (r, r, r, r))
         inside = torch.stack([inside[dy:dy + h, dx:dx + w] for dy, dx in offsets]
@@ -86,7 +96,7 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid_
         rows = rows + (rest / den) * (vg.sum((2, 3)) + v[:, :, :p].sum(2))[:, :, None, None, :]
     rows = rows.reshape(batch, heads, n, dim)
     if p:       # prefix rows are unmasked in every mode: one dense row each
-        rows = torch.cat([F.scaled_dot_product_attention(q[:, :, :p], k, v, scale=scale), rows], 2)
+        rows = torch.cat([F.scaled_dot_product_attention(q[:, :, :p], k, v, attn_mask=row_bias, scale=scale), rows], 2)
     return rows.to(out_dtype)
 
 
@@ -133,14 +143,17 @@ _COMPILED_KEYS: set[tuple] = set()      # what has been compiled in this process
 
 def compiled_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid_size: tuple[int, int],
                               mask_size: int, num_prefix_tokens: int, mode: str = "zero",
-                              scale: Optional[float] = None) -> torch.Tensor:
-    """:func:`window_attention` through ``torch.compile`` (plain when already tracing); first calls logged."""
+                              scale: Optional[float] = None, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """:func:`window_attention` through ``torch.compile`` (plain when already tracing, the only case that takes
+    a logit ``bias``: the local backend traced inside a model); first calls logged."""
     q, k, v = autocast_inputs(q, k, v)
     kwargs = dict(grid_size=tuple(grid_size), mask_size=mask_size, num_prefix_tokens=num_prefix_tokens,
                   zero=mode == "zero", scale=q.shape[-1] ** -0.5 if scale is None else float(scale))
     with no_autocast(q):
         if torch.compiler.is_compiling():
-            return window_attention(q, k, v, **kwargs)
+            return window_attention(q, k, v, bias=bias, **kwargs)
+        if bias is not None:
+            raise ValueError("the compiled backend takes no logit bias outside a traced model; use the local backend")
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
         threads = torch.get_num_threads() if q.device.type == "cpu" else 0     # dynamo guards on it too
         key = (tuple(q.shape), q.dtype, str(q.device), needs_grad, threads, tuple(sorted(kwargs.items())))

@@ -223,9 +223,9 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid_s
     ``(heads, T, T)`` or ``(1, heads, T, T)`` logit bias, read on the window slots and prefix rows/columns only
     (the other logits of a hard head are 0, bias included).
     """
-    if torch.compiler.is_compiling() and bias is None:    # the same function as fusable tensor code (no graph break)
+    if torch.compiler.is_compiling():    # the same function as fusable tensor code (no graph break)
         return compiled_window_attention(q, k, v, grid_size=grid_size, mask_size=mask_size,
-                                         num_prefix_tokens=num_prefix_tokens, mode=mode, scale=scale)
+                                         num_prefix_tokens=num_prefix_tokens, mode=mode, scale=scale, bias=bias)
     q, k, v = autocast_inputs(q, k, v)
     half = q.dtype if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) else None
     if half is not None:     # a CPU runs the slot loop's elementwise work faster (and more exactly) in float32

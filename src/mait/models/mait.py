@@ -91,6 +91,8 @@ class MaskedViTMixin:
                          is_causal: bool = False) -> torch.Tensor:
         if not self.prunes_tokens():
             self.token_index = None
+            if attn_mask is None and not is_causal:      # the call every timm family takes (BEiT's has no masks)
+                return super().forward_features(x)
             return super().forward_features(x, attn_mask=attn_mask, is_causal=is_causal)
         if self.grad_checkpointing and self.training:
             raise ValueError(f"gradient checkpointing cannot replay token pruning (token_keep_rate="

@@ -52,29 +52,43 @@ def _atomic(path: Path, write) -> None:
 def training_lock(folder: Path) -> Iterator[None]:
     """Hold ``folder/.lock`` while a run trains into ``folder``: a second process training into the same
     folder (two study runners, a resumed run still alive) is refused instead of overwriting the first's
-    checkpoints.  The operating system releases the lock when the process dies, however it dies."""
+    checkpoints.  The operating system releases the lock when the process dies, however it dies; a run
+    that ends removes the file (and the folder, if it made it and nothing else was written there)."""
     try:
         import fcntl
     except ImportError:                     # no POSIX locks (Windows): nothing to hold
         yield
         return
+    made = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "a+") as handle:
+    path = folder / ".lock"
+    while True:
+        handle = open(path, "a+")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             handle.seek(0)
             owner = handle.read().strip() or "another process"
+            handle.close()
             raise UserError(f"{folder} is being trained into by {owner}; wait for it to end or "
                             f"choose another --output") from None
+        try:                                # the holder before us may have removed the file as we opened it
+            if os.fstat(handle.fileno()).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        handle.close()
+    try:
         handle.seek(0)
         handle.truncate()
         handle.write(f"process {os.getpid()}\n")
         handle.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        yield
+    finally:
+        path.unlink(missing_ok=True)        # removed while still held, so no one else holds this file
+        handle.close()
+        if made and not any(folder.iterdir()):
+            folder.rmdir()
 
 
 def atomic_write_text(path: Path, text: str) -> None:
