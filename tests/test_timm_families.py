@@ -174,7 +174,9 @@ def test_beit_plans_carry_the_bias_and_say_so(caplog):
     ((13, 11), 1, 3, "zero", 4096), ((9, 8), 2, 5, "neg_inf", 2048)])
 def test_linear_time_backend_carries_the_bias_forward_and_backward(grid, prefix, size, mode, band_bytes,
                                                                    monkeypatch):
-    """The bias on the window slots and prefix rows/columns, also when the loop walks the grid in row bands."""
+    """The bias on the window slots and prefix rows/columns, also when the loop walks the grid in row bands, and
+    inside a torch.compile (or torch.export) trace, where the local backend runs as the compiled backend's plain
+    tensor code."""
     if band_bytes is not None:
         monkeypatch.setattr(mait.backends.local, "BAND_BYTES", band_bytes)
         assert len(mait.backends.local.row_bands(torch.empty(2, 3, *grid, 16, dtype=torch.float64))) > 2
@@ -184,36 +186,17 @@ def test_linear_time_backend_carries_the_bias_forward_and_backward(grid, prefix,
                for _ in range(3))
     bias = torch.randn(3, tokens, tokens, generator=generator, dtype=torch.float64, requires_grad=True)
     weights = torch.randn(2, 3, tokens, 16, generator=generator, dtype=torch.float64)
-    results = []
-    for backend in ("reference", "local"):
-        out = mait.masked_attention(q, k, v, grid_size=grid, num_prefix_tokens=prefix, mask_size=size, alpha=0.0,
-                                    mode=mode, bias=bias, backend=backend)
-        results.append((out, *torch.autograd.grad((out * weights).sum(), (q, k, v, bias))))
-    for got, expected in zip(results[1], results[0]):
-        torch.testing.assert_close(got, expected, rtol=0, atol=1e-11)
-
-
-@pytest.mark.parametrize("grid,prefix,size,mode", [((5, 6), 1, 3, "zero"), ((4, 7), 2, 5, "neg_inf"),
-                                                 ((6, 6), 0, 3, "zero")])
-def test_linear_time_backend_carries_the_bias_inside_a_compiled_graph(grid, prefix, size, mode):
-    """Traced by torch.compile (or torch.export), the local backend runs as the compiled backend's plain tensor
-    code, which reads the bias as the eager loop does: forward and backward equal the reference."""
-    generator = torch.Generator().manual_seed(7)
-    tokens = prefix + grid[0] * grid[1]
-    q, k, v = (torch.randn(2, 3, tokens, 8, generator=generator, dtype=torch.float64, requires_grad=True)
-               for _ in range(3))
-    bias = torch.randn(3, tokens, tokens, generator=generator, dtype=torch.float64, requires_grad=True)
-    weights = torch.randn(2, 3, tokens, 8, generator=generator, dtype=torch.float64)
 
     def attend(backend: str) -> tuple[torch.Tensor, ...]:
         out = mait.masked_attention(q, k, v, grid_size=grid, num_prefix_tokens=prefix, mask_size=size, alpha=0.0,
                                     mode=mode, bias=bias, backend=backend)
         return (out, *torch.autograd.grad((out * weights).sum(), (q, k, v, bias)))
 
+    expected = attend("reference")
     torch._dynamo.reset()
-    traced = torch.compile(attend, backend="eager")("local")
-    for got, expected in zip(traced, attend("reference")):
-        torch.testing.assert_close(got, expected, rtol=0, atol=1e-11)
+    for results in (attend("local"), torch.compile(attend, backend="eager")("local")):
+        for got, want in zip(results, expected):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-11)
 
 
 @pytest.mark.parametrize("name", ["eva02", "beit", "cait_xxs24_224"])

@@ -47,22 +47,17 @@ AUTO_ENV = "MAIT_AUTO_COMPILE"     # "1": ``auto`` may pick this backend in eage
 
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid_size: tuple[int, int],
                      mask_size: int, num_prefix_tokens: int, zero: bool, scale: float,
-                     bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     bias: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
     """Hard-masked attention (every head α = 0) as compile-friendly tensor code; the reference's result.
 
     ``q, k, v`` are ``(B, heads, T, d)`` with ``T = num_prefix_tokens + H * W``; ``zero`` selects the
-    paper's zero logits (else ``neg_inf``); ``bias`` an optional ``(heads, T, T)`` or ``(1, heads, T, T)``
-    logit bias, read on the window slots and the prefix rows and columns as the local backend reads it.
+    paper's zero logits (else ``neg_inf``); ``bias`` an optional logit bias as the local backend reads it:
+    on the window slots, the prefix columns and the prefix rows (``local.window_bias`` and ``bias[:, :P]``).
     """
     out_dtype = q.dtype
     if q.device.type == "cpu" and q.dtype in HALF:     # the CPU's element-wise work: faster and exact in float32
         q, k, v = q.float(), k.float(), v.float()
-    row_bias = None
-    if bias is not None:
-        from .local import window_bias     # local imports this module
-        bias = bias.reshape(q.shape[1], q.shape[2], q.shape[2]).to(q.dtype)
-        slot_bias, prefix_bias = window_bias(bias, grid_size, mask_size, num_prefix_tokens)
-        row_bias = bias[:, :num_prefix_tokens]
+    slot_bias, prefix_bias, row_bias = (None, None, None) if bias is None else (b.to(q.dtype) for b in bias)
     batch, heads, _, dim = q.shape
     p, (h, w), size = num_prefix_tokens, grid_size, mask_size
     r, n = (size - 1) // 2, h * w
@@ -143,7 +138,8 @@ _COMPILED_KEYS: set[tuple] = set()      # what has been compiled in this process
 
 def compiled_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid_size: tuple[int, int],
                               mask_size: int, num_prefix_tokens: int, mode: str = "zero",
-                              scale: Optional[float] = None, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+                              scale: Optional[float] = None,
+                              bias: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
     """:func:`window_attention` through ``torch.compile`` (plain when already tracing, the only case that takes
     a logit ``bias``: the local backend traced inside a model); first calls logged."""
     q, k, v = autocast_inputs(q, k, v)

@@ -224,6 +224,9 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid_s
     (the other logits of a hard head are 0, bias included).
     """
     if torch.compiler.is_compiling():    # the same function as fusable tensor code (no graph break)
+        if bias is not None:
+            bias = bias.reshape(q.shape[1], q.shape[2], q.shape[2])
+            bias = (*window_bias(bias, grid_size, mask_size, num_prefix_tokens), bias[:, :num_prefix_tokens])
         return compiled_window_attention(q, k, v, grid_size=grid_size, mask_size=mask_size,
                                          num_prefix_tokens=num_prefix_tokens, mode=mode, scale=scale, bias=bias)
     q, k, v = autocast_inputs(q, k, v)
