@@ -132,9 +132,11 @@ def recipe_runs(recipe: str) -> list[str]:
     return RECIPE_RUNS.get(recipe) or [n for n in runs if "from" not in runs[n]]
 
 
-def kept_dir(recipe: str) -> Optional[Path]:
-    """Where a recipe keeps its runs in the repository (None: it keeps them only in its run folders)."""
-    return RESULTS.with_name(f"{RESULTS.name}-{recipe}") if recipe in KEPT_RECIPES else None
+def kept_dir(recipe: str, keep: Optional[bool] = None) -> Optional[Path]:
+    """Where a recipe keeps its runs in the repository (None: only in its run folders); ``keep`` overrides
+    the default of :data:`KEPT_RECIPES`."""
+    keep = recipe in KEPT_RECIPES if keep is None else keep
+    return RESULTS.with_name(f"{RESULTS.name}-{recipe}") if keep else None
 
 
 def epochs_of(keys: dict[str, Any]) -> int:
@@ -264,9 +266,7 @@ def run_study(patterns: list[str], jobs: int, threads: int, run_dir: Path, recip
     of :data:`KEPT_RECIPES`) every run is kept in the repository at each epoch (:func:`keep`)."""
     if jobs < 1 or threads < 1:
         raise SystemExit(f"--jobs and --threads must be at least 1, got {jobs} and {threads}")
-    kept = kept_dir(recipe) if keep_runs is not False else None
-    if keep_runs and kept is None:
-        kept = RESULTS.with_name(f"{RESULTS.name}-{recipe}")
+    kept = kept_dir(recipe, keep_runs)
     runs, extra = load_runs(), dict(extra or {})
     keys = {name: run_keys(name, recipe, extra) for name in runs}
     epochs = {name: epochs_of(keys[name]) for name in runs}
