@@ -17,7 +17,9 @@ from timm.models.beit import Beit
 from timm.models.eva import Eva
 
 import mait
+from mait.bias import RelativeBias
 from mait.commands.export import export_pt2, set_backend
+from mait.tokens import kept_tokens
 from mait.train.checkpoint import load_weights, save_weights
 
 from naive import naive_multiplier
@@ -141,9 +143,11 @@ def test_masked_layer_equals_the_definition_on_its_rotated_or_biased_logits(name
         k = torch.cat([k[:, :, :prefix], apply_rot_embed_cat(k[:, :, prefix:], kwargs["rope"], half=half)], dim=2)
     bias = 0.0
     if isinstance(model, Beit):
-        bias = layer._rel_pos_bias()[0] if layer.relative_position_bias_table is not None else 0.0
-        if kwargs.get("shared_rel_pos_bias") is not None:
-            bias = bias + kwargs["shared_rel_pos_bias"]
+        from timm.models.beit import Attention as BeitAttention
+        from timm.models.beit import RelativePositionBias
+        bias = BeitAttention._get_rel_pos_bias(layer)[0] if layer.relative_position_bias_table is not None else 0.0
+        if model.rel_pos_bias is not None:      # timm's expansion of the shared table the layers read
+            bias = bias + RelativePositionBias.forward(model.rel_pos_bias)
     logits = (q * layer.scale) @ k.transpose(-2, -1) + bias
     multiplier = torch.stack([naive_multiplier((12, 12), 3, prefix, float(a)) for a in layer.alpha.detach()])
     out = (logits * multiplier).softmax(-1) @ v
@@ -199,13 +203,163 @@ def test_linear_time_backend_carries_the_bias_forward_and_backward(grid, prefix,
             torch.testing.assert_close(got, want, rtol=0, atol=1e-11)
 
 
-@pytest.mark.parametrize("name", ["eva02", "beit", "cait_xxs24_224"])
-def test_token_pruning_is_refused_where_the_tokens_cannot_be_dropped(name):
-    """Rotary embeddings, relative position biases and CaiT's class attention are laid out for every token."""
-    model = _family(name)
-    with pytest.raises(ValueError, match=r"token pruning \(token_keep_rate=0.5\) works on VisionTransformer-family"):
+def _relative_bias(grid, heads, generator, shared=False):
+    """A BEiT relative position bias for ``grid`` (timm's index, a random float64 table that learns)."""
+    from timm.models.beit import gen_relative_position_index
+    index = gen_relative_position_index(grid)
+    table = torch.randn(int(index.max()) + 1, heads, generator=generator, dtype=torch.float64, requires_grad=True)
+    return RelativeBias([(table, index)], shared=shared), table, index
+
+
+@pytest.mark.parametrize("grid,size,mode", [((5, 6), 3, "zero"), ((7, 9), 5, "neg_inf"), ((6, 4), 3, "neg_inf"),
+                                            ((9, 8), 7, "zero"), ((11, 13), 3, "zero")])
+def test_bias_table_read_on_the_window_equals_the_full_matrix(grid, size, mode):
+    """BEiT's bias as its tables (a layer's plus a shared one): the linear-time backend reads them on the window
+    offsets (padded slots 0) without the (heads, T, T) matrix, and computes what the full matrix gives the
+    reference: forward, and the gradients of q, k, v and both tables; eagerly and inside a torch.compile trace."""
+    generator = torch.Generator().manual_seed(11)
+    tokens = 1 + grid[0] * grid[1]
+    layer_bias, layer_table, index = _relative_bias(grid, 3, generator)
+    shared_bias, shared_table, _ = _relative_bias(grid, 3, generator, shared=True)
+    bias = layer_bias + shared_bias
+    q, k, v = (torch.randn(2, 3, tokens, 8, generator=generator, dtype=torch.float64, requires_grad=True)
+               for _ in range(3))
+    weights = torch.randn(2, 3, tokens, 8, generator=generator, dtype=torch.float64)
+    inputs = (q, k, v, layer_table, shared_table)
+    full = (layer_table[index] + shared_table[index]).permute(2, 0, 1)      # (heads, T, T), as timm expands it
+    parts = mait.backends.local.window_bias(bias, grid, size, 1)
+    for got, want in zip(parts, mait.backends.local.window_bias(full, grid, size, 1)):
+        assert torch.equal(got, want)
+
+    def attend(backend: str, given) -> tuple[torch.Tensor, ...]:
+        out = mait.masked_attention(q, k, v, grid_size=grid, mask_size=size, alpha=0.0, mode=mode, bias=given,
+                                    backend=backend)
+        return (out, *torch.autograd.grad((out * weights).sum(), inputs))
+
+    expected = attend("reference", full)
+    torch._dynamo.reset()
+    for results in (attend("local", bias), torch.compile(attend, backend="eager")("local", bias),
+                    attend("reference", bias)):
+        for got, want in zip(results, expected):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-11)
+
+
+def test_masked_beit_never_expands_its_bias_on_the_linear_time_backend(monkeypatch):
+    """Every head hard: the layers' and the shared tables reach the local backend as tables (the dense matrix would
+    be O(T²) per layer); the heads on dense backends get the matrix of their heads."""
+    for name in ("beit", "beit_shared"):
+        model = mait.mask_model(_family(name), scheme="all")
+        with torch.no_grad():
+            expected = model(_images())
+        with monkeypatch.context() as patch:
+            patch.setattr(RelativeBias, "dense", lambda self: pytest.fail("the (heads, T, T) bias was expanded"))
+            with torch.no_grad():
+                assert torch.equal(model(_images()), expected)
+    expanded = []
+    monkeypatch.setattr(RelativeBias, "dense",
+                        lambda self, dense=RelativeBias.dense: expanded.append(self.num_heads) or dense(self))
+    with torch.no_grad():
+        mait.mask_model(_family("beit"), scheme="0:hsuu,1:all")(_images())
+    assert sorted(expanded) == [1, 2], "layer 0's soft head (matmul) and unmasked heads (sdpa) only"
+
+
+def _excluding_reference(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token pruning on an Eva or BEiT, written from its description: every token kept, the pruned ones excluded
+    (no query attends to them, their outputs ignored); the rotary embedding and the relative position bias of the
+    whole grid (timm's own expansion); the class row's attention, bias included, ranks the patches present.
+    Returns the logits and the features of the tokens left, in order."""
+    from timm.layers import apply_rot_embed_cat
+    from timm.models.beit import Attention as BeitAttention
+    from timm.models.beit import RelativePositionBias
+    prefix, eva = model.num_prefix_tokens, isinstance(model, Eva)
+    if eva:
+        x, rope = model._pos_embed(model.patch_embed(images))
+        x = model.norm_pre(x)
+    else:
+        x = torch.cat([model.cls_token.expand(len(images), -1, -1), model.patch_embed(images)], dim=1)
+        x, rope = x if model.pos_embed is None else x + model.pos_embed, None
+    batch, tokens, channels = x.shape
+    patches = tokens - prefix
+    alive = torch.ones(batch, tokens, dtype=torch.bool)
+    stage = 0
+    for number, block in enumerate(model.blocks):
+        layer, h = block.attn, block.norm1(x)
+        q, k, v = layer._project(h)
+        bias = 0.0
+        if eva:
+            q, k = layer.q_norm(q), layer.k_norm(k)
+            if rope is not None:
+                block_rope = rope[number] if getattr(model, "rope_mixed", False) else rope
+                half = getattr(layer, "rotate_half", False)
+                q, k = (torch.cat([t[:, :, :prefix], apply_rot_embed_cat(t[:, :, prefix:], block_rope, half=half)], 2)
+                        for t in (q, k))
+        else:
+            if layer.relative_position_bias_table is not None:
+                bias = BeitAttention._get_rel_pos_bias(layer)[0]
+            if model.rel_pos_bias is not None:
+                bias = bias + RelativePositionBias.forward(model.rel_pos_bias)
+        s = (q * layer.scale) @ k.transpose(-2, -1) + bias
+        keep = layer.keep_mask().expand(layer.num_heads, tokens, tokens)
+        logits = torch.where(keep, s, layer.alpha.detach().view(-1, 1, 1) * s)
+        logits = logits.masked_fill(~alive[:, None, None, :], float("-inf"))
+        out = (logits.softmax(-1) @ v).transpose(1, 2).reshape(batch, tokens, -1)
+        if eva:
+            out = layer.norm(out)
+        out = layer.proj(out)
+        x = x + (out if block.gamma_1 is None else block.gamma_1 * out)
+        mlp = block.mlp(block.norm2(x))
+        x = x + (mlp if block.gamma_2 is None else block.gamma_2 * mlp)
+        if number in model.token_prune_layers:
+            stage += 1
+            count = kept_tokens(patches, model.token_keep_rate, stage)
+            row = s[:, :, 0].masked_fill(~alive[:, None, :], float("-inf")).softmax(-1).mean(1)[:, prefix:]
+            row = row.masked_fill(~alive[:, prefix:], float("-inf"))
+            chosen = torch.zeros(batch, patches, dtype=torch.bool).scatter(1, row.topk(count).indices, True)
+            alive = torch.cat([alive[:, :prefix], chosen], dim=1)
+    x = model.norm(x)[alive].view(batch, -1, channels)
+    return model.forward_head(x), x
+
+
+@pytest.mark.parametrize("name", ["eva02", "dinov3", "rope_mixed", "beit", "beit_shared", "beit_abs"])
+def test_token_pruning_drops_what_the_excluding_reference_excludes(name):
+    """Eva and BEiT masked with token pruning: each kept patch keeps its window, rotary embedding and relative
+    position bias of its original grid position; dropping the pruned tokens computes what excluding them does."""
+    model = mait.mask_model(_family(name).double(), scheme="0:hsru,1:hhsu", token_keep_rate=0.5)
+    with torch.no_grad():      # BEiT: head 0's class row weighs the class token far more, so the class row's bias
+        for module in model.modules():      # changes the heads' average, and with it which patches are kept
+            table = getattr(module, "relative_position_bias_table", None)
+            if table is not None:
+                table[-1, 0] += 8.0
+    images = _images(batch=3).double()
+    with torch.no_grad():
+        features = model.forward_features(images)
+        logits = model.forward_head(features)
+        want_logits, want_features = _excluding_reference(model, images)
+    assert model.token_prune_layers == (0, 1) and model.token_index.shape == (3, 36)
+    assert features.shape == (3, model.num_prefix_tokens + 36, 32)
+    torch.testing.assert_close(features, want_features, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(logits, want_logits, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["eva02", "beit_shared"])
+def test_token_pruned_families_train_and_keep_rate_one_is_no_pruning(name):
+    model = mait.mask_model(_family(name), scheme="sch1", token_keep_rate=0.5).train()
+    model(_images()).sum().backward()
+    assert model.token_index.shape == (2, 36)
+    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
+    unpruned = mait.mask_model(_family(name), scheme="sch1", token_keep_rate=1.0)
+    with torch.no_grad():
+        assert torch.equal(unpruned(_images()), mait.mask_model(_family(name), scheme="sch1")(_images()))
+
+
+def test_token_pruning_is_refused_on_cait():
+    model = _family("cait_xxs24_224")
+    with pytest.raises(ValueError, match=r"token pruning \(token_keep_rate=0.5\) works on ViT, Eva and BEiT models"):
         mait.mask_model(model, "sch1", token_keep_rate=0.5)
     assert not any(isinstance(m, mait.MaskedAttention) for m in model.modules()), "a refused model is unchanged"
+    no_class = Eva(**TINY, class_token=False, num_reg_tokens=1, global_pool="avg")
+    with pytest.raises(ValueError, match="no class token; use class_token=True"):
+        mait.mask_model(no_class, token_keep_rate=0.5)
 
 
 def test_bias_semantics_of_the_op():

@@ -18,7 +18,7 @@ from timm.layers import register_notrace_module
 
 from .backends import AttentionCall, AttentionPlan, learned as learned_backend, logger, plan_attention, reference
 from .backends.local import empty_sdpa_layout
-from .errors import UserError
+from .bias import Bias, bias_at, dense_bias, first_rows
 from .functional import MODES, cached_local_mask, needs_grad
 from .learned import ConnectivityPredictor, check_learned_mode
 from .masks import (GridSize, check_mask_fits_grid, check_mask_size, check_num_prefix_tokens, local_mask, random_mask,
@@ -323,21 +323,24 @@ class MaskedAttention(nn.Module):
         return full[rows, cols][:, None] if full.dim() == 2 else full[:, rows, cols].transpose(0, 1)
 
     def _pruned_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor,
-                          dropout_p: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Attention among the tokens left by token pruning (``token_index``) and its keep mask: fixed-mask heads
-        by the dense definition over the ``T'`` tokens present (SDPA when none is masked), learned heads by
-        their predictor on those tokens."""
-        positions = token_positions(self.token_index, self.num_prefix_tokens)
+                          dropout_p: float, positions: torch.Tensor, bias: Optional[torch.Tensor] = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention among the tokens left by token pruning (at ``positions`` of the unpruned order) and its keep
+        mask: fixed-mask heads by the dense definition over the ``T'`` tokens present (SDPA when none is masked),
+        with the ``(B, heads, T', T')`` logit ``bias`` when given, learned heads by their predictor on those
+        tokens."""
         keep = self.pruned_keep(positions)
         out = empty_sdpa_layout(v)          # the module's transpose back to (B, T', C) is then a free view
         fixed = [h for h, kind in enumerate(self.head_kinds) if kind is not HeadKind.LEARNED]
         if fixed and self.unmasked:
-            out[:, fixed] = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=self.scale)
+            out[:, fixed] = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p,
+                                                           scale=self.scale)
         elif fixed:
             out[:, fixed] = reference.masked_attention(q[:, fixed], k[:, fixed], v[:, fixed],
                                                        keep=keep if keep.shape[1] == 1 else keep[:, fixed],
                                                        alpha=alpha[fixed], mode=self.mode, scale=self.scale,
-                                                       dropout_p=dropout_p)
+                                                       dropout_p=dropout_p,
+                                                       bias=None if bias is None else bias[:, fixed])
         if self.predictor is not None:
             heads = self.learned_index
             # ``call`` is read for its num_prefix_tokens only, which the layer holds.
@@ -347,12 +350,12 @@ class MaskedAttention(nn.Module):
         return out, keep
 
     def _probabilities(self, q: torch.Tensor, k: torch.Tensor, alpha: torch.Tensor, keep: torch.Tensor,
-                       bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+                       bias: Optional[Bias] = None) -> torch.Tensor:
         """The attention probabilities of a call, for analysis: the fixed-mask heads' from the definition with
         ``keep`` (and ``bias``), the learned heads' from the masks their predictor kept in that call."""
         q, k = q.detach(), k.detach()
         probs = reference.attention_probs(q, k, keep=keep, alpha=alpha.detach(), mode=self.mode, scale=self.scale,
-                                          bias=None if bias is None else bias.detach())
+                                          bias=None if bias is None else dense_bias(bias).detach())
         if self.predictor is None:
             return probs
         heads = self.learned_index
@@ -373,9 +376,10 @@ class MaskedAttention(nn.Module):
         return self.proj_drop(self.proj(x))
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+                bias: Optional[Bias] = None) -> torch.Tensor:
         """Masked attention of ``(B, heads, T, d)`` queries, keys and values through the layer's plan; ``bias`` an
-        optional ``(heads, T, T)`` or ``(1, heads, T, T)`` logit bias added before the mask (docs/semantics.md)."""
+        optional ``(heads, T, T)`` or ``(1, heads, T, T)`` logit bias, or a :class:`~mait.bias.RelativeBias`, added
+        before the mask (docs/semantics.md)."""
         dropout_p = self.attn_drop.p if self.training else 0.0
         alpha = self.alpha
         if self.token_index is None:
@@ -383,13 +387,14 @@ class MaskedAttention(nn.Module):
             keep = self.keep_mask(q.device) if plan.needs_keep or self.capture_attention else None
             out = plan.run(q, k, v, alpha=alpha, keep=keep if plan.needs_keep else None, scale=self.scale,
                            dropout_p=dropout_p, predictor=self.predictor, capture=self.capture_attention, bias=bias)
-        elif bias is not None:
-            raise UserError(f"{type(self).__name__}: token pruning does not carry a logit bias (BEiT's relative "
-                            f"position bias); use token_keep_rate=1.0 on this model")
         else:
-            out, keep = self._pruned_attention(q, k, v, alpha, dropout_p)
-        if self.score_tokens:
-            self.token_scores = class_attention_scores(q, k, self.scale, self.num_prefix_tokens)
+            positions = token_positions(self.token_index, self.num_prefix_tokens)
+            if bias is not None:      # each kept token's bias at its original position
+                bias = bias_at(bias, positions).to(q.dtype)
+            out, keep = self._pruned_attention(q, k, v, alpha, dropout_p, positions, bias)
+        if self.score_tokens:       # the class token's row of this layer's attention, its bias included
+            self.token_scores = class_attention_scores(q, k, self.scale, self.num_prefix_tokens,
+                                                       None if bias is None else first_rows(bias, 1))
         if self.capture_attention:
             self.last_attention = self._probabilities(q, k, alpha, keep, bias)
         return out

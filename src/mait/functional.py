@@ -18,6 +18,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .backends import AttentionCall, plan_attention
+from .bias import Bias, RelativeBias
 from .masks import GridSize, check_mask_size, check_num_prefix_tokens, local_mask, to_grid
 from .schemes import HeadKind
 
@@ -92,7 +93,7 @@ def needs_grad(*tensors: torch.Tensor) -> bool:
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid_size: GridSize,
                      mask_size: int = 3, num_prefix_tokens: int = 1, alpha: AlphaLike = 0.0,
                      mode: str = "zero", mask: Optional[torch.Tensor] = None, scale: Optional[float] = None,
-                     dropout_p: float = 0.0, bias: Optional[torch.Tensor] = None,
+                     dropout_p: float = 0.0, bias: Optional[Bias] = None,
                      backend: str = "auto") -> torch.Tensor:
     """Masked multi-head attention with the paper's semantics.
 
@@ -110,7 +111,9 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid_
         scale: logit scale, default ``d ** -0.5``.
         dropout_p: dropout on the attention probabilities (training only).
         bias: optional ``(heads, T, T)`` (or ``(1, heads, T, T)``) float logit bias ``B`` added before the mask,
-            ``softmax(Mα ⊙ (S + B))`` (BEiT's relative position bias; docs/semantics.md).
+            ``softmax(Mα ⊙ (S + B))`` (BEiT's relative position bias; docs/semantics.md), or the same bias held
+            as its tables (:class:`mait.bias.RelativeBias`), which the linear-time backend reads on the window
+            without expanding it.
         backend: ``"auto"`` or the name of a registered backend (see :mod:`mait.backends`).
 
     Returns:
@@ -132,11 +135,16 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid_
                              or mask.dim() not in (2, 3) or (mask.dim() == 3 and mask.shape[0] != heads)):
         raise ValueError(f"mask must be a bool tensor of shape (T, T) or (heads, T, T) = ({heads}, {tokens}, "
                          f"{tokens}); got {mask.dtype} {tuple(mask.shape)}")
-    if bias is not None and (not torch.is_floating_point(bias) or tuple(bias.shape)[-3:] != (heads, tokens, tokens)
-                             or bias.dim() not in (3, 4) or (bias.dim() == 4 and bias.shape[0] != 1)):
+    if isinstance(bias, RelativeBias):
+        if (bias.num_heads, bias.num_tokens) != (heads, tokens):
+            raise ValueError(f"bias holds tables for {bias.num_heads} heads and {bias.num_tokens} tokens; the call "
+                             f"has {heads} heads and T = {tokens} tokens")
+    elif bias is not None and (not torch.is_floating_point(bias) or tuple(bias.shape)[-3:] != (heads, tokens, tokens)
+                               or bias.dim() not in (3, 4) or (bias.dim() == 4 and bias.shape[0] != 1)):
         raise ValueError(f"bias must be a float tensor of shape (heads, T, T) = ({heads}, {tokens}, {tokens}) or "
                          f"(1, heads, T, T); got {bias.dtype} {tuple(bias.shape)}")
-    grad = needs_grad(q, k, v, alpha_t, *([] if bias is None else [bias]))
+    bias_tensors = [] if bias is None else bias.tables if isinstance(bias, RelativeBias) else [bias]
+    grad = needs_grad(q, k, v, alpha_t, *bias_tensors)
     call = AttentionCall(grid, mask_size, num_prefix_tokens, _head_kinds(alpha, alpha_t), mode=mode,
                          custom_mask=mask is not None, device_type=q.device.type, dtype=q.dtype,
                          head_dim=q.shape[-1], needs_grad=grad, dropout=dropout_p > 0.0, bias=bias is not None)

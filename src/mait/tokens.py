@@ -57,12 +57,16 @@ def kept_tokens(patches: int, keep_rate: float, stage: int) -> int:
     return min(patches, max(1, math.ceil(keep_rate ** stage * patches - 1e-9)))
 
 
-def class_attention_scores(q: torch.Tensor, k: torch.Tensor, scale: float, num_prefix_tokens: int) -> torch.Tensor:
+def class_attention_scores(q: torch.Tensor, k: torch.Tensor, scale: float, num_prefix_tokens: int,
+                           bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Each patch token's score ``(B, N')``: the class token's (token 0) attention probability to it, over the
-    tokens present, averaged over the heads.  ``q, k``: ``(B, heads, T', d)``.  The class row is dense in
-    every head kind and mode, so this is that row of the layer's own attention."""
+    tokens present, averaged over the heads.  ``q, k``: ``(B, heads, T', d)``; ``bias``: the class row's logit
+    bias (BEiT's), broadcastable to ``(B, heads, 1, T')``.  The class row is dense in every head kind and mode,
+    so this is that row of the layer's own attention."""
     with torch.no_grad():
         logits = (q[:, :, :1] * scale) @ k.transpose(-2, -1)                              # (B, heads, 1, T')
+        if bias is not None:
+            logits = logits + bias
         row = (logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits).softmax(dim=-1)
         return row.mean(dim=1)[:, 0, num_prefix_tokens:]
 

@@ -8,7 +8,9 @@ with two functions and a registration here:
   else a short reason.  ``auto`` and an explicitly named backend use the same check.
 * ``run(q, k, v, *, alpha, keep, call, scale, dropout_p, bias) -> Tensor``; ``bias`` is the
   ``(heads, T, T)`` or ``(1, heads, T, T)`` logit bias of a call with ``call.bias`` (BEiT's
-  relative position bias), else None.
+  relative position bias), else None; a backend registered with ``table_bias=True`` gets a
+  :class:`~mait.bias.RelativeBias` as the layer holds it (its tables, to read where it needs them),
+  the others the dense matrix.
 
 An :class:`AttentionCall` describes a call without its tensors (geometry, head kinds,
 device, dtype, gradient, dropout), so it is hashable: :func:`plan_attention` turns it into
@@ -27,6 +29,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from ..bias import Bias, bias_heads, dense_bias
 from ..schemes import HeadKind
 from . import blocksparse, compiled, flex, learned, local, matmul, reference, sdpa, triton_local
 
@@ -75,6 +78,7 @@ class Backend:
     can_run: Callable[[AttentionCall], Optional[str]]
     needs_keep: Callable[[AttentionCall], bool]   # whether ``run`` reads the boolean keep mask
     takes_predictor: bool = False                 # whether ``run`` needs the layer's connectivity predictor
+    table_bias: bool = False                      # whether ``run`` reads a RelativeBias's tables (no dense matrix)
 
 
 BACKENDS: dict[str, Backend] = {}
@@ -82,15 +86,15 @@ BACKENDS: dict[str, Backend] = {}
 
 def register_backend(name: str, run: RunFn, can_run: Callable[[AttentionCall], Optional[str]],
                      needs_keep: Callable[[AttentionCall], bool] = lambda call: False,
-                     takes_predictor: bool = False) -> None:
+                     takes_predictor: bool = False, table_bias: bool = False) -> None:
     """Make a backend selectable by name (``auto`` picks among them by the rules below)."""
-    BACKENDS[name] = Backend(name, run, can_run, needs_keep, takes_predictor)
+    BACKENDS[name] = Backend(name, run, can_run, needs_keep, takes_predictor, table_bias)
 
 
 register_backend("reference", reference.run, reference.can_run, lambda call: True)
 register_backend("matmul", matmul.run, reference.can_run, lambda call: True)   # runs every call, like the reference
 register_backend("sdpa", sdpa.run, sdpa.can_run)
-register_backend("local", local.run, local.can_run)
+register_backend("local", local.run, local.can_run, table_bias=True)
 register_backend("compiled", compiled.run, compiled.can_run)    # by auto only with MAIT_AUTO_COMPILE=1 (see below)
 register_backend("flex", flex.run, flex.can_run, lambda call: call.custom_mask)
 register_backend("blocksparse", blocksparse.run, blocksparse.can_run)
@@ -177,9 +181,10 @@ class AttentionPlan:
 
     def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, alpha: torch.Tensor,
             keep: Optional[torch.Tensor], scale: float, dropout_p: float = 0.0, predictor: Optional[Any] = None,
-            capture: bool = False, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+            capture: bool = False, bias: Optional[Bias] = None) -> torch.Tensor:
         """Every step on its heads; ``predictor`` (and ``capture``) go to a layer's learned-heads step, the
-        logit ``bias`` (calls with ``call.bias``) to every step, sliced to its heads."""
+        logit ``bias`` (calls with ``call.bias``) to every step, sliced to its heads (a table bias expanded for the
+        steps whose backend reads the dense matrix)."""
         if (bias is not None) != self.call.bias:
             raise ValueError(f"this plan was made for a call {'with' if self.call.bias else 'without'} a logit bias")
         if len(self.steps) == 1:
@@ -190,16 +195,16 @@ class AttentionPlan:
             step_keep = keep[index] if keep is not None and keep.dim() == 3 else keep
             out[:, index] = self._run_step(step, q[:, index], k[:, index], v[:, index], alpha[index], step_keep,
                                            scale, dropout_p, predictor, capture,
-                                           None if bias is None else bias[..., index, :, :])
+                                           None if bias is None else bias_heads(bias, index))
         return out
 
     @staticmethod
     def _run_step(step: PlanStep, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor,
                   keep: Optional[torch.Tensor], scale: float, dropout_p: float, predictor: Optional[Any],
-                  capture: bool, bias: Optional[torch.Tensor]) -> torch.Tensor:
+                  capture: bool, bias: Optional[Bias]) -> torch.Tensor:
         extra = dict(predictor=predictor, capture=capture) if step.backend.takes_predictor else {}
         if bias is not None:
-            extra["bias"] = bias
+            extra["bias"] = bias if step.backend.table_bias else dense_bias(bias)
         return step.backend.run(q, k, v, alpha=alpha, keep=keep, call=step.call, scale=scale, dropout_p=dropout_p,
                                 **extra)
 

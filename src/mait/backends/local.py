@@ -15,7 +15,9 @@ mask (``mode="neg_inf"`` gives the padded slots -inf instead).  Prefix rows atte
 everything and run through ``scaled_dot_product_attention``.
 
 A logit bias (BEiT's relative position bias) is read where the loop needs it: on the ``R²`` window slots
-of each patch (padded slots keep their zero logit) and the prefix rows and columns (:func:`window_bias`).
+of each patch (padded slots keep their zero logit) and the prefix rows and columns (:func:`window_bias`);
+BEiT's bias arrives as its table (:class:`~mait.bias.RelativeBias`), read on the window offsets, so the
+``(heads, T, T)`` matrix is never built.
 
 Time and memory are O(T·R²·d).  This is eager code; inside a ``torch.compile`` or ``torch.export``
 trace the same function is traced as the compiled backend's plain tensor code (:mod:`.compiled`), which
@@ -38,6 +40,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
+from ..bias import Bias, RelativeBias
 from ._common import autocast_inputs, hard_local_only, no_autocast
 from .compiled import compiled_window_attention
 
@@ -202,45 +205,52 @@ def window_keys(grid: tuple[int, int], mask_size: int, device: torch.device) -> 
     return (slots - 1).clamp(min=0).long(), slots > 0
 
 
-def window_bias(bias: torch.Tensor, grid: tuple[int, int], mask_size: int,
-                num_prefix_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A ``(heads, T, T)`` logit bias as the linear-time loop reads it: ``(1, heads, H, W, R²)`` on the window slots
-    (0 on padded slots, which must keep their zero logit) and ``(1, heads, H, W, P)`` on the prefix columns.
-    O(T·R²) gathered entries of the bias; differentiable (BEiT's bias table learns)."""
-    heads, p, (h, w) = bias.shape[0], num_prefix_tokens, grid
-    keys, inside = window_keys(grid, mask_size, bias.device)
-    slots = bias[:, p:, p:].gather(-1, keys.expand(heads, -1, -1))
-    slots = torch.where(inside, slots, torch.zeros((), dtype=bias.dtype, device=bias.device))
-    return slots.reshape(1, heads, h, w, -1), bias[:, p:, :p].reshape(1, heads, h, w, p)
+def window_bias(bias: Bias, grid: tuple[int, int], mask_size: int, num_prefix_tokens: int,
+                dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A logit bias as the linear-time loop reads it (in ``dtype`` when given): ``(1, heads, H, W, R²)`` on the window slots
+    (0 on padded slots, which must keep their zero logit), ``(1, heads, H, W, P)`` on the prefix columns and
+    ``(heads, P, T)`` on the prefix rows.  O(T·R²) entries: gathered from a dense ``(heads, T, T)`` bias, or read
+    from a :class:`~mait.bias.RelativeBias`'s tables on the window offsets without expanding them.
+    Differentiable (BEiT's bias table learns)."""
+    p, (h, w) = num_prefix_tokens, grid
+    if isinstance(bias, RelativeBias):
+        keys, inside = window_keys(grid, mask_size, bias.terms[0][1].device)
+        slots, prefix, rows = (part.to(dtype or part.dtype) for part in bias.window(keys, inside, p))
+    else:
+        heads, tokens = bias.shape[-3], bias.shape[-1]
+        bias = bias.reshape(heads, tokens, tokens).to(dtype or bias.dtype)
+        keys, inside = window_keys(grid, mask_size, bias.device)
+        slots = bias[:, p:, p:].gather(-1, keys.expand(heads, -1, -1))
+        slots = torch.where(inside, slots, torch.zeros((), dtype=bias.dtype, device=bias.device))
+        prefix, rows = bias[:, p:, :p], bias[:, :p]
+    heads = slots.shape[0]
+    return slots.reshape(1, heads, h, w, -1), prefix.reshape(1, heads, h, w, p), rows
 
 
 def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid_size: tuple[int, int],
                     mask_size: int, num_prefix_tokens: int, mode: str = "zero", scale: Optional[float] = None,
-                    bias: Optional[torch.Tensor] = None, **_: object) -> torch.Tensor:
+                    bias: Optional[Bias] = None, **_: object) -> torch.Tensor:
     """Hard-masked attention (every head α = 0) in O(T·R²·d); same result as the dense reference.
 
     ``q, k, v`` are ``(B, heads, T, d)`` with ``T = num_prefix_tokens + H * W``; ``bias`` an optional
-    ``(heads, T, T)`` or ``(1, heads, T, T)`` logit bias, read on the window slots and prefix rows/columns only
-    (the other logits of a hard head are 0, bias included).
+    ``(heads, T, T)`` or ``(1, heads, T, T)`` logit bias or a :class:`~mait.bias.RelativeBias`, read on the window
+    slots and prefix rows/columns only (the other logits of a hard head are 0, bias included).
     """
     if torch.compiler.is_compiling():    # the same function as fusable tensor code (no graph break)
         if bias is not None:
-            bias = bias.reshape(q.shape[1], q.shape[2], q.shape[2])
-            bias = (*window_bias(bias, grid_size, mask_size, num_prefix_tokens), bias[:, :num_prefix_tokens])
+            bias = window_bias(bias, grid_size, mask_size, num_prefix_tokens)
         return compiled_window_attention(q, k, v, grid_size=grid_size, mask_size=mask_size,
                                          num_prefix_tokens=num_prefix_tokens, mode=mode, scale=scale, bias=bias)
     q, k, v = autocast_inputs(q, k, v)
     half = q.dtype if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) else None
     if half is not None:     # a CPU runs the slot loop's elementwise work faster (and more exactly) in float32
         q, k, v = q.float(), k.float(), v.float()
-    batch, heads, tokens, dim = q.shape
+    batch, heads, _, dim = q.shape
     p, (h, w) = num_prefix_tokens, grid_size
     scale = dim ** -0.5 if scale is None else scale
     slot_bias = prefix_bias = row_bias = None
     if bias is not None:
-        bias = bias.reshape(heads, tokens, tokens).to(q.dtype)
-        slot_bias, prefix_bias = window_bias(bias, grid_size, mask_size, p)
-        row_bias = bias[:, :p]
+        slot_bias, prefix_bias, row_bias = window_bias(bias, grid_size, mask_size, p, q.dtype)
     qg = (q[:, :, p:] * scale).reshape(batch, heads, h, w, dim)
     kg = k[:, :, p:].reshape(batch, heads, h, w, dim)
     vg = v[:, :, p:].reshape(batch, heads, h, w, dim)
@@ -256,7 +266,7 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid_s
 
 
 def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, call: Any, scale: float,
-        bias: Optional[torch.Tensor] = None, **_: Any) -> torch.Tensor:
+        bias: Optional[Bias] = None, **_: Any) -> torch.Tensor:
     return local_attention(q, k, v, grid_size=call.grid_size, mask_size=call.mask_size,
                            num_prefix_tokens=call.num_prefix_tokens, mode=call.mode, scale=scale, bias=bias)
 

@@ -4,7 +4,8 @@ batch's patch grid to them."""
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable, Optional, Sequence, Union
+from contextlib import contextmanager
+from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -43,6 +44,30 @@ def check_image_size(img_size: Union[int, Sequence[int]], patch_size: Union[int,
     if img[0] % patch[0] or img[1] % patch[1]:
         raise ValueError(f"img_size {img_size} is not divisible by patch_size {patch_size}; "
                          f"use a multiple of the patch size (e.g. {img[0] // patch[0] * patch[0] or patch[0]})")
+
+
+@contextmanager
+def block_inputs(blocks: Sequence[nn.Module], inputs: Sequence[dict]) -> Iterator[None]:
+    """Inside, every call of ``blocks[i]`` also gets the keywords ``inputs[i]``: what a timm family's
+    ``forward_features`` hands its blocks (Eva's rotary embedding, BEiT's shared bias), for a loop that calls
+    ``block(x)`` (token pruning's)."""
+    handles = [block.register_forward_pre_hook(lambda module, args, kwargs, extra=extra: (args, {**kwargs, **extra}),
+                                               with_kwargs=True) for block, extra in zip(blocks, inputs)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def pruned_features(model: nn.Module, x: torch.Tensor, inputs: Sequence[dict]) -> torch.Tensor:
+    """The blocks of a token-pruning model (:meth:`MaskedViTMixin._pruned_blocks`) on its embedded tokens ``x``,
+    each block also given its ``inputs``, then the final norm."""
+    if model.grad_checkpointing and model.training:
+        raise ValueError(f"gradient checkpointing cannot replay token pruning (token_keep_rate="
+                         f"{model.token_keep_rate:g}); turn one of them off")
+    with block_inputs(model.blocks, inputs):
+        return model.norm(model._pruned_blocks(x))
 
 
 def apply_masking(blocks: Iterable[nn.Module], *, scheme: Union[str, MaskingScheme], depth: int,

@@ -18,9 +18,10 @@ from timm.layers import apply_rot_embed_cat, register_notrace_module
 
 from ..attention import MaskedAttention
 from ..masks import GridSize
+from ._masking import pruned_features
 from .mait import MaskedViTMixin
 
-__all__ = ["MaskedEvaAttention", "MaskedEvaMixin"]
+__all__ = ["MaskedEvaAttention", "MaskedEvaMixin", "kept_rope"]
 
 
 @register_notrace_module
@@ -62,6 +63,8 @@ class MaskedEvaAttention(MaskedAttention):
         q, k, v = self._project(x)
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
+            if self.token_index is not None:      # token pruning: each kept patch's rotation at its original position
+                rope = kept_rope(rope, self.token_index)
             prefix, half = self.num_prefix_tokens, getattr(self, "rotate_half", False)
             q = torch.cat([q[:, :, :prefix], apply_rot_embed_cat(q[:, :, prefix:], rope, half=half)], dim=2).type_as(v)
             k = torch.cat([k[:, :, :prefix], apply_rot_embed_cat(k[:, :, prefix:], rope, half=half)], dim=2).type_as(v)
@@ -75,8 +78,27 @@ class MaskedEvaAttention(MaskedAttention):
         return self.proj_drop(self.proj(x))
 
 
+def kept_rope(rope: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The rotary embedding ``(N, 2d)``, ``(heads, N, 2d)`` or ``(B, heads, N, 2d)`` of a grid's patches at the kept
+    patches ``index`` ``(B, n)``, as ``(B, 1 or heads, n, 2d)``."""
+    if rope.dim() == 2:
+        return rope[index][:, None]
+    if rope.dim() == 3:
+        return rope[:, index].transpose(0, 1)
+    return rope.gather(2, index[:, None, :, None].expand(-1, rope.shape[1], -1, rope.shape[-1]))
+
+
 class MaskedEvaMixin(MaskedViTMixin):
     """Masked attention in every block of a timm ``Eva`` (the class :func:`mait.mask_model` gives one); a model
-    with ``dynamic_img_size=True`` stays dynamic, its rotary embedding and masks following each batch's grid."""
+    with ``dynamic_img_size=True`` stays dynamic, its rotary embedding and masks following each batch's grid.
+    Under token pruning every kept patch is rotated by the embedding of its original grid position."""
 
     _wrap_attention = staticmethod(MaskedEvaAttention.adopt)
+
+    def forward_features(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                         is_causal: bool = False) -> torch.Tensor:
+        if not self.prunes_tokens():
+            return MaskedViTMixin.forward_features(self, x, attn_mask, is_causal)
+        x, rope = self._pos_embed(self.patch_embed(x))
+        ropes = rope if getattr(self, "rope_mixed", False) and rope is not None else [rope] * len(self.blocks)
+        return pruned_features(self, self.norm_pre(x), [dict(rope=block_rope) for block_rope in ropes])

@@ -76,17 +76,17 @@ def mask_model(model: nn.Module, scheme: Union[str, MaskingScheme] = "sch1", *, 
     (``mask_model(deit_tiny, "sch1")`` computes what ``mait_t12_224`` with ``scheme="sch1"`` and the same weights
     computes, ``mask_model(cait_xxs24, "sch1")`` what ``mait_cait_xxs24_224`` computes).  A model built with
     ``dynamic_img_size=True`` stays dynamic.  The other arguments are those of :class:`mait.MaiT` (token
-    pruning included, ``token_keep_rate`` and ``token_prune_layers``, on the ``VisionTransformer`` family); soft
-    heads start at ``soft_alpha_init``.  Anything else is a one-line error naming why and what to use instead.
+    pruning included, ``token_keep_rate`` and ``token_prune_layers``, on ViT, Eva and BEiT: a kept patch keeps
+    its original position for its window, rotary embedding and relative position bias); soft heads start at
+    ``soft_alpha_init``.  Anything else is a one-line error naming why and what to use instead.
     """
     kind = type(model).__name__
     if isinstance(model, (MaskedViTMixin, MaskedCait)):
         raise ValueError(f"{kind} is already masked (scheme {str(model.scheme)!r}); mask the unmasked timm model")
-    if token_keep_rate != 1.0 and not isinstance(model, VisionTransformer):
-        raise ValueError(f"token pruning (token_keep_rate={token_keep_rate}) works on VisionTransformer-family "
-                         f"models, not {kind}, whose rotary embedding, relative position bias or class attention "
-                         f"is laid out for every token; use token_keep_rate=1.0")
     if isinstance(model, Cait):
+        if token_keep_rate != 1.0:
+            raise ValueError(f"token pruning (token_keep_rate={token_keep_rate}) works on ViT, Eva and BEiT models, "
+                             f"not on a masked CaiT; use token_keep_rate=1.0")
         return _mask_cait(model, scheme=scheme, mask_size=mask_size, soft_alpha_init=soft_alpha_init,
                           mask_seed=mask_seed, attention_mode=attention_mode, attention_backend=attention_backend)
     family = next((family for family in _FAMILIES if isinstance(model, family[0])), None)
@@ -106,6 +106,8 @@ def mask_model(model: nn.Module, scheme: Union[str, MaskingScheme] = "sch1", *, 
                              f"mask_model masks {base.__name__} models whose blocks use it")
     if not getattr(model.patch_embed, "dynamic_img_pad", False):
         check_image_size(model.patch_embed.img_size, model.patch_embed.patch_size)
+    if not hasattr(model, "has_class_token"):      # timm's Eva and BEiT: what token pruning ranks patches by
+        model.has_class_token = getattr(model, "cls_token", None) is not None
     mixin.set_token_pruning(model, token_keep_rate, token_prune_layers)
     mixin.install_masks(model, scheme=scheme, mask_size=mask_size, soft_alpha_init=soft_alpha_init,
                         mask_seed=mask_seed, attention_mode=attention_mode, attention_backend=attention_backend,
