@@ -2,13 +2,15 @@
 
     python benchmarks/timm_families.py                          # CPU, one thread, batch 1, 224 and 896 px
     python benchmarks/timm_families.py --sizes 224 --repeats 2  # a quick look
+    python benchmarks/timm_families.py --sizes 896 --families "CaiT-XXS24 (talking heads)" --name timm_families_cait
 
 Every family is built by timm for each image size (random weights: the time does not depend on them) and
 timed three ways in interleaved rounds (every round times every variant once, in a fresh random order, after
 one untimed call), in inference mode: timm's model, the model masked with ``scheme="all"`` (every head hard:
 the linear-time backend) and with ``scheme="sch1"`` (one hard head per layer, the others plain).  The median
 is reported with the speed-up over the unmasked model measured in the same rounds.  Results go to
-``benchmarks/results/timm_families[_<device>].{txt,json}``; docs/backbones.md quotes them.
+``benchmarks/results/<name>[_<device>].{txt,json}`` (``--name``, default ``timm_families``); docs/backbones.md
+quotes them.
 """
 
 from __future__ import annotations
@@ -94,6 +96,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch threads on the CPU")
     parser.add_argument("--note", default="", help="a line stored with the results (e.g. the machine's load)")
+    parser.add_argument("--name", default="timm_families", help="stem of the result files (a partial run's own)")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
@@ -111,7 +114,7 @@ def main() -> None:
     lines = [title, "time per forward and speed-up over the unmasked model in the same rounds", "",
              *table(rows, args.sizes)]
     print("\n".join(lines))
-    stem = "timm_families" + ("" if device.type == "cpu" else f"_{device.type}")
+    stem = args.name + ("" if device.type == "cpu" else f"_{device.type}")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{stem}.txt").write_text("\n".join(lines) + "\n")
     (RESULTS / f"{stem}.json").write_text(json.dumps(dict(environment=env, note=args.note, rows=rows), indent=1))
