@@ -461,3 +461,25 @@ def test_masked_cait_and_hmait_wrong_uses():
         timm.create_model("hmait_tiny_224", token_keep_rate=0.5)
     assert "shifted windows and patch merging need the whole patch grid; prune tokens on a monolithic MaiT" \
         in str(error.value) and "\n" not in str(error.value)
+
+
+# ------------------------------------------------------------------------------- compile and export
+@pytest.mark.slow          # torch.export takes a minute or more on a loaded CPU
+def test_a_pruned_model_compiles_and_exports(tmp_path):
+    """``torch.compile`` (dynamo's eager backend: no inductor needed) and the ``torch.export`` program of
+    ``mait export`` (dynamic batch) of a token-pruned MaiT model give the eager model's logits and kept tokens,
+    at another batch size than the export example's too."""
+    from mait.commands.export import export_pt2
+    torch.manual_seed(0)
+    model = timm.create_model("mait_nano4_8", scheme="*:hsru", token_keep_rate=0.5).double().eval()
+    images = torch.randn(5, 1, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        want = model(images)
+        kept = model.token_index
+        model.token_index = None
+        torch.testing.assert_close(torch.compile(model, backend="eager")(images), want, rtol=1e-10, atol=1e-12)
+        assert torch.equal(model.token_index, kept)
+        program = export_pt2(model, images[:3], tmp_path / "pruned.pt2")
+        torch.testing.assert_close(program.module()(images), want, rtol=1e-10, atol=1e-12)
+        loaded = torch.export.load(str(tmp_path / "pruned.pt2")).module()
+        torch.testing.assert_close(loaded(images[:2]), want[:2], rtol=1e-10, atol=1e-12)
