@@ -335,11 +335,12 @@ def token_head_to_head(cifar: bool = False) -> str:
     """The token-sparsity table: token pruning alone, Sparsifiner's attention sparsity alone (as released), both,
     and MaiT's fixed masks with token pruning, each against the control (the dense model through the same second
     stage): top-1, paired differences, whole-model MACs and speed (interleaved, against the control's model)."""
-    done = results()
     variants = TOKEN_ROWS[cifar]
     control = CONTROL_OF[cifar]
-    speed = side_by_side_speed(list(variants), (3, 32, 32) if cifar else (1, 8, 8), batch=64 if cifar else 256)
+    speed = side_by_side_speed(list(variants), (3, 32, 32) if cifar else (1, 8, 8), rounds=5,
+                               batch=64 if cifar else 256)
     costs = {variant: cost_of(variant) for variant in variants}
+    done = results()
     rows = ["| variant | runs | top-1 % (mean ± std) | per seed (0 / 1 / 2) | Δ top-1 vs control, same seed "
             "(mean ± std; per seed) | whole-model MMACs: dense predictor / pruned | vs control | img/s (1 thread) "
             "| vs control |", "|---|---|---|---|---|---|---|---|---|"]
