@@ -274,7 +274,8 @@ def test_the_presets_build_coherent_runs():
                                                                                      "tokens": 0.5}
     # The token presets are the released ones with token pruning at ρ = 0.7, nothing else changed.
     for data in ("digits", "cifar10"):
-        released, tokens = load_config(f"sparsifiner_{data}").to_dict(), load_config(f"sparsifiner_tokens_{data}").to_dict()
+        released = load_config(f"sparsifiner_{data}").to_dict()
+        tokens = load_config(f"sparsifiner_tokens_{data}").to_dict()
         assert tokens.pop("model_kwargs") == dict(released.pop("model_kwargs"), token_keep_rate=0.7)
         assert tokens == released
     # The ImageNet teacher is timm's DeiT-S, paired layer by layer with the student for the attention target.
@@ -290,8 +291,9 @@ def test_the_presets_build_coherent_runs():
                                                ("cifar10", (3, 32, 32), [64, 64, 45, 45, 32, 22])])  # after 1, 3, 4
 def test_a_training_step_of_the_token_presets(dense_digits: Path, data: str, shape: tuple, seen: list):
     """One step of each stage of a token preset: the first keeps every token and moves only the predictors; the
-    second prunes (45, 32, 22 of the 64 patches; ``seen``: the patches each attention layer gets), its loss is CE + 0.5 KL + 0.5 MSE against the teacher's final
-    tokens at the kept positions, and it moves only the backbone."""
+    second prunes (45, 32, 22 of the 64 patches; ``seen``: the patches each attention layer gets), its loss is
+    CE + 0.5 KL + 0.5 MSE against the teacher's final tokens at the kept positions, and it moves only the
+    backbone."""
     config = load_config(f"sparsifiner_tokens_{data}")
     info = DataInfo(data, 10, shape[0], shape[1], 64, 64)
     torch.manual_seed(0)
