@@ -17,6 +17,7 @@ from mait.cost import count_macs, predictor_macs
 from mait.errors import UserError
 from mait.learned import ConnectivityPredictor, kept_keys, predictors, reconstruction_loss, set_phase
 from mait.train import TrainConfig, build_loaders, build_model, load_config, load_weights, train
+from mait.train.data import DataInfo
 from mait.train.objectives import Objective, build_teacher
 from mait.train.stages import enter_stage, plan_stages
 
@@ -263,12 +264,20 @@ def test_a_stage_schedule_is_the_releases():
 
 def test_the_presets_build_coherent_runs():
     for name, epochs in (("sparsifiner_deit_s", (5, 45)), ("sparsifiner_digits", (1, 9)),
-                         ("sparsifiner_cifar10", (1, 2))):
+                         ("sparsifiner_cifar10", (1, 2)), ("sparsifiner_tokens_digits", (1, 9)),
+                         ("sparsifiner_tokens_cifar10", (1, 2))):
         config = load_config(name)
         stages = plan_stages(config)
         assert [s.epochs for s in stages] == list(epochs) and [s.train for s in stages] == ["predictor", "backbone"]
+        assert [s.predictor for s in stages] == ["reconstruct", "frozen"]
         assert stages[0].losses == {"reconstruction": 0.01} and stages[1].losses == {"ce": 1.0, "kl": 0.5,
                                                                                      "tokens": 0.5}
+    # The token presets are the released ones with token pruning at ρ = 0.7, nothing else changed.
+    for data in ("digits", "cifar10"):
+        released = load_config(f"sparsifiner_{data}").to_dict()
+        tokens = load_config(f"sparsifiner_tokens_{data}").to_dict()
+        assert tokens.pop("model_kwargs") == dict(released.pop("model_kwargs"), token_keep_rate=0.7)
+        assert tokens == released
     # The ImageNet teacher is timm's DeiT-S, paired layer by layer with the student for the attention target.
     config = load_config("sparsifiner_deit_s")
     student = timm.create_model(config.model, **config.model_kwargs)
@@ -278,18 +287,70 @@ def test_the_presets_build_coherent_runs():
     assert len(objective.pairs) == 12
 
 
-@pytest.mark.parametrize("token_keep_rate", [1.0, 0.7])
+@pytest.mark.parametrize("data, shape, seen", [("digits", (1, 8, 8), [64, 64, 45, 32]),          # prune after 1, 2, 3
+                                               ("cifar10", (3, 32, 32), [64, 64, 45, 45, 32, 22])])  # after 1, 3, 4
+def test_a_training_step_of_the_token_presets(dense_digits: Path, data: str, shape: tuple, seen: list):
+    """One step of each stage of a token preset: the first keeps every token and moves only the predictors; the
+    second prunes (45, 32, 22 of the 64 patches; ``seen``: the patches each attention layer gets), its loss is
+    CE + 0.5 KL + 0.5 MSE against the teacher's final tokens at the kept positions, and it moves only the
+    backbone."""
+    config = load_config(f"sparsifiner_tokens_{data}")
+    info = DataInfo(data, 10, shape[0], shape[1], 64, 64)
+    torch.manual_seed(0)
+    student = build_model(config, info)
+    teacher = timm.create_model(config.teacher, num_classes=10, in_chans=shape[0], img_size=shape[1],
+                                **config.teacher_kwargs)
+    if data == "digits":
+        load_weights(teacher, dense_digits)
+        load_weights(student, dense_digits, strict=False)
+    else:
+        student.load_state_dict(teacher.state_dict(), strict=False)
+    images, labels = torch.randn(6, *shape), torch.randint(0, 10, (6,))
+    counts = []
+    for block in student.blocks:
+        block.attn.register_forward_pre_hook(lambda module, inputs: counts.append(inputs[0].shape[1] - 1))
+    first, second = plan_stages(config)
+    for stage in (first, second):
+        optimizer, _ = enter_stage(config, student, stage, steps=10)
+        for group in optimizer.param_groups:        # the stage's peak rate (its schedule starts at warmup_lr 0)
+            group["lr"] = stage.lr
+        objective = Objective(stage.losses, torch.nn.CrossEntropyLoss(), teacher.eval(), student)
+        before = {name: param.detach().clone() for name, param in student.named_parameters()}
+        counts.clear()
+        outputs = student.train()(images)
+        loss, _ = objective(student, images, outputs, labels)
+        if stage is first:
+            assert counts == [64] * len(seen) and student.token_index is None
+        else:
+            assert counts == seen and student.token_index.shape == (6, 22)
+            index = student.token_index
+            with torch.no_grad():               # no dropout or drop path: the eval forward is the training one
+                features = teacher.forward_features(images)
+                logits = teacher.forward_head(features)
+                mine = student.eval().forward_features(images)[:, 1:]
+            assert torch.equal(student.token_index, index)
+            theirs = features[:, 1:].gather(1, index[..., None].expand(-1, -1, features.shape[-1]))
+            kl = (F.softmax(logits, -1) * (F.log_softmax(logits, -1) - F.log_softmax(outputs, -1))).sum(-1).mean()
+            want = F.cross_entropy(outputs, labels) + 0.5 * kl + 0.5 * (mine - theirs).pow(2).mean()
+            torch.testing.assert_close(loss, want)
+        loss.backward()
+        optimizer.step()
+        objective.close()
+        moved = {name for name, param in student.named_parameters() if not torch.equal(param, before[name])}
+        assert moved and all((".predictor." in name) == (stage.train == "predictor") for name in moved)
+
+
+@pytest.mark.parametrize("preset", ["sparsifiner_digits", "sparsifiner_tokens_digits"])
 def test_two_stage_run_resumes_exactly_across_the_stage_boundary(dense_digits: Path, tmp_path: Path,
-                                                                   monkeypatch: pytest.MonkeyPatch,
-                                                                   token_keep_rate: float):
-    """The digits preset on a subset: stage 1 moves only the predictors, stage 2 only the backbone, and a run
+                                                                   monkeypatch: pytest.MonkeyPatch, preset: str):
+    """The digits presets on a subset: stage 1 moves only the predictors, stage 2 only the backbone, and a run
     interrupted at the stage boundary and resumed ends with the uninterrupted run's weights; with token
     pruning too (off while the predictors reconstruct, on in the second stage, the token loss over the kept
     tokens)."""
     from mait.errors import Interrupted
+    from mait.models.mait import MaiT
     from mait.train import engine
     common = dict(init_from=str(dense_digits), teacher_checkpoint=str(dense_digits), train_subset=64,
-                  model_kwargs={"keep_rate": 0.25, "token_keep_rate": token_keep_rate},
                   val_subset=32, progress=False, deterministic=True, epochs=3,
                   stages=[{"name": "reconstruct", "epochs": 1, "lr": 6e-4, "min_lr": 4e-4, "warmup_epochs": 0.6,
                            "warmup_lr": 0.0, "train": "predictor", "predictor": "reconstruct",
@@ -297,8 +358,21 @@ def test_two_stage_run_resumes_exactly_across_the_stage_boundary(dense_digits: P
                           {"name": "sparse", "epochs": 2, "lr": 1.6e-4, "min_lr": 4e-6, "warmup_epochs": 0.6,
                            "warmup_lr": 0.0, "train": "backbone", "predictor": "frozen",
                            "losses": {"ce": 1.0, "kl": 0.5, "tokens": 0.5}}])
-    full = train(load_config("sparsifiner_digits", dict(common, output=str(tmp_path / "full"))))
+    pruned_in = []          # (training, the predictors' phase) of every forward that prunes tokens
+    pruned_blocks = MaiT._pruned_blocks
+
+    def watch(model, x):
+        pruned_in.append((model.training, model.blocks[0].attn.predictor.phase))
+        return pruned_blocks(model, x)
+
+    monkeypatch.setattr(MaiT, "_pruned_blocks", watch)
+    full = train(load_config(preset, dict(common, output=str(tmp_path / "full"))))
     assert [row["stage"] for row in full.history] == [1, 2, 2] and "train_recon_loss" in full.history[0]
+    if preset == "sparsifiner_tokens_digits":   # pruned in evaluation and in the second stage's training only
+        assert (True, "frozen") in pruned_in and (False, "frozen") in pruned_in
+        assert all(phase == "frozen" for training, phase in pruned_in if training)
+    else:
+        assert not pruned_in
     end_epoch = engine._end_epoch
 
     def stop_after(epoch):
@@ -309,7 +383,7 @@ def test_two_stage_run_resumes_exactly_across_the_stage_boundary(dense_digits: P
         return end_then_stop
 
     monkeypatch.setattr(engine, "_end_epoch", stop_after(1))        # at the stage boundary
-    config = load_config("sparsifiner_digits", dict(common, output=str(tmp_path / "cut")))
+    config = load_config(preset, dict(common, output=str(tmp_path / "cut")))
     with pytest.raises(Interrupted):
         train(config)
     start = safetensors.torch.load_file(str(dense_digits))

@@ -352,11 +352,26 @@ def test_token_pruned_families_train_and_keep_rate_one_is_no_pruning(name):
         assert torch.equal(unpruned(_images()), mait.mask_model(_family(name), scheme="sch1")(_images()))
 
 
-def test_token_pruning_is_refused_on_cait():
-    model = _family("cait_xxs24_224")
-    with pytest.raises(ValueError, match=r"token pruning \(token_keep_rate=0.5\) works on ViT, Eva and BEiT models"):
-        mait.mask_model(model, "sch1", token_keep_rate=0.5)
-    assert not any(isinstance(m, mait.MaskedAttention) for m in model.modules()), "a refused model is unchanged"
+def test_token_pruning_on_cait_is_masked_caits():
+    cait = _family("cait_xxs24_224")
+    weights = {key: value.clone() for key, value in cait.state_dict().items()}
+    mait.mask_model(cait, "sch1", token_keep_rate=0.5, token_prune_layers=(0, 1))
+    reference = timm.create_model("mait_cait_xxs24_224", scheme="sch1", token_keep_rate=0.5,
+                                  token_prune_layers=(0, 1), **TINY).eval()
+    reference.load_state_dict(weights)
+    with torch.no_grad():
+        pruned = cait(_images())
+        assert torch.equal(pruned, reference(_images()))
+        assert cait.token_index.shape[1] < cait.patch_embed.num_patches, "tokens were dropped"
+        assert not torch.equal(pruned, mait.mask_model(_family("cait_xxs24_224"), "sch1")(_images()))
+    for wrong, message in (({"token_keep_rate": 1.5}, r"token_keep_rate"), ({"token_prune_layers": (1, 0)}, r"strictly increasing block indices in \[0, 1\]")):
+        model = _family("cait_xxs24_224")
+        with pytest.raises(ValueError, match=message):
+            mait.mask_model(model, "sch1", **{"token_keep_rate": 0.5, **wrong})
+        assert not any(isinstance(m, mait.MaskedAttention) for m in model.modules()), "a refused model is unchanged"
+
+
+def test_token_pruning_needs_a_class_token():
     no_class = Eva(**TINY, class_token=False, num_reg_tokens=1, global_pool="avg")
     with pytest.raises(ValueError, match="no class token; use class_token=True"):
         mait.mask_model(no_class, token_keep_rate=0.5)

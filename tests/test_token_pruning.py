@@ -367,3 +367,119 @@ def test_token_distillation_compares_the_kept_tokens():
     assert kept.shape == (3, 8)
     want = torch.stack([(mine[b] - theirs[b, kept[b]]).pow(2).mean() for b in range(3)]).mean()
     torch.testing.assert_close(loss, want)
+
+
+# ------------------------------------------------------------------------------------------ Masked CaiT
+def _cait_excluding_reference(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked CaiT with every patch kept and the pruned ones excluded: in the self-attention layers no patch
+    attends to them (logits -inf after the talking-heads mixing and the masks), a patch's score is the attention
+    it receives from the patches alive (probabilities before the mixing, averaged over heads and those queries);
+    the class-attention layers' class token attends to the patches alive.  Returns the class logits and the
+    features of the class token and the patches left, in order."""
+    x = model.patch_embed(images) + model.pos_embed
+    batch, patches, channels = x.shape
+    alive = torch.ones(batch, patches, dtype=torch.bool)
+    stage = 0
+    for number, block in enumerate(model.blocks):
+        layer = block.attn
+        heads, dim = layer.num_heads, layer.head_dim
+        q, k, v = layer.qkv(block.norm1(x)).reshape(batch, patches, 3, heads, dim).permute(2, 0, 3, 1, 4)
+        s = layer.proj_l(((q * layer.scale) @ k.transpose(-2, -1)).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        keep = layer.keep_mask().expand(heads, patches, patches)
+        alpha = layer.alpha.detach().view(heads, 1, 1)
+        logits = torch.where(keep, s, alpha * s)
+        if layer.mode == "neg_inf":
+            logits = s.masked_fill((alpha == 0) & ~keep, float("-inf"))
+        probs = logits.masked_fill(~alive[:, None, None, :], float("-inf")).softmax(-1)
+        probs = probs.masked_fill(~alive[:, None, :, None], 0.0)   # excluded rows (all -inf with neg_inf) ignored
+        mixed = layer.proj_w(probs.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        x = x + block.gamma_1 * layer.proj((mixed @ v).transpose(1, 2).reshape(batch, patches, channels))
+        x = x + block.gamma_2 * block.mlp(block.norm2(x))
+        if number in model.token_prune_layers:
+            stage += 1
+            count = kept_tokens(patches, model.token_keep_rate, stage)
+            received = (probs * alive[:, None, :, None]).sum((1, 2)) / (heads * alive.sum(-1, keepdim=True))
+            if count < int(alive[0].sum()):
+                best = received.masked_fill(~alive, float("-inf")).topk(count).indices
+                alive = torch.zeros(batch, patches, dtype=torch.bool).scatter(1, best, True)
+    cls = model.cls_token.expand(batch, -1, -1)
+    present = torch.cat([torch.ones(batch, 1, dtype=torch.bool), alive], dim=1)
+    for block in model.blocks_token_only:
+        layer, u = block.attn, block.norm1(torch.cat([cls, x], dim=1))
+        heads = layer.num_heads
+        q = layer.q(u[:, :1]).reshape(batch, 1, heads, -1).transpose(1, 2)
+        k, v = (proj(u).reshape(batch, 1 + patches, heads, -1).transpose(1, 2) for proj in (layer.k, layer.v))
+        logits = ((q * layer.scale) @ k.transpose(-2, -1)).masked_fill(~present[:, None, None, :], float("-inf"))
+        cls = cls + block.gamma_1 * layer.proj((logits.softmax(-1) @ v).transpose(1, 2).reshape(batch, 1, channels))
+        cls = cls + block.gamma_2 * block.mlp(block.norm2(cls))
+    x = model.norm(torch.cat([cls, x], dim=1))
+    return model.forward_head(x), x[present].view(batch, -1, channels)
+
+
+def _tiny_cait(**kwargs) -> torch.nn.Module:
+    return timm.create_model("mait_cait_xxs24_224", img_size=32, patch_size=4, embed_dim=32, depth=4, num_heads=4,
+                             depth_token_only=2, num_classes=5, init_values=0.1, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [dict(scheme="*:hsuh", token_keep_rate=0.5),
+                                    dict(scheme="*:hrhu", token_keep_rate=0.6, token_prune_layers=(0, 3)),
+                                    dict(scheme="*:hhuh", attention_mode="neg_inf", token_keep_rate=0.7,
+                                         token_prune_layers=(0, 2))])
+def test_masked_cait_dropping_equals_excluding(kwargs):
+    torch.manual_seed(0)
+    model = _tiny_cait(**kwargs).double().eval()
+    images = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        features = model.forward_features(images)
+        logits = model.forward_head(features)
+        want_logits, want_features = _cait_excluding_reference(model, images)
+    last = kept_tokens(64, model.token_keep_rate, len(model.token_prune_layers))
+    assert features.shape[1] == 1 + last < 65 and model.token_index.shape == (3, last)
+    torch.testing.assert_close(features, want_features, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(logits, want_logits, rtol=1e-9, atol=1e-10)
+    model.set_token_pruning(1.0)                          # ρ = 1: the unpruned model
+    plain = _tiny_cait(scheme=kwargs["scheme"], attention_mode=kwargs.get("attention_mode", "zero")).double().eval()
+    plain.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(model(images), plain(images)) and model.token_index is None
+
+
+def test_masked_cait_and_hmait_wrong_uses():
+    with pytest.raises(ValueError, match="features_only=True returns a feature map of every patch"):
+        _tiny_cait(token_keep_rate=0.5, features_only=True)
+    with pytest.raises(ValueError, match="token_prune_layers must be strictly increasing block indices in"):
+        _tiny_cait(token_keep_rate=0.5, token_prune_layers=(2, 1))
+    model = _tiny_cait(token_keep_rate=0.5)
+    with pytest.raises(ValueError, match=r"forward_intermediates\(\) returns a feature map"):
+        model.forward_intermediates(torch.randn(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="can drop every key of a random-mask head's row under attention_mode"):
+        _tiny_cait(scheme="*:hruh", attention_mode="neg_inf", token_keep_rate=0.7)
+    model.set_grad_checkpointing(True)
+    with pytest.raises(ValueError, match="gradient checkpointing cannot replay token pruning"):
+        model.train()(torch.randn(2, 3, 32, 32))
+    with pytest.raises(ValueError) as error:
+        timm.create_model("hmait_tiny_224", token_keep_rate=0.5)
+    assert "shifted windows and patch merging need the whole patch grid; prune tokens on a monolithic MaiT" \
+        in str(error.value) and "\n" not in str(error.value)
+
+
+# ------------------------------------------------------------------------------- compile and export
+@pytest.mark.slow          # torch.export takes a minute or more on a loaded CPU
+def test_a_pruned_model_compiles_and_exports(tmp_path):
+    """``torch.compile`` (dynamo's eager backend: no inductor needed) and the ``torch.export`` program of
+    ``mait export`` (dynamic batch) of a token-pruned MaiT model give the eager model's logits and kept tokens,
+    at another batch size than the export example's too."""
+    from mait.commands.export import export_pt2
+    torch.manual_seed(0)
+    model = timm.create_model("mait_nano4_8", scheme="*:hsru", token_keep_rate=0.5).double().eval()
+    images = torch.randn(5, 1, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        want = model(images)
+        kept = model.token_index
+        model.token_index = None
+        torch.testing.assert_close(torch.compile(model, backend="eager")(images), want, rtol=1e-10, atol=1e-12)
+        assert torch.equal(model.token_index, kept)
+        program = export_pt2(model, images[:3], tmp_path / "pruned.pt2")
+        torch.testing.assert_close(program.module()(images), want, rtol=1e-10, atol=1e-12)
+        loaded = torch.export.load(str(tmp_path / "pruned.pt2")).module()
+        torch.testing.assert_close(loaded(images[:2]), want[:2], rtol=1e-10, atol=1e-12)

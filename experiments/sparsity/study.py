@@ -6,13 +6,16 @@ the published (released) Sparsifiner recipe against mait's variants.
     python experiments/sparsity/study.py run 'c10*' --device cuda  # the CIFAR-10 runs on a GPU
     python experiments/sparsity/study.py list                   # every run and whether it has finished
     python experiments/sparsity/study.py report                 # tables, ALS figure and learned-mask pictures
+    python experiments/sparsity/study.py report tokens          # only the token-sparsity table
 
 Digits runs from scratch are ``mait train --config src/mait/configs/small/digits.yaml`` (60 epochs)
 plus the keys of their variant.  Fine-tuned variants start from the dense run of the same seed
 (``--init-from``) and distil from it: the released recipe is the ``sparsifiner_digits`` preset (two
 stages, 1 + 9 epochs), mait's joint fine-tune is one 10-epoch stage.  CIFAR-10 runs use the recipe of
 the CIFAR-10 study (``experiments/cifar10/base.yaml``, 2 epochs) and the ``sparsifiner_cifar10``
-preset's stages (1 + 2 epochs) for the fine-tunes.  Each run trains at one thread into
+preset's stages (1 + 2 epochs) for the fine-tunes.  The token-sparsity rows fine-tune the same dense
+run through the same second stage with tokens pruned (``sparsifiner_tokens_*`` presets: pruning only
+in the second stage, as released), each against the control without sparsity.  Each run trains at one thread into
 ``runs/sparsity-study/<variant>-s<seed>`` (a finished run is skipped); ``report`` writes
 ``experiments/sparsity/results/``.
 """
@@ -39,8 +42,11 @@ BASE = CONFIGS / "small" / "digits.yaml"
 RELEASED = CONFIGS / "small" / "sparsifiner_digits.yaml"
 CIFAR_BASE = ROOT / "experiments" / "cifar10" / "base.yaml"
 CIFAR_RELEASED = CONFIGS / "small" / "sparsifiner_cifar10.yaml"
+TOKENS = {False: CONFIGS / "small" / "sparsifiner_tokens_digits.yaml",        # the released recipe + token pruning
+          True: CONFIGS / "small" / "sparsifiner_tokens_cifar10.yaml"}
 SEEDS = (0, 1, 2)
 R3_KEEP = 0.13          # kept fraction of a 3x3 window on the 8x8 grid + class token: 8.56 of 65 keys
+TOKEN_KEEP = 0.7        # the token presets' ρ: 45, 32, 22 of the 64 patches stay after blocks 1, 2, 3 (digits)
 # mait's variant of the learned heads (before it followed the release): one joint stage, each layer's own
 # attention as the reconstruction target, the per-row loss at weight 1, masks from the unpruned map.
 MAIT_JOINT = dict(reconstruction_target="self", reconstruction_reduction="row_mean", reconstruction_weight=1.0)
@@ -53,8 +59,10 @@ LONG_FIRST_STAGE = 20
 RECIPE_KEYS = ("model", "model_kwargs", "teacher", "teacher_kwargs", "reconstruction_target",
                "reconstruction_reduction", "epochs", "stages", "drop_path", "opt", "weight_decay", "smoothing")
 
-# variant -> (label, keys); ``start``: "scratch", "released" (the preset's two stages from dense), "joint" (mait's
-# one-stage fine-tune from dense) or "control" (the dense model through the released second stage).
+# variant -> (label, keys); ``start``: "scratch", "released" (the preset's two stages from dense; ``recipe``: the
+# token preset instead), "joint" (mait's one-stage fine-tune from dense) or "control" (the dense model through the
+# released second stage; with ``scheme`` and ``model_kwargs``, a mait_* model with fixed masks or token pruning).
+# ``table``: "tokens" for the token-sparsity head-to-head (its own table, each row against the control).
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "dense": ("dense (no mask)", dict(model="mait_nano4_8", scheme="none")),
     "all": ("MaiT, every head hard (`all`)", dict(model="mait_nano4_8", scheme="all")),
@@ -81,6 +89,14 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
                 dict(model="sparsifiner_nano4_8", model_kwargs={"keep_rate": R3_KEEP, **UNPRUNED}, **MAIT_JOINT)),
     "joint25": ("Sparsifiner keep 0.25 from scratch, mait's joint training (self target, unpruned)",
                 dict(model="sparsifiner_nano4_8", model_kwargs={"keep_rate": 0.25, **UNPRUNED}, **MAIT_JOINT)),
+    "tok70": ("token sparsity alone: dense, tokens pruned (ρ 0.7) through the published second stage",
+              dict(start="control", model_kwargs={"token_keep_rate": TOKEN_KEEP}, table="tokens")),
+    "reltok70": ("both: Sparsifiner's published recipe, keep 0.25, tokens pruned (ρ 0.7) in its second stage",
+                 dict(start="released", recipe="tokens", table="tokens")),
+    "allft": ("MaiT's fixed masks (every head hard) through the published second stage",
+              dict(start="control", scheme="all", table="tokens")),
+    "alltok70": ("MaiT's fixed masks (every head hard) + tokens pruned (ρ 0.7) through the published second stage",
+                 dict(start="control", scheme="all", model_kwargs={"token_keep_rate": TOKEN_KEEP}, table="tokens")),
     "c10dense": ("CIFAR-10: dense (no mask)", dict(model="mait_mini6_32", scheme="none", cifar=True)),
     "c10all": ("CIFAR-10: MaiT, every head hard (`all`)", dict(model="mait_mini6_32", scheme="all", cifar=True)),
     "c10rel25": ("CIFAR-10: Sparsifiner, published recipe, keep 0.25", dict(start="released", cifar=True)),
@@ -88,8 +104,22 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
                  dict(start="released", model_kwargs={"keep_rate": R3_KEEP}, cifar=True)),
     "c10denseft": ("CIFAR-10: control: dense through the published second stage (2 epochs)",
                    dict(start="control", cifar=True)),
+    "c10tok70": ("CIFAR-10: token sparsity alone: dense, tokens pruned (ρ 0.7) through the published second stage",
+                 dict(start="control", model_kwargs={"token_keep_rate": TOKEN_KEEP}, cifar=True, table="tokens")),
+    "c10reltok70": ("CIFAR-10: both: published recipe, keep 0.25, tokens pruned (ρ 0.7) in its second stage",
+                    dict(start="released", recipe="tokens", cifar=True, table="tokens")),
+    "c10allft": ("CIFAR-10: MaiT's fixed masks (every head hard) through the published second stage",
+                 dict(start="control", scheme="all", cifar=True, table="tokens")),
+    "c10alltok70": ("CIFAR-10: MaiT's fixed masks (every head hard) + tokens pruned (ρ 0.7), published second stage",
+                    dict(start="control", scheme="all", model_kwargs={"token_keep_rate": TOKEN_KEEP}, cifar=True,
+                         table="tokens")),
 }
+# The token-sparsity head-to-head: its rows, each against the control (the dense model through the same second
+# stage), beside the attention-only recipe and the control themselves.
+TOKEN_ROWS = {False: ("denseft", "rel25", "tok70", "reltok70", "allft", "alltok70"),
+              True: ("c10denseft", "c10rel25", "c10tok70", "c10reltok70", "c10allft", "c10alltok70")}
 DENSE_OF = {False: "dense", True: "c10dense"}
+CONTROL_OF = {False: "denseft", True: "c10denseft"}
 
 
 def run_names() -> list[str]:
@@ -99,8 +129,9 @@ def run_names() -> list[str]:
     return [f"{v}-s{seed}" for seed in SEEDS for v in digits] + [f"{v}-s{seed}" for seed in SEEDS for v in cifar]
 
 
-def _released(cifar: bool) -> dict[str, Any]:
-    preset = yaml.safe_load((CIFAR_RELEASED if cifar else RELEASED).read_text())
+def _released(cifar: bool, recipe: str = "released") -> dict[str, Any]:
+    path = TOKENS[cifar] if recipe == "tokens" else CIFAR_RELEASED if cifar else RELEASED
+    preset = yaml.safe_load(path.read_text())
     return {key: preset[key] for key in RECIPE_KEYS if key in preset}
 
 
@@ -108,14 +139,15 @@ def config_of(name: str) -> dict[str, Any]:
     """The training keys of run ``name`` (``<variant>-s<seed>``)."""
     variant, seed = name.rsplit("-s", 1)
     keys = dict(VARIANTS[variant][1])
-    cifar, start = keys.pop("cifar", False), keys.pop("start", "scratch")
+    cifar, start, recipe = keys.pop("cifar", False), keys.pop("start", "scratch"), keys.pop("recipe", "released")
+    keys.pop("table", None)
     config = dict(yaml.safe_load((CIFAR_BASE if cifar else BASE).read_text()), seed=int(seed),
                   output=str(RUN_DIR / name), progress=False)
     dense = RUN_DIR / f"{DENSE_OF[cifar]}-s{seed}" / "last.safetensors"
     teacher = dict(init_from=str(dense), teacher_checkpoint=str(dense))
     if start in ("released", "control"):
-        config.update(_released(cifar), **teacher)
-        if "model_kwargs" in keys:
+        config.update(_released(cifar, recipe), **teacher)
+        if "model_kwargs" in keys and start == "released":
             config["model_kwargs"] = dict(config["model_kwargs"], **keys.pop("model_kwargs"))
         if "first_stage_epochs" in keys:
             first = dict(config["stages"][0], epochs=keys.pop("first_stage_epochs"))
@@ -179,9 +211,10 @@ def run(patterns: list[str], shard: str, device: str = "cpu") -> None:
         print(f"done {name}: {record}", flush=True)
 
 
-def mhsa_mmacs(variant: str) -> tuple[float, float]:
-    """MHSA MACs per image in millions: attention maps + predictor counted densely, and with the sparse basis's
-    actual nonzeros (the seed-0 run's trained predictor on 256 held-out images, when it has finished)."""
+def cost_of(variant: str) -> Any:
+    """The :class:`mait.cost.CostReport` of the variant's model per image, its predictors counted both densely
+    and with the sparse basis's actual nonzeros (the seed-0 run's trained predictor on 256 held-out images, when
+    it has finished)."""
     import timm
     import torch
     from mait.cost import count_macs
@@ -198,7 +231,12 @@ def mhsa_mmacs(variant: str) -> tuple[float, float]:
                                   **config.get("model_kwargs", {}))
         images = None
     with torch.inference_mode():
-        report = count_macs(model, images=images)
+        return count_macs(model.eval(), images=images)
+
+
+def mhsa_mmacs(variant: str) -> tuple[float, float]:
+    """MHSA MACs per image in millions: attention maps + predictor counted densely, and by its nonzeros."""
+    report = cost_of(variant)
     return report.mhsa / 1e6, report.mhsa_sparse / 1e6
 
 
@@ -236,10 +274,11 @@ def side_by_side_speed(variants: list[str], shape: tuple[int, ...], rounds: int 
 
 def baseline(variant: str) -> str:
     """The variant a paired difference is taken against: the dense model fine-tuned the same way (released
-    recipe: its second stage; mait's joint fine-tune: the same stage), else the dense model of the same data."""
+    recipe and the variants through its second stage: that stage; mait's joint fine-tune: the same stage), else
+    the dense model of the same data."""
     start, cifar = VARIANTS[variant][1].get("start"), VARIANTS[variant][1].get("cifar", False)
-    if start == "released":
-        return "c10denseft" if cifar else "denseft"
+    if start == "released" or (start == "control" and variant != CONTROL_OF[cifar]):
+        return CONTROL_OF[cifar]
     if start == "joint" and variant != "densejft":
         return "densejft"
     return DENSE_OF[cifar]
@@ -269,13 +308,15 @@ def results() -> dict[str, dict[int, dict[str, Any]]]:
 def head_to_head() -> str:
     """The table: top-1 per variant, paired differences, per-seed values, MHSA MACs and speed."""
     done = results()
-    cifar = [v for v in VARIANTS if VARIANTS[v][1].get("cifar")]
-    speed = side_by_side_speed([v for v in VARIANTS if v not in cifar], (1, 8, 8))
+    variants = [v for v in VARIANTS if VARIANTS[v][1].get("table") != "tokens"]
+    cifar = [v for v in variants if VARIANTS[v][1].get("cifar")]
+    speed = side_by_side_speed([v for v in variants if v not in cifar], (1, 8, 8))
     speed |= side_by_side_speed(cifar, (3, 32, 32), batch=64)
     rows = ["| variant | runs | top-1 % (mean ± std) | per seed (0 / 1 / 2) | Δ top-1 vs its baseline, same seed "
             "(mean ± std) | MHSA MMACs: dense predictor / pruned | img/s (1 thread) | vs dense |",
             "|---|---|---|---|---|---|---|---|"]
-    for variant, (label, _) in VARIANTS.items():
+    for variant in variants:
+        label = VARIANTS[variant][0]
         accs = {seed: record["acc1"] for seed, record in done.get(variant, {}).items()}
         base = baseline(variant)
         base_accs = {seed: record["acc1"] for seed, record in done.get(base, {}).items()}
@@ -287,6 +328,34 @@ def head_to_head() -> str:
         rows.append(f"| {label} | {len(accs)} | {mean_std(list(accs.values()), 'not run yet')} | {per_seed} | "
                     f"{delta} | {dense_macs:.3f} / {pruned_macs:.3f} | {speed[variant]:.0f} | "
                     f"{speed[variant] / dense_speed:.2f}x |")
+    return "\n".join(rows)
+
+
+def token_head_to_head(cifar: bool = False) -> str:
+    """The token-sparsity table: token pruning alone, Sparsifiner's attention sparsity alone (as released), both,
+    and MaiT's fixed masks with token pruning, each against the control (the dense model through the same second
+    stage): top-1, paired differences, whole-model MACs and speed (interleaved, against the control's model)."""
+    variants = TOKEN_ROWS[cifar]
+    control = CONTROL_OF[cifar]
+    speed = side_by_side_speed(list(variants), (3, 32, 32) if cifar else (1, 8, 8), rounds=5,
+                               batch=64 if cifar else 256)
+    costs = {variant: cost_of(variant) for variant in variants}
+    done = results()
+    rows = ["| variant | runs | top-1 % (mean ± std) | per seed (0 / 1 / 2) | Δ top-1 vs control, same seed "
+            "(mean ± std; per seed) | whole-model MMACs: dense predictor / pruned | vs control | img/s (1 thread) "
+            "| vs control |", "|---|---|---|---|---|---|---|---|---|"]
+    for variant in variants:
+        accs = {seed: record["acc1"] for seed, record in done.get(variant, {}).items()}
+        base = {seed: record["acc1"] for seed, record in done.get(control, {}).items()}
+        deltas = {seed: acc - base[seed] for seed, acc in accs.items() if seed in base}
+        delta = "" if variant == control or not deltas else \
+            f"{mean_std(list(deltas.values()), '', signed=True)} ({' / '.join(f'{d:+.2f}' for d in deltas.values())})"
+        per_seed = " / ".join(f"{accs[seed]:.2f}" if seed in accs else "-" for seed in SEEDS)
+        report, reference = costs[variant], costs[control]
+        rows.append(f"| {VARIANTS[variant][0]} | {len(accs)} | {mean_std(list(accs.values()), 'not run yet')} | "
+                    f"{per_seed} | {delta} | {report.macs / 1e6:.2f} / {report.macs_sparse / 1e6:.2f} | "
+                    f"{report.macs_sparse / reference.macs - 1:+.1%} | {speed[variant]:.0f} | "
+                    f"{speed[variant] / speed[control]:.2f}x |")
     return "\n".join(rows)
 
 
@@ -387,9 +456,22 @@ def predictor_quality() -> str:
     return "\n".join(lines)
 
 
-def report() -> None:
-    from mait.cli import main as mait
+def report(tables: list[str]) -> None:
     RESULTS.mkdir(exist_ok=True)
+    if "tokens" in tables:
+        for cifar, name in ((False, "token_head_to_head.md"), (True, "token_head_to_head_cifar10.md")):
+            if cifar and not results().get(CONTROL_OF[True]):
+                continue                # CIFAR-10 rows only once their control has run
+            table = token_head_to_head(cifar)
+            (RESULTS / name).write_text(table + "\n")
+            print(table)
+    if "attention" in tables:
+        attention_report()
+
+
+def attention_report() -> None:
+    """The attention-sparsity head-to-head, the learned masks' locality and predictor quality, mask pictures."""
+    from mait.cli import main as mait
     table = head_to_head()
     (RESULTS / "head_to_head.md").write_text(table + "\n")
     print(table)
@@ -418,7 +500,9 @@ def main(argv: list[str]) -> int:
     run_parser.add_argument("patterns", nargs="*", help="run names or globs (default: all)")
     run_parser.add_argument("--shard", default="0/1", help="i/n: run every n-th pending run from the i-th")
     run_parser.add_argument("--device", default="cpu", help="training device (cpu, cuda); speed is always timed on the CPU")
-    sub.add_parser("report")
+    report_parser = sub.add_parser("report")
+    report_parser.add_argument("tables", nargs="*", choices=["attention", "tokens"], default=["attention", "tokens"],
+                               help="which tables (default: both): attention sparsity, token sparsity")
     sub.add_parser("list")
     args = parser.parse_args(argv)
     if args.command == "run":
@@ -426,7 +510,7 @@ def main(argv: list[str]) -> int:
     elif args.command == "list":
         listing()
     else:
-        report()
+        report(args.tables)
     return 0
 
 

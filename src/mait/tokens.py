@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 import torch
 
 __all__ = ["RELEASE_PRUNE_LAYERS", "check_token_keep_rate", "class_attention_scores", "default_prune_layers",
-           "gather_tokens", "kept_tokens", "prune_layers", "select_tokens", "token_positions"]
+           "gather_tokens", "kept_tokens", "prune_layers", "prune_tokens", "select_tokens", "token_positions"]
 
 RELEASE_PRUNE_LAYERS = (3, 6, 9)   # of DeiT's 12 blocks (the release's TOKEN_PRUNING_LOC)
 RELEASE_DEPTH = 12
@@ -80,6 +80,18 @@ def gather_tokens(x: torch.Tensor, num_prefix_tokens: int, chosen: torch.Tensor)
     """``x`` ``(B, P + N', C)`` with only the prefix tokens and the ``chosen`` patch tokens ``(B, n)``."""
     patches = x[:, num_prefix_tokens:].gather(1, chosen[..., None].expand(-1, -1, x.shape[-1]))
     return torch.cat([x[:, :num_prefix_tokens], patches], dim=1)
+
+
+def prune_tokens(x: torch.Tensor, scores: torch.Tensor, index: Optional[torch.Tensor], patches: int,
+                 keep_rate: float, stage: int, num_prefix_tokens: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """After the ``stage``-th prune layer: ``x`` with the prefix tokens and the ``ceil(ρ^stage · N)`` best-scoring
+    of its patches (``scores`` ``(B, N')``), and their positions on the grid of ``patches`` (``index``: those of
+    the patches present, None for the whole grid)."""
+    count = kept_tokens(patches, keep_rate, stage)
+    if count >= scores.shape[1]:
+        return x, index
+    chosen = select_tokens(scores, count)
+    return gather_tokens(x, num_prefix_tokens, chosen), chosen if index is None else index.gather(1, chosen)
 
 
 def token_positions(index: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:

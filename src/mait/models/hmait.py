@@ -195,6 +195,11 @@ swin_checkpoint_filter = with_mait_only_parameters(_from_swin, MAIT_ONLY_KEYS + 
 
 
 def _create_hmait(variant: str, pretrained: bool = False, **kwargs: Any) -> HMaiT:
+    rate = kwargs.pop("token_keep_rate", 1.0)
+    if rate != 1.0 or kwargs.pop("token_prune_layers", None) is not None:
+        raise ValueError(f"H-MaiT cannot prune tokens (token_keep_rate={rate}): its shifted windows and patch merging "
+                         f"need the whole patch grid; prune tokens on a monolithic MaiT (mait_t12_224, mait_s24_224, "
+                         f"Masked CaiT) or a mask_model'ed ViT")
     return build_model_with_cfg(
         HMaiT, variant, pretrained,
         pretrained_filter_fn=swin_checkpoint_filter,

@@ -24,7 +24,7 @@ from ..attention import MaskedAttention
 from ..learned import BASIS_REDUCTION, BASIS_THRESHOLD, COEF_TOPK, predictor_options
 from ..masks import check_mask_fits_grid, to_grid
 from ..schemes import MaskingScheme, resolve_scheme
-from ..tokens import check_token_keep_rate, gather_tokens, kept_tokens, prune_layers, select_tokens
+from ..tokens import check_token_keep_rate, prune_layers, prune_tokens
 from ._masking import PatchGrid, alpha_no_weight_decay, apply_masking, check_image_size, with_mait_only_parameters
 
 __all__ = ["MaiT", "MaiTDistilled"]
@@ -119,11 +119,7 @@ class MaskedViTMixin:
             if prune:
                 stage += 1
                 scores, block.attn.token_scores = block.attn.token_scores, None
-                count = kept_tokens(patches, self.token_keep_rate, stage)
-                if count < scores.shape[1]:
-                    chosen = select_tokens(scores, count)
-                    x = gather_tokens(x, prefix, chosen)
-                    index = chosen if index is None else index.gather(1, chosen)
+                x, index = prune_tokens(x, scores, index, patches, self.token_keep_rate, stage, prefix)
             if split:
                 x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
         self.token_index = index

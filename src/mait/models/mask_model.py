@@ -15,6 +15,7 @@ from timm.models.eva import Eva, EvaAttention
 from timm.models.vision_transformer import Attention, VisionTransformer
 
 from ..schemes import MaskingScheme
+from ..tokens import check_token_keep_rate, prune_layers
 from ._masking import check_image_size
 from .beit import MaskedBeitMixin
 from .cait import MaskedCait
@@ -76,19 +77,17 @@ def mask_model(model: nn.Module, scheme: Union[str, MaskingScheme] = "sch1", *, 
     (``mask_model(deit_tiny, "sch1")`` computes what ``mait_t12_224`` with ``scheme="sch1"`` and the same weights
     computes, ``mask_model(cait_xxs24, "sch1")`` what ``mait_cait_xxs24_224`` computes).  A model built with
     ``dynamic_img_size=True`` stays dynamic.  The other arguments are those of :class:`mait.MaiT` (token
-    pruning included, ``token_keep_rate`` and ``token_prune_layers``, on ViT, Eva and BEiT: a kept patch keeps
-    its original position for its window, rotary embedding and relative position bias); soft heads start at
+    pruning included, ``token_keep_rate`` and ``token_prune_layers``: a kept patch keeps its original position
+    for its window, rotary embedding and relative position bias; on a CaiT, pruning as Masked CaiT's); soft heads start at
     ``soft_alpha_init``.  Anything else is a one-line error naming why and what to use instead.
     """
     kind = type(model).__name__
     if isinstance(model, (MaskedViTMixin, MaskedCait)):
         raise ValueError(f"{kind} is already masked (scheme {str(model.scheme)!r}); mask the unmasked timm model")
     if isinstance(model, Cait):
-        if token_keep_rate != 1.0:
-            raise ValueError(f"token pruning (token_keep_rate={token_keep_rate}) works on ViT, Eva and BEiT models, "
-                             f"not on a masked CaiT; use token_keep_rate=1.0")
         return _mask_cait(model, scheme=scheme, mask_size=mask_size, soft_alpha_init=soft_alpha_init,
-                          mask_seed=mask_seed, attention_mode=attention_mode, attention_backend=attention_backend)
+                          mask_seed=mask_seed, attention_mode=attention_mode, attention_backend=attention_backend,
+                          token_keep_rate=token_keep_rate, token_prune_layers=token_prune_layers)
     family = next((family for family in _FAMILIES if isinstance(model, family[0])), None)
     if family is None:
         reason = _REFUSED.get(kind)
@@ -116,8 +115,10 @@ def mask_model(model: nn.Module, scheme: Union[str, MaskingScheme] = "sch1", *, 
     return model
 
 
-def _mask_cait(model: Cait, *, attention_backend: str, **masking) -> MaskedCait:
-    """timm's CaiT becomes a Masked CaiT (its talking-heads self-attention masked, class attention untouched)."""
+def _mask_cait(model: Cait, *, attention_backend: str, token_keep_rate: float,
+               token_prune_layers: Optional[Sequence[int]], **masking) -> MaskedCait:
+    """timm's CaiT becomes a Masked CaiT (its talking-heads self-attention masked, class attention untouched;
+    token pruning in the self-attention layers as Masked CaiT's)."""
     if type(model) is not Cait:
         raise ValueError(f"mask_model masks timm's Cait itself, not the subclass {type(model).__name__}")
     if attention_backend != "auto":
@@ -128,6 +129,9 @@ def _mask_cait(model: Cait, *, attention_backend: str, **masking) -> MaskedCait:
             raise ValueError(f"block {index} of Cait attends with {type(block.attn).__name__}, not timm's "
                              f"TalkingHeadAttn; mask_model masks CaiTs built with it (cait_*)")
     check_image_size(model.patch_embed.img_size, model.patch_embed.patch_size)
+    check_token_keep_rate(token_keep_rate)
+    prune_layers(token_prune_layers, len(model.blocks))      # both checked before the model changes
     MaskedCait.install_masks(model, **masking)
+    MaskedCait.set_token_pruning(model, token_keep_rate, token_prune_layers)
     model.__class__ = MaskedCait
     return model
