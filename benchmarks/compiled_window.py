@@ -3,6 +3,7 @@
     python benchmarks/compiled_window.py                          # CPU: 14x14..84x84, 1 and 2 threads
     python benchmarks/compiled_window.py --grids 14 --repeats 2   # a quick look
     python benchmarks/compiled_window.py --device cuda            # adds flex, blocksparse, triton (gpu.sh)
+    python benchmarks/compiled_window.py --layer --grids 56 --dtype bfloat16 --threads 1   # the window's share of a layer
 
 One MaiT-S layer (6 heads, d 64, R 3, one class token, batch 1), every head hard, through
 ``mait.masked_attention(..., backend=...)``, in inference and training (forward + backward for q, k, v).
@@ -13,6 +14,14 @@ order each round) and the median reported, with the linear backend's time over e
 break-even column is how many calls the compiled backend needs before its compile time is paid back.
 Results go to ``benchmarks/results/compiled_window[_<device>].{txt,json}``; benchmarks/README.md and
 docs/performance.md quote them.
+
+``--layer`` times instead what a compiled model pays for the window: one whole MaiT-S attention layer (qkv
+projection, window, output projection; ``torch.compile`` of the layer, the window traced into its graph)
+against the same layer with the attention op taken out (``out = v``: the layer's no-attention floor), under
+autocast for bf16/fp16 (so the projections run as the model's do, on AMX where the CPU has it), inference
+and training, in interleaved rounds.  On a CPU it reports the calling thread's CPU time besides the wall
+time: at one thread that is the layer's own work, which other jobs on a loaded machine barely change.
+Results go to ``benchmarks/results/compiled_layer_<dtype>.{txt,json}``.
 """
 
 from __future__ import annotations
@@ -137,6 +146,65 @@ def targets(rows: list[dict]) -> list[str]:
     return lines
 
 
+class WindowlessAttention(mait.MaskedAttention):
+    """The masked layer without its attention op (``out = v``): qkv and output projections only, the floor."""
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias=None) -> torch.Tensor:
+        return v
+
+
+def measure_layer(grid: int, train: bool, args: argparse.Namespace, device: torch.device) -> dict:
+    """Medians (wall and thread CPU time) of the compiled layer with and without its window; first calls apart."""
+    dtype = getattr(torch, args.dtype)
+    dim = args.heads * args.head_dim
+    generator = torch.Generator().manual_seed(grid)
+    x = torch.randn(args.batch_size, 1 + grid * grid, dim, generator=generator).to(device).requires_grad_(train)
+    calls, first, second = {}, {}, {}
+    for name, kind in (("layer", mait.MaskedAttention), ("floor", WindowlessAttention)):
+        torch.manual_seed(0)
+        layer = torch.compile(kind(dim, args.heads, grid_size=grid, mask_size=args.mask_size).to(device),
+                              dynamic=False)
+
+        def call(layer=layer) -> None:
+            with torch.set_grad_enabled(train), torch.autocast(device.type, dtype=dtype,
+                                                               enabled=dtype != torch.float32):
+                out = layer(x)
+                if train:
+                    out.float().sum().backward()
+            _sync(device)
+        calls[name] = call
+        first[name] = timed(call)
+        second[name] = timed(call)       # dynamo recompiles once: the layer's plan cache, filled by the first call
+    wall: dict[str, list[float]] = {name: [] for name in calls}
+    cpu: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(args.repeats):
+        for name in random.sample(list(calls), len(calls)):
+            cpu_start = time.thread_time()
+            wall[name].append(timed(calls[name]))
+            cpu[name].append(time.thread_time() - cpu_start)
+    ms = {f"{name} {clock}": 1e3 * statistics.median(values[name])
+          for clock, values in (("wall", wall), ("cpu", cpu)) for name in calls}
+    return dict(grid=grid, train=train, ms=ms, first_call_s=first, second_call_s=second,
+                per_round=statistics.median(a / b for a, b in zip(wall["layer"], wall["floor"])),
+                runs_ms={clock: {n: [1e3 * t for t in v] for n, v in values.items()}
+                         for clock, values in (("wall", wall), ("cpu", cpu))})
+
+
+def layer_table(rows: list[dict]) -> list[str]:
+    lines = ["| grid | pass | layer (wall) | floor (wall) | layer / floor (median of rounds) | layer (CPU) | floor (CPU) "
+             "| layer / floor (CPU) | window's CPU time | first + second call, layer / floor |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        m = row["ms"]
+        lines.append(f"| {row['grid']}x{row['grid']} | {'fwd+bwd' if row['train'] else 'forward'} | "
+                     f"{m['layer wall']:.2f} ms | {m['floor wall']:.2f} ms | {row['per_round']:.2f}x | "
+                     f"{m['layer cpu']:.2f} ms | {m['floor cpu']:.2f} ms | **{m['layer cpu'] / m['floor cpu']:.2f}x** | "
+                     f"{m['layer cpu'] - m['floor cpu']:.2f} ms | "
+                     + " / ".join(f"{row['first_call_s'][n]:.0f} + {row['second_call_s'][n]:.1f} s" for n in ("layer", "floor"))
+                     + " |")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--grids", type=int, nargs="+", default=[14, 28, 56, 84])
@@ -148,6 +216,8 @@ def main() -> None:
     parser.add_argument("--mask-size", type=int, default=3)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--layer", action="store_true",
+                        help="time a whole compiled attention layer against its no-attention floor instead")
     parser.add_argument("--output-stem", help="results file name (default compiled_window[_<device>])")
     parser.add_argument("--warm-cache", action="store_true",
                         help="use inductor's usual on-disk cache (default: a fresh one, so the first compile also "
@@ -161,6 +231,19 @@ def main() -> None:
              f"R {args.mask_size}, 1 prefix token, every head hard, {args.dtype}, torch {torch.__version__}, "
              f"mait {mait.__version__}")
     print(title, flush=True)
+    if args.layer:
+        torch.set_num_threads(args.threads[0])
+        rows = [measure_layer(grid, train, args, device) for grid in args.grids for train in (False, True)]
+        text = "\n".join([title + f", {args.threads[0]} thread(s), one attention layer compiled whole",
+                          f"load average at the end: {os.getloadavg()[0]:.1f}", ""] + layer_table(rows)) + "\n"
+        print(text)
+        stem = args.output_stem or f"compiled_layer_{args.dtype}"
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / f"{stem}.txt").write_text(text)
+        (RESULTS / f"{stem}.json").write_text(json.dumps({"args": vars(args), "environment": env, "rows": rows},
+                                                         indent=1))
+        print(f"wrote {RESULTS / stem}.txt, .json")
+        return
     rows = []
     for grid in args.grids:
         for train in (False, True):

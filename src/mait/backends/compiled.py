@@ -11,7 +11,8 @@ the prefix keys are ``P`` more slots, and the zero logits are the rest bucket::
 (``mode="neg_inf"``: padded slots get -inf and there is no rest bucket).  Eagerly this would be slow
 (every slot a pass over memory); ``torch.compile`` (inductor) fuses the slots into one loop nest per
 pass, forward and backward (the backward is autograd's, derived and fused by the compiler), so the
-window is read from cache instead of streamed ``R²`` times.  Prefix rows are dense (SDPA).  On a CPU,
+window is read from cache instead of streamed ``R²`` times.  Prefix rows are dense, as reductions over the tokens
+(fused with the other passes over ``k`` and ``v``).  On a CPU,
 half-precision inputs (bf16 autocast) are computed in float32 inside the fused code and cast back.
 
 :func:`run` calls the function through ``torch.compile(dynamic=False)``: dynamo compiles it once per
@@ -27,6 +28,7 @@ refuses in one line and ``auto`` keeps the ``local`` backend.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -68,31 +70,40 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid_
     vpad = F.pad(vg, pad)
     offsets = [(dy, dx) for dy in range(size) for dx in range(size)]
     kp, vp = k[:, :, :p, None, None, :], v[:, :, :p, None, None, :]          # (B, heads, P, 1, 1, d)
-    # Logits of the R² window slots, then of the P prefix keys: (B, heads, H, W, R² + P).
-    scores = torch.stack([(qg * kpad[:, :, dy:dy + h, dx:dx + w]).sum(-1) for dy, dx in offsets]
-                         + [(qg * kp[:, :, j]).sum(-1) for j in range(p)], -1)
+    # Logits of the R² window slots, then of the P prefix keys: R² + P tensors (B, heads, H, W, 1), kept apart so
+    # that the softmax over them is element-wise code the compiler fuses into the pass over the values (a stacked
+    # slot axis costs its own passes: measured in docs/performance.md).
+    scores = ([(qg * kpad[:, :, dy:dy + h, dx:dx + w]).sum(-1, keepdim=True) for dy, dx in offsets]
+              + [(qg * kp[:, :, j]).sum(-1, keepdim=True) for j in range(p)])
     if bias is not None:      # padded slots get 0 from window_bias, so they stay zero logits
-        scores = scores + torch.cat([slot_bias, prefix_bias], -1)
+        scores = [s + b for s, b in zip(scores, torch.cat([slot_bias, prefix_bias], -1).split(1, -1))]
     if not zero:      # padded slots are outside the grid: -inf (strict neighbourhood attention)
-        inside = F.pad(torch.ones(h, w, device=q.device), (r, r, r, r))
-        inside = torch.stack([inside[dy:dy + h, dx:dx + w] for dy, dx in offsets]
-                             + [torch.ones(h, w, device=q.device)] * p, -1)
-        scores = scores.masked_fill(inside == 0, float("-inf"))
-    peak = scores.amax(-1, keepdim=True)
+        inside = F.pad(torch.ones(h, w, 1, device=q.device), (0, 0, r, r, r, r))
+        scores = [s.masked_fill(inside[dy:dy + h, dx:dx + w] == 0, float("-inf"))
+                  for s, (dy, dx) in zip(scores, offsets)] + scores[size * size:]
+    peak = functools.reduce(torch.maximum, scores)
     if zero:
         peak = peak.clamp(min=0)
-    probs = torch.exp(scores - peak)
+    probs = [torch.exp(s - peak) for s in scores]
     rest = torch.exp(-peak) if zero else torch.zeros_like(peak)               # weight of each zero logit
-    den = probs.sum(-1, keepdim=True) + (n - size * size) * rest
-    weights = (probs - rest) / den
+    den = sum(probs) + (n - size * size) * rest
     slots = [vpad[:, :, dy:dy + h, dx:dx + w] for dy, dx in offsets] + [vp[:, :, j] for j in range(p)]
-    rows = sum(weights[..., i, None] * slot for i, slot in enumerate(slots))
+    rows = sum(((prob - rest) / den) * slot for prob, slot in zip(probs, slots))
     if zero:
         rows = rows + (rest / den) * (vg.sum((2, 3)) + v[:, :, :p].sum(2))[:, :, None, None, :]
     rows = rows.reshape(batch, heads, n, dim)
     if p:       # prefix rows are unmasked in every mode: one dense row each
-        rows = torch.cat([F.scaled_dot_product_attention(q[:, :, :p], k, v, attn_mask=row_bias, scale=scale), rows], 2)
+        rows = torch.cat([_dense_rows(q[:, :, :p] * scale, k, v, row_bias), rows], 2)
     return rows.to(out_dtype)
+
+
+def _dense_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """Softmax attention of a few (already scaled) query rows over every key, as reductions over the tokens that
+    the compiler fuses with the other passes over ``k`` and ``v`` (SDPA would copy them to its own layout)."""
+    logits = (q[:, :, :, None, :] * k[:, :, None, :, :]).sum(-1)             # (B, heads, P, T)
+    if bias is not None:
+        logits = logits + bias
+    return (torch.softmax(logits, -1)[..., None] * v[:, :, None, :, :]).sum(-2)
 
 
 # ------------------------------------------------------------------------------ availability
