@@ -190,3 +190,20 @@ def test_whole_model_under_inductor_matches_eager():
     images = torch.randn(2, 3, 56, 56)
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(model)(images), model(images), rtol=1e-4, atol=1e-4)
+
+
+def test_a_compiled_model_compiles_once():
+    """The layers' per-grid caches (plans, masks) do not make dynamo recompile on the second call: a compiled
+    model that has never run eagerly compiles once, however often it is called at one geometry."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    model = _small_mait("auto").eval()
+    compiled = torch.compile(model, backend=counter)
+    images = torch.randn(2, 3, 56, 56, dtype=torch.float64)
+    with torch.no_grad():
+        outputs = [compiled(images) for _ in range(3)]
+        torch.testing.assert_close(outputs[0], model(images), rtol=1e-10, atol=1e-12)
+    assert all(torch.equal(out, outputs[0]) for out in outputs)
+    assert counter.frame_count == 1, f"{counter.frame_count} compilations for one geometry"

@@ -364,7 +364,9 @@ def test_token_pruning_on_cait_is_masked_caits():
         assert torch.equal(pruned, reference(_images()))
         assert cait.token_index.shape[1] < cait.patch_embed.num_patches, "tokens were dropped"
         assert not torch.equal(pruned, mait.mask_model(_family("cait_xxs24_224"), "sch1")(_images()))
-    for wrong, message in (({"token_keep_rate": 1.5}, r"token_keep_rate"), ({"token_prune_layers": (1, 0)}, r"strictly increasing block indices in \[0, 1\]")):
+    wrong_uses = (({"token_keep_rate": 1.5}, r"token_keep_rate"),
+                  ({"token_prune_layers": (1, 0)}, r"strictly increasing block indices in \[0, 1\]"))
+    for wrong, message in wrong_uses:
         model = _family("cait_xxs24_224")
         with pytest.raises(ValueError, match=message):
             mait.mask_model(model, "sch1", **{"token_keep_rate": 0.5, **wrong})

@@ -277,12 +277,12 @@ class MaskedAttention(nn.Module):
                                  mode=self.mode, custom_mask=self.custom_mask, device_type=q.device.type,
                                  dtype=q.dtype, head_dim=self.head_dim, needs_grad=grad, dropout=dropout,
                                  bias=bias)
-            # while tracing, dynamo runs the function itself (and warns when handed its lru_cache wrapper)
-            decide = plan_attention.__wrapped__ if torch.compiler.is_compiling() else plan_attention
-            plan = self._plans.store(key, decide(call, self.backend))
-            if not torch.compiler.is_compiling():    # a log call would break a torch.compile graph
-                logger.debug("%s(%s) plan: %s", type(self).__name__, "".join(k.value for k in self.head_kinds),
-                             plan.describe())
+            if torch.compiler.is_compiling():
+                # traced without its lru_cache, and not cached: dynamo guards on the cache (filling it recompiles)
+                return plan_attention.__wrapped__(call, self.backend)
+            plan = self._plans.store(key, plan_attention(call, self.backend))
+            logger.debug("%s(%s) plan: %s", type(self).__name__, "".join(k.value for k in self.head_kinds),
+                         plan.describe())
         return plan
 
     @property

@@ -78,8 +78,8 @@ def mask_model(model: nn.Module, scheme: Union[str, MaskingScheme] = "sch1", *, 
     computes, ``mask_model(cait_xxs24, "sch1")`` what ``mait_cait_xxs24_224`` computes).  A model built with
     ``dynamic_img_size=True`` stays dynamic.  The other arguments are those of :class:`mait.MaiT` (token
     pruning included, ``token_keep_rate`` and ``token_prune_layers``: a kept patch keeps its original position
-    for its window, rotary embedding and relative position bias; on a CaiT, pruning as Masked CaiT's); soft heads start at
-    ``soft_alpha_init``.  Anything else is a one-line error naming why and what to use instead.
+    for its window, rotary embedding and relative position bias; on a CaiT, pruning as Masked CaiT's); soft
+    heads start at ``soft_alpha_init``.  Anything else is a one-line error naming why and what to use instead.
     """
     kind = type(model).__name__
     if isinstance(model, (MaskedViTMixin, MaskedCait)):
