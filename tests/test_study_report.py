@@ -96,3 +96,15 @@ def test_report_of_the_kept_runs_pairs_sparsifiner_with_its_control(study, tmp_p
     summary = json.loads((results / "summary.json").read_text())
     assert {r["run"] for r in summary["runs"]} == set(final)
     assert (results / "accuracy_per_epoch.png").stat().st_size > 10_000
+
+
+def test_an_unfinished_run_has_no_final_weights(study, tmp_path: Path) -> None:
+    """The analyses read final weights only: a run still training has a ``last.safetensors`` of some epoch."""
+    folder = tmp_path / "runs" / "sch1-s0"
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text("epochs: 3\n")
+    (folder / "last.safetensors").write_bytes(b"")
+    for epochs_logged, expected in ((2, None), (3, folder / "last.safetensors")):
+        rows = "".join(f"{epoch},0.5\n" for epoch in range(1, epochs_logged + 1))
+        (folder / "metrics.csv").write_text("epoch,val_acc1\n" + rows)
+        assert study.final_checkpoint("sch1-s0", tmp_path / "runs", None) == expected

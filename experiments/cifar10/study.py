@@ -149,10 +149,12 @@ def dependency(keys: dict[str, Any]) -> Optional[str]:
 
 
 def final_checkpoint(name: str, run_dir: Path, kept: Optional[Path]) -> Optional[Path]:
-    """The final weights of finished run ``name``: the kept copy when the recipe keeps runs, else its folder's."""
+    """The final weights of finished run ``name``: the kept copy when the recipe keeps runs, else its folder's
+    (``None`` while the run is unfinished: its ``last.safetensors`` is then an intermediate epoch's)."""
     if kept is not None and (kept / "checkpoints" / f"{name}.safetensors").is_file():
         return kept / "checkpoints" / f"{name}.safetensors"
-    if (run_dir / name / "last.safetensors").is_file():
+    config = run_dir / name / "config.yaml"
+    if config.is_file() and finished(run_dir / name, yaml.safe_load(config.read_text())["epochs"]):
         return run_dir / name / "last.safetensors"
     return None
 
