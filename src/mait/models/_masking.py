@@ -60,12 +60,17 @@ def block_inputs(blocks: Sequence[nn.Module], inputs: Sequence[dict]) -> Iterato
             handle.remove()
 
 
-def pruned_features(model: nn.Module, x: torch.Tensor, inputs: Sequence[dict]) -> torch.Tensor:
-    """The blocks of a token-pruning model (:meth:`MaskedViTMixin._pruned_blocks`) on its embedded tokens ``x``,
-    each block also given its ``inputs``, then the final norm."""
+def check_no_checkpointing(model: nn.Module) -> None:
+    """A token-pruning model refuses to train under gradient checkpointing, which cannot replay the pruning."""
     if model.grad_checkpointing and model.training:
         raise ValueError(f"gradient checkpointing cannot replay token pruning (token_keep_rate="
                          f"{model.token_keep_rate:g}); turn one of them off")
+
+
+def pruned_features(model: nn.Module, x: torch.Tensor, inputs: Sequence[dict] = ()) -> torch.Tensor:
+    """The blocks of a token-pruning model (:meth:`MaskedViTMixin._pruned_blocks`) on its embedded tokens ``x``,
+    each block also given its ``inputs``, then the final norm."""
+    check_no_checkpointing(model)
     with block_inputs(model.blocks, inputs):
         return model.norm(model._pruned_blocks(x))
 

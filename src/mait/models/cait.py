@@ -29,8 +29,8 @@ from ..backends.reference import masked_scores
 from ..masks import GridSize
 from ..schemes import HeadKind, MaskingScheme
 from ..tokens import check_token_keep_rate, prune_layers, prune_tokens, token_positions
-from ._masking import (alpha_no_weight_decay, apply_masking, check_image_size, fit_position_embedding,
-                       with_mait_only_parameters)
+from ._masking import (alpha_no_weight_decay, apply_masking, check_image_size, check_no_checkpointing,
+                       fit_position_embedding, with_mait_only_parameters)
 from .mait import _NO_DENSE_MAP, _cfg, check_features_only
 
 __all__ = ["MaskedCait", "MaskedTalkingHeadAttn"]
@@ -113,9 +113,7 @@ class MaskedCait(Cait):
         self.token_index = None
         if self.token_keep_rate >= 1.0:
             return super().forward_features(x)
-        if self.grad_checkpointing and self.training:
-            raise ValueError(f"gradient checkpointing cannot replay token pruning (token_keep_rate="
-                             f"{self.token_keep_rate:g}); turn one of them off")
+        check_no_checkpointing(self)
         x = self.pos_drop(self.patch_embed(x) + self.pos_embed)
         patches, index, stage = x.shape[1], None, 0
         for number, block in enumerate(self.blocks):

@@ -25,7 +25,8 @@ from ..learned import BASIS_REDUCTION, BASIS_THRESHOLD, COEF_TOPK, predictor_opt
 from ..masks import check_mask_fits_grid, to_grid
 from ..schemes import MaskingScheme, resolve_scheme
 from ..tokens import check_token_keep_rate, prune_layers, prune_tokens
-from ._masking import PatchGrid, alpha_no_weight_decay, apply_masking, check_image_size, with_mait_only_parameters
+from ._masking import (PatchGrid, alpha_no_weight_decay, apply_masking, check_image_size, pruned_features,
+                       with_mait_only_parameters)
 
 __all__ = ["MaiT", "MaiTDistilled"]
 
@@ -94,11 +95,7 @@ class MaskedViTMixin:
             if attn_mask is None and not is_causal:      # the call every timm family takes (BEiT's has no masks)
                 return super().forward_features(x)
             return super().forward_features(x, attn_mask=attn_mask, is_causal=is_causal)
-        if self.grad_checkpointing and self.training:
-            raise ValueError(f"gradient checkpointing cannot replay token pruning (token_keep_rate="
-                             f"{self.token_keep_rate:g}); turn one of them off")
-        x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
-        return self.norm(self._pruned_blocks(x))
+        return pruned_features(self, self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x)))))
 
     def _pruned_blocks(self, x: torch.Tensor) -> torch.Tensor:
         """The blocks with token pruning; the kept patches' grid positions ``(B, n)`` go to ``token_index``.
