@@ -56,15 +56,21 @@ def test_card_records_model_scheme_input_and_class_names(unmasked_run: Path) -> 
     assert metadata["model"] == "mait_nano4_8" and int(metadata["epoch"]) >= 1 and float(metadata["acc1"]) >= 0
 
 
+def _cifar_pickles(root: Path, count: int) -> Path:
+    """A CIFAR-10 pickle folder of ``count`` random training images (classes in turn) and 10 test images."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name, images in (("data_batch_1", count), ("test_batch", 10)):
+        with open(folder / name, "wb") as handle:
+            pickle.dump({"data": rng.integers(0, 255, (images, 3 * 32 * 32), dtype=np.uint8),
+                         "labels": [i % 10 for i in range(images)]}, handle)
+    return root
+
+
 def test_card_of_cifar_pickles_names_their_classes(tmp_path: Path) -> None:
     """An RGB model on CIFAR-10 pickles: label names from batches.meta, mean/std of the eval transform."""
-    folder = tmp_path / "cifar-10-batches-py"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for name, count in (("data_batch_1", 20), ("test_batch", 10)):
-        with open(folder / name, "wb") as handle:
-            pickle.dump({"data": rng.integers(0, 255, (count, 3 * 32 * 32), dtype=np.uint8),
-                         "labels": (list(range(10)) * 2)[:count]}, handle)
+    folder = _cifar_pickles(tmp_path, 20) / "cifar-10-batches-py"
     names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
     with open(folder / "batches.meta", "wb") as handle:
         pickle.dump({"label_names": names}, handle)
@@ -74,6 +80,23 @@ def test_card_of_cifar_pickles_names_their_classes(tmp_path: Path) -> None:
     assert card.class_names == tuple(names) and (card.in_chans, card.img_size, card.num_classes) == (3, 32, 10)
     assert card.mean == pytest.approx((0.4914, 0.4822, 0.4465)) and card.std == pytest.approx((0.2470, 0.2435, 0.2616))
     assert ModelCard.from_metadata(card.metadata(epoch=3)) == card
+
+
+def test_kept_checkpoint_is_evaluated_on_its_held_out_split(tmp_path: Path, capsys) -> None:
+    """A checkpoint copied away from its config.yaml evaluates on the images its run held out (the last N
+    of each class), not on its training images; other data (--data) is evaluated on its own split."""
+    data = _cifar_pickles(tmp_path / "data", 40)
+    run = train(load_config(None, dict(TINY, model="mait_micro4_32", data=str(data), holdout_per_class=1,
+                                       train_subset=0, val_subset=0, epochs=1, batch_size=10,
+                                       output=str(tmp_path / "run"))))
+    away = _copy_away(run.last_checkpoint, tmp_path / "away")
+    assert read_card(away).holdout_per_class == 1
+    assert open_run(away).config.holdout_per_class == 1
+    assert "(10 images, the last 1 of each class)" in _eval_metrics(capsys, "--checkpoint", str(away))
+    other = _cifar_pickles(tmp_path / "other", 30)
+    assert "(10 images)" in _eval_metrics(capsys, "--checkpoint", str(away), "--data", str(other))
+    assert "(20 images, the last 2 of each class)" in _eval_metrics(
+        capsys, "--checkpoint", str(away), "--data", str(other), "--holdout-per-class", "2")
 
 
 def test_eval_away_from_config_yaml_uses_the_card(unmasked_run: Path, tmp_path: Path, capsys) -> None:

@@ -31,6 +31,7 @@ def run(args: argparse.Namespace) -> int:
     precision = choose_precision(config.amp, device)        # as in training: --amp / --no-amp override the run's
     print(f"precision: {precision.describe()}")
     metrics = evaluate(model.to(device), loader, env, precision.dtype, progress=config.progress)
-    print(f"{config.model} on {info.name} ({metrics['images']} images): top-1 {metrics['acc1']:.2f} %  "
+    split = f", the last {config.holdout_per_class} of each class" if config.holdout_per_class else ""
+    print(f"{config.model} on {info.name} ({metrics['images']} images{split}): top-1 {metrics['acc1']:.2f} %  "
           f"top-5 {metrics['acc5']:.2f} %  loss {metrics['loss']:.4f}  {metrics['images_per_s']:.0f} images/s")
     return 0

@@ -74,7 +74,8 @@ def open_run(checkpoint: Optional[Path], config_file: Optional[Path] = None, **o
     """The run that wrote ``checkpoint``, read once, with the non-None ``overrides`` applied to its settings.
 
     The settings come from ``config_file``, else the ``config.yaml`` beside the checkpoint, else the
-    checkpoint's card.  A file with neither (written before checkpoints carried a card) falls back to
+    checkpoint's card (its data with the validation split the run held out, so a kept checkpoint is
+    evaluated on the images it was selected on, never its training images).  A file with neither (written before checkpoints carried a card) falls back to
     the model name in its metadata and the model's defaults, with a warning.  Without a checkpoint
     (fresh weights) ``model`` must be among the overrides.
     """
@@ -92,7 +93,10 @@ def open_run(checkpoint: Optional[Path], config_file: Optional[Path] = None, **o
     if config_file is not None:
         config = load_config(config_file, given)
     elif card is not None:
-        config = load_config(None, {**card.config_values(), **given})
+        recorded = card.config_values()
+        if "data" in given:         # other data: its own validation split unless --holdout-per-class says
+            recorded.pop("holdout_per_class")
+        config = load_config(None, {**recorded, **given})
     else:
         if "model" not in given:
             if "model" not in metadata:
