@@ -552,3 +552,35 @@ def test_mait_train_and_flops_on_the_families(model, kwargs, tmp_path):
         assert masked.attention_map == dense.attention_map > 0
     else:
         assert 0 < masked.attention_map < dense.attention_map / 5
+
+
+@pytest.mark.parametrize("name", ["eva02_tiny_patch14_224", "beit_base_patch16_224"])
+def test_flops_with_token_pruning_on_eva_and_beit(name, capsys):
+    """``mait flops <Eva/BEiT> --token-keep-rate ρ`` prunes the timm model (heads left unmasked without
+    --scheme) and prints its whole-model reduction against the same model unpruned."""
+    from mait.cli import main
+    from mait.cost import count_macs
+    assert main(["flops", name, "--token-keep-rate", "0.5", "--stages-only"]) == 0
+    text = capsys.readouterr().out
+    pruned = count_macs(mait.mask_model(timm.create_model(name), scheme="none", token_keep_rate=0.5))
+    unpruned = count_macs(timm.create_model(name))
+    line = next(line for line in text.splitlines() if line.startswith("model "))
+    assert f"{pruned.macs / 1e9:.3f}" in line and f"{unpruned.macs / 1e9:.3f}" in line
+    assert f"{100 * (pruned.macs / unpruned.macs - 1):.1f}%" in line and "after blocks 3, 6, 9" in text
+
+
+def test_training_config_prunes_tokens_of_a_timm_family():
+    """Token pruning in a run's ``model_kwargs`` reaches a timm Eva through mask_model (every head unmasked
+    unless the run names a scheme), as it reaches mait's own models."""
+    from mait.train import load_config
+    from mait.train.data import DataInfo
+    from mait.train.models import build_model
+    kwargs = dict(patch_size=8, embed_dim=32, depth=4, num_heads=4, token_keep_rate=0.5, token_prune_layers=[1])
+    info = DataInfo("images", 10, 3, 96, 0, 0)
+    model = build_model(load_config(None, {"model": "eva02_tiny_patch14_224", "model_kwargs": kwargs}), info)
+    assert (str(model.scheme), model.token_keep_rate) == ("none", 0.5)
+    masked = build_model(load_config(None, {"model": "eva02_tiny_patch14_224", "scheme": "all",
+                                            "model_kwargs": kwargs}), info)
+    assert str(masked.scheme) != "none" and masked.token_keep_rate == 0.5
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 96, 96)).shape == (2, 10)

@@ -237,13 +237,14 @@ def show_mask(parser: argparse.ArgumentParser) -> None:
 def flops(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("models", nargs="+", metavar="MODEL", help="timm model names (ours or timm's)")
     parser.add_argument("--img-size", type=at_least(1), default=None, help="image size (default: the model's)")
-    parser.add_argument("--scheme", default=None, help="masking scheme override for MaiT models")
+    parser.add_argument("--scheme", default=None,
+                        help="masking scheme: overrides a MaiT model's, masks a timm ViT/Eva/BEiT/CaiT")
     parser.add_argument("--mask-size", type=mask_size, default=None, help="mask size R override for MaiT models")
     parser.add_argument("--keep-rate", type=fraction, default=None,
                         help="kept fraction of keys of learned (Sparsifiner) heads (default: the model's, 0.25)")
     parser.add_argument("--token-keep-rate", type=fraction, default=None,
-                        help="token pruning: fraction of patch tokens each prune layer keeps (MaiT and Sparsifiner "
-                             "models; default 1.0, none)")
+                        help="token pruning: fraction of patch tokens each prune layer keeps (MaiT, Sparsifiner and "
+                             "timm ViT/Eva/BEiT/CaiT models, heads unmasked unless --scheme; default 1.0, none)")
     parser.add_argument("--stages-only", action="store_true", help="print one row per stage, not per layer")
     parser.add_argument("--dense-masks", action="store_true",
                         help="count masked heads at full cost (as the paper's Table 7 does for monolithic MaiT)")

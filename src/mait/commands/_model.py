@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from ..errors import UserError
 from ..train import TrainConfig
 from ..models import mask_model
-from ..train.models import check_model_name, is_mait_model
+from ..train.models import check_model_name, split_masking
 from ..train.runs import held_out_images, open_run
 from ._output import check_output_folder
 
@@ -23,8 +23,7 @@ def create_model(name: str, **options: Any) -> nn.Module:
     """``timm.create_model(name, **options)`` with the options a user gave: an unknown name, an option the
     model does not take, or an image smaller than one of its patches is a one-line error."""
     check_model_name(name)
-    masking = {} if is_mait_model(name) else {key: options.pop(key) for key in ("scheme", "mask_size")
-                                              if key in options}
+    options, masking = split_masking(name, options)
     try:
         model = timm.create_model(name, pretrained=False, **options)
     except TypeError as error:
