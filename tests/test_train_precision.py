@@ -147,3 +147,13 @@ def test_eval_computes_in_the_precision_amp_chooses(flags, argv, compute_dtype, 
     assert lines[-2] == f"precision: {choose_precision(True if argv else None, CPU).describe()}"
     assert "top-1" in lines[-1]
     assert seen == {compute_dtype}
+
+
+def test_training_log_names_the_machine(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Every start or resume logs the CPU (or GPU) it computes on: results differ bit-wise between CPU
+    models, so a run continued on another machine says where each part ran."""
+    from mait.train.precision import cpu_name
+    train(TrainConfig.from_dict(dict(TINY, output=str(tmp_path / "run"))))
+    lines = capsys.readouterr().out.splitlines()
+    assert f"machine: {cpu_name()}, {torch.get_num_threads()} threads" in lines
+    assert cpu_name() and cpu_name() != "model name"

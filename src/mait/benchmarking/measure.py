@@ -6,7 +6,6 @@ import contextlib
 import csv
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -19,6 +18,7 @@ import torch
 
 import mait
 from mait.errors import UserError
+from mait.train.precision import cpu_name
 
 
 @dataclass(frozen=True)
@@ -131,11 +131,7 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
 
 def environment(device: torch.device) -> dict[str, Any]:
     """The machine and versions a figure was measured with (stored beside it in the results)."""
-    cpu = platform.processor() or platform.machine()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as handle:
-            cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), cpu)
-    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+    info = {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
             "timm": timm.__version__, "mait": mait.__version__, "device": str(device),
             "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
     if device.type == "cuda":

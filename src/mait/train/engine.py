@@ -35,7 +35,7 @@ from .distributed import Dist, all_sum, cleanup, setup
 from .logs import PLOT_NAME, RunLog, epoch_line, plot_curves, progress_bar
 from .models import build_model
 from .objectives import Objective, build_criterion, build_teacher
-from .precision import choose_precision
+from .precision import choose_precision, device_name
 from .stages import enter_stage, plan_stages, stage_at, stage_summary
 
 
@@ -241,6 +241,7 @@ def _train_into(config: TrainConfig, resume: bool, env: Dist, start: float, outp
         say(f"training {config.model} on {loaders.info.name}; output folder: {output}")
         random_seed(config.seed, env.rank)
     say(f"precision: {run.precision.describe()}")
+    say(f"machine: {device_name(env.device)}")
     if env.is_main:
         config.save(output / "config.yaml")
         if stage_summary(run.stages):

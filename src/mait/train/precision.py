@@ -38,6 +38,25 @@ def cpu_flags() -> Optional[frozenset[str]]:
     return None
 
 
+@lru_cache(maxsize=1)
+def cpu_name() -> str:
+    """This CPU's model name (``/proc/cpuinfo``'s ``model name`` on Linux, else what :mod:`platform` says)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device) -> str:
+    """What computes on ``device``: the GPU's name, or the CPU's with the threads torch uses (for logs, since
+    float results, and so long runs, differ bit-wise between CPU models)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_name()}, {torch.get_num_threads()} threads" if device.type == "cpu" else device.type
+
+
 def cpu_bf16_support(flags: Optional[frozenset[str]] = None) -> tuple[bool, str]:
     """Whether this CPU (or one with ``flags``) computes bf16 natively, and why: the flag it has, or what it lacks."""
     flags = cpu_flags() if flags is None else flags
