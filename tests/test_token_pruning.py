@@ -13,6 +13,7 @@ from timm.models.vision_transformer import ResPostBlock
 
 import mait
 from mait import MaskedAttention
+from mait.backends import compiled
 from mait.cost import count_macs
 from mait.learned import set_phase
 from mait.tokens import (class_attention_scores, default_prune_layers, kept_tokens, select_tokens,
@@ -483,3 +484,24 @@ def test_a_pruned_model_compiles_and_exports(tmp_path):
         torch.testing.assert_close(program.module()(images), want, rtol=1e-10, atol=1e-12)
         loaded = torch.export.load(str(tmp_path / "pruned.pt2")).module()
         torch.testing.assert_close(loaded(images[:2]), want[:2], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.slow          # inductor's C++ compile: about 30 s on an idle CPU
+@pytest.mark.skipif(compiled.unavailable_reason("cpu") is not None, reason=str(compiled.unavailable_reason("cpu")))
+def test_a_pruned_model_compiles_with_inductor():
+    """``torch.compile`` with inductor (fused kernels, float32) of a token-pruned MaiT keeps the eager logits and
+    the kept tokens, and compiles once for repeated calls at one batch size."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = timm.create_model("mait_nano4_8", scheme="sch1", token_keep_rate=0.5).eval()
+    images = torch.randn(4, 1, 8, 8)
+    counter = CompileCounterWithBackend("inductor")
+    run = torch.compile(model, backend=counter)
+    with torch.no_grad():
+        want = model(images)
+        kept = model.token_index
+        outputs = [run(images) for _ in range(2)]
+    torch.testing.assert_close(outputs[0], want, rtol=1e-4, atol=1e-5)
+    assert torch.equal(outputs[1], outputs[0]) and torch.equal(model.token_index, kept)
+    assert counter.frame_count == 1
