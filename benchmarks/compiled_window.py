@@ -10,7 +10,10 @@ One MaiT-S layer (6 heads, d 64, R 3, one class token, batch 1), every head hard
 For each grid the compiled backend's first call is timed apart (its compile time) and dynamo's count of
 compiled graphs is read before and after it (recompiles per new grid; a second call and a change of
 thread count must compile nothing); then every method is timed in interleaved rounds (a fresh random
-order each round) and the median reported, with the linear backend's time over each method's.  The
+order each round; each timed call follows an untimed call of the same method, so every method reads
+its inputs from a warm cache, as a layer's attention does after its qkv projection, rather than
+after whatever the method before it evicted: dense SDPA at 56x56 leaves the cache cold) and the median
+reported, with the linear backend's time over each method's.  The
 break-even column is how many calls the compiled backend needs before its compile time is paid back.
 Results go to ``benchmarks/results/compiled_window[_<device>].{txt,json}``; benchmarks/README.md and
 docs/performance.md quote them.
@@ -106,7 +109,8 @@ def measure(grid: int, train: bool, args: argparse.Namespace, device: torch.devi
         for _ in range(args.repeats):
             order = list(names)
             random.shuffle(order)
-            for name in order:
+            for name in order:            # each timed call right after an untimed one: its inputs warm in cache
+                calls[name]()
                 times[name].append(timed(calls[name]))
         medians = {name: statistics.median(values) for name, values in times.items()}
         saved = medians[BASELINE] - medians["compiled"]
