@@ -155,5 +155,6 @@ def test_training_log_names_the_machine(tmp_path: Path, capsys: pytest.CaptureFi
     from mait.train.precision import cpu_name
     train(TrainConfig.from_dict(dict(TINY, output=str(tmp_path / "run"))))
     lines = capsys.readouterr().out.splitlines()
-    assert f"machine: {cpu_name()}, {torch.get_num_threads()} threads" in lines
+    threads = torch.get_num_threads()
+    assert f"machine: {cpu_name()}, {threads} thread{'s' if threads > 1 else ''}" in lines
     assert cpu_name() and cpu_name() != "model name"

@@ -54,7 +54,8 @@ def device_name(device: torch.device) -> str:
     float results, and so long runs, differ bit-wise between CPU models)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{cpu_name()}, {torch.get_num_threads()} threads" if device.type == "cpu" else device.type
+    threads = torch.get_num_threads()
+    return f"{cpu_name()}, {threads} thread{'s' if threads > 1 else ''}" if device.type == "cpu" else device.type
 
 
 def cpu_bf16_support(flags: Optional[frozenset[str]] = None) -> tuple[bool, str]:
