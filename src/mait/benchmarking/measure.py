@@ -131,8 +131,8 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
 
 def environment(device: torch.device) -> dict[str, Any]:
     """The machine and versions a figure was measured with (stored beside it in the results)."""
-    info = {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "timm": timm.__version__, "mait": mait.__version__, "device": str(device),
+    info = {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "timm": timm.__version__, "mait": mait.__version__, "device": str(device),
             "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)

@@ -3,8 +3,8 @@
 ``mait train`` writes a :class:`ModelCard` as JSON into the metadata of every
 ``.safetensors`` file it saves (key ``"mait"``): the timm model name, the masking scheme as
 text, the mask size, image size, channels, classes and their names, the training data and its
-validation split, and the evaluation transform (mean, std, crop, interpolation).  ``mait eval``, ``mait predict``, ``mait export``,
-the analysis commands and ``--init-from`` read it, so a checkpoint copied away from its
+validation split, and the evaluation transform (mean, std, crop, interpolation).  ``mait eval``,
+``mait predict``, ``mait export``, the analysis commands and ``--init-from`` read it, so a checkpoint copied away from its
 ``config.yaml`` still means what it meant.  Files written before the card existed carry
 only ``model``/``epoch``/``acc1``; they keep loading.
 """
@@ -144,8 +144,8 @@ def make_card(config: TrainConfig, info: DataInfo, model: nn.Module, val_set: Da
     return ModelCard(model=config.model, num_classes=info.num_classes, in_chans=info.in_chans, img_size=img_size,
                      scheme=str(scheme) if scheme is not None else None, mask_size=getattr(model, "mask_size", None),
                      model_kwargs=dict(config.model_kwargs), mean=tuple(mean), std=tuple(std), crop_pct=crop_pct,
-                     interpolation=config.interpolation, class_names=_class_names(val_set, info, config.data), data=config.data,
-                     holdout_per_class=config.holdout_per_class)
+                     interpolation=config.interpolation, class_names=_class_names(val_set, info, config.data),
+                     data=config.data, holdout_per_class=config.holdout_per_class)
 
 
 def check_against_card(model: nn.Module, model_name: str, card: Optional[ModelCard], source: Path,

@@ -30,23 +30,24 @@ def cpu_flags() -> Optional[frozenset[str]]:
     capabilities = getattr(torch.cpu, "get_capabilities", None)
     if capabilities is not None:
         return frozenset(name for name, value in capabilities().items() if value is True)
+    flags = _cpuinfo_field("flags")
+    return frozenset(flags.split()) if flags is not None else None
+
+
+def _cpuinfo_field(name: str) -> Optional[str]:
+    """The value of the first ``name`` line of ``/proc/cpuinfo`` (Linux), or None."""
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
         for line in cpuinfo.read_text().splitlines():
-            if line.startswith("flags"):
-                return frozenset(line.split(":", 1)[1].split())
+            if line.startswith(name):
+                return line.split(":", 1)[1].strip()
     return None
 
 
 @lru_cache(maxsize=1)
 def cpu_name() -> str:
     """This CPU's model name (``/proc/cpuinfo``'s ``model name`` on Linux, else what :mod:`platform` says)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+    return _cpuinfo_field("model name") or platform.processor() or platform.machine()
 
 
 def device_name(device: torch.device) -> str:

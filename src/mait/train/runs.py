@@ -75,8 +75,9 @@ def open_run(checkpoint: Optional[Path], config_file: Optional[Path] = None, **o
 
     The settings come from ``config_file``, else the ``config.yaml`` beside the checkpoint, else the
     checkpoint's card (its data with the validation split the run held out, so a kept checkpoint is
-    evaluated on the images it was selected on, never its training images).  A file with neither (written before checkpoints carried a card) falls back to
-    the model name in its metadata and the model's defaults, with a warning.  Without a checkpoint
+    evaluated on the images it was selected on, never its training images).  A file with neither
+    (written before checkpoints carried a card) falls back to the model name in its metadata and the
+    model's defaults, with a warning.  Without a checkpoint
     (fresh weights) ``model`` must be among the overrides.
     """
     given = {key: value for key, value in overrides.items() if value is not None}
