@@ -164,6 +164,20 @@ def test_init_from_takes_the_model_from_the_card(unmasked_run: Path, tmp_path: P
     assert "warning: " in capsys.readouterr().err
 
 
+def test_init_from_another_model_leaves_the_card_settings(unmasked_run: Path, tmp_path: Path, capsys) -> None:
+    """`--init-from` a dense checkpoint with `--model` a Sparsifiner model trains that model with its own
+    learned heads: the card's `scheme: none` belongs to the card's model, not to the one named."""
+    args = ["train", "--init-from", str(unmasked_run), "--model", "sparsifiner_nano4_8", "--epochs", "1",
+            "--train-subset", "64", "--val-subset", "32", "--no-progress", "--output", str(tmp_path / "sparse"),
+            "--reconstruction-target", "self",
+            "--stages", "[{name: reconstruct, epochs: 1, warmup_epochs: 0, train: predictor, predictor: reconstruct, "
+                        "losses: {reconstruction: 0.01}}]"]
+    assert main(args) == 0
+    card = read_card(tmp_path / "sparse" / "best.safetensors")
+    assert (card.model, card.scheme) == ("sparsifiner_nano4_8", "*:4l")
+    assert "trained with model mait_nano4_8 (its metadata), but sparsifiner_nano4_8 is used" in capsys.readouterr().err
+
+
 def test_predict_matches_the_model_on_the_digits(unmasked_run: Path, tmp_path: Path, capsys) -> None:
     """PNG files of held-out digits get the probabilities the model gives their tensors."""
     _, val, _ = open_data("digits")

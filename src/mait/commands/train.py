@@ -16,20 +16,25 @@ def overrides_from(args: argparse.Namespace) -> dict[str, typing.Any]:
     return {key: getattr(args, key) for key in TrainConfig.keys() if getattr(args, key, None) is not None}
 
 
-def _init_from_base(init_from: typing.Optional[str]):
-    """With ``--init-from`` a checkpoint with a card: its model (name, scheme, mask size, kwargs, image
-    size) under the config file and the command line, so fine-tuning needs no --model."""
-    from ..train import TrainConfig
+def load_train_config(config_file: typing.Optional[typing.Union[str, Path]], overrides: dict[str, typing.Any]):
+    """The run's config: defaults <- config file <- command line.  With ``--init-from`` a checkpoint with a
+    card, that model's settings (name, scheme, mask size, kwargs, image size) come first, so fine-tuning needs
+    no --model; when the file or the command line names another model they are dropped, since a scheme or
+    kwargs of the card's model are not the named model's (a dense checkpoint's ``scheme: none`` would
+    otherwise strip a Sparsifiner model of its learned heads)."""
+    from ..train import TrainConfig, load_config
     from ..train.card import read_card
-    card = read_card(Path(init_from)) if init_from else None
+    card = read_card(Path(overrides["init_from"])) if overrides.get("init_from") else None
     if card is None:
-        return None
+        return load_config(config_file, overrides)
     keys = ("model", "scheme", "mask_size", "model_kwargs", "img_size")
-    return TrainConfig.from_dict({key: value for key, value in card.config_values().items() if key in keys})
+    base = TrainConfig.from_dict({key: value for key, value in card.config_values().items() if key in keys})
+    config = load_config(config_file, overrides, base=base)
+    return config if config.model == base.model else load_config(config_file, overrides)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..train import load_config, summary, train
+    from ..train import summary, train
     overrides = overrides_from(args)
     config_file = args.config
     if args.resume:
@@ -39,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         overrides["output"] = str(folder)
         if config_file is None and (folder / "config.yaml").is_file():
             config_file = folder / "config.yaml"
-    config = load_config(config_file, overrides, base=_init_from_base(overrides.get("init_from")))
+    config = load_train_config(config_file, overrides)
     if config.output:
         check_output_folder(Path(config.output), "--resume" if args.resume else "--output")
     result = train(config, resume=bool(args.resume))
