@@ -78,6 +78,12 @@ def test_report_of_the_kept_runs_pairs_sparsifiner_with_its_control(study, tmp_p
         if name in final:
             (kept / "checkpoints").mkdir(exist_ok=True)
             (kept / "checkpoints" / f"{name}.safetensors").write_bytes(b"")
+    epoch = "epoch   {}/4  train_loss 1.0  val_loss 1.0  acc1  80.00  acc5  99.00  lr 1e-3  120.0s  300 img/s"
+    (kept / "runs" / "all-s0" / "train.log").write_text("\n".join([
+        "training mait_mini6_32 on cifar10; output folder: runs/all-s0", epoch.format(1), epoch.format(2),
+        "resuming runs/all-s0 at epoch 3, step 0/312", "machine: CPU A, 1 thread", epoch.format(3),
+        "resuming runs/all-s0 at epoch 3, step 0/312", "precision: fp32", "machine: CPU B, 1 thread",
+        epoch.format(3), epoch.format(4), "finished in 480.0 s: validation top-1 82.00 %"]) + "\n")
     monkeypatch.setattr(study, "cost_of", lambda checkpoint: {
         "depth": 6, "params_m": 0.68, "gmacs": 0.05, "mhsa_mmacs": 3.0 if "all" in checkpoint.name else 9.0,
         "mhsa_sparse_mmacs": 4.0 if checkpoint.name.startswith("sparsifiner-s") else
@@ -92,6 +98,8 @@ def test_report_of_the_kept_runs_pairs_sparsifiner_with_its_control(study, tmp_p
     assert "| all | `all` | 3 | 6 | 2 | 81.25 ± 1.06 | 82.00 / 80.50 | +2.00 / +1.50 | 0.680 | 50.0 | 3.00 | 300 | 8.0 |" in text
     assert ("| sparsifiner | `none` | 3 | 6 | 1 | 79.50 | 79.50 | -0.75 (vs sparsifiner-ctrl) | 0.680 | 50.0 | "
             "9.00 (4.00 pruned) | 300 | 18.0 |") in text
+    assert "| all-s0 | 82.00 | 82.00 | 4 | 0.13 | 300 | not logged: 2; CPU B: 2 |" in text   # epoch 3 reran on B
+    assert "| none-s1 | 79.00 | 79.00 | 4 | 0.13 | 300 |  |" in text                         # no train.log kept
     assert "sch1" not in text, "an unfinished run is not in the table"
     summary = json.loads((results / "summary.json").read_text())
     assert {r["run"] for r in summary["runs"]} == set(final)

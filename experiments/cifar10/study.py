@@ -30,12 +30,14 @@ import csv
 import fnmatch
 import json
 import os
+import re
 import shlex
 import shutil
 import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Optional
 
@@ -364,9 +366,30 @@ def cost_of(checkpoint: Path, images: int = 256) -> dict[str, float]:
             "mhsa_mmacs": report.mhsa / 1e6, "mhsa_sparse_mmacs": report.mhsa_sparse / 1e6}
 
 
+EPOCH_LINE = re.compile(r"epoch\s+(\d+)/\d+\s")
+
+
+def machines(folder: Path) -> dict[str, int]:
+    """Epochs trained per machine, from the ``machine:`` line ``mait train`` logs at each start and resume
+    (parts of a run logged before that line existed count as ``not logged``; an epoch logged twice counts
+    where it last ran)."""
+    log = folder / "train.log"
+    ran_on: dict[int, str] = {}
+    machine = "not logged"
+    for line in log.read_text().splitlines() if log.is_file() else []:
+        if line.startswith(("training ", "resuming ")):
+            machine = "not logged"
+        elif line.startswith("machine: "):
+            machine = line.removeprefix("machine: ").rsplit(",", 1)[0]
+        elif match := EPOCH_LINE.match(line):
+            ran_on[int(match.group(1))] = machine
+    return dict(Counter(ran_on.values()))
+
+
 def run_rows(run_dir: Path, kept: Optional[Path] = None) -> list[dict[str, Any]]:
     """One row per finished run: accuracy, scheme, params, MACs, training speed and time."""
     from mait.train import load_config
+    from mait.train.card import read_card
 
     rows = []
     for name in load_runs():
@@ -379,11 +402,15 @@ def run_rows(run_dir: Path, kept: Optional[Path] = None) -> list[dict[str, Any]]
         if len(metrics) < config.epochs:
             continue
         speeds = [r["train_images_per_s"] for r in metrics if "train_images_per_s" in r]
-        rows.append({"run": name, "variant": variant_of(name), "seed": config.seed, "scheme": config.scheme,
-                     "mask_size": config.mask_size or 3, **cost_of(checkpoint), "acc1": metrics[-1]["val_acc1"],
-                     "best_acc1": max(r["val_acc1"] for r in metrics),
+        card = read_card(checkpoint) if config.scheme is None else None      # the model's own scheme
+        ran_on = machines(folder)
+        rows.append({"run": name, "variant": variant_of(name), "seed": config.seed,
+                     "scheme": card.scheme if card else config.scheme, "mask_size": config.mask_size or 3,
+                     **cost_of(checkpoint), "acc1": metrics[-1]["val_acc1"],
+                     "best_acc1": max(r["val_acc1"] for r in metrics), "epochs": len(metrics),
                      "train_min": sum(r["epoch_time"] for r in metrics) / 60,
-                     "img_s": statistics.median(speeds) if speeds else float("nan")})
+                     "img_s": statistics.median(speeds) if speeds else float("nan"),
+                     "machines": "; ".join(f"{machine}: {count}" for machine, count in ran_on.items())})
     return rows
 
 
@@ -444,6 +471,17 @@ def markdown_table(table: list[dict[str, Any]]) -> str:
         lines.append(f"| {t['variant']} | `{t['scheme']}` | {t['mask_size']} | {t['depth']} | {t['seeds']} | "
                      f"{t['acc1_mean']:.2f}{std} | {seeds} | {delta} | {t['params_m']:.3f} | {t['gmacs'] * 1e3:.1f} | "
                      f"{mhsa} | {_number(t.get('img_s', float('nan')), '.0f')} | {t['train_min']:.1f} |")
+    return "\n".join(lines)
+
+
+def runs_table(rows: list[dict[str, Any]]) -> str:
+    """One line per finished run: where each figure of the variant table comes from, and where it ran."""
+    lines = ["| run | val top-1 | best | epochs | training time (h) | median train img/s | machine: epochs |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['run']} | {r['acc1']:.2f} | {r['best_acc1']:.2f} | {r.get('epochs', '')} | "
+                     f"{r['train_min'] / 60:.2f} | {_number(r.get('img_s', float('nan')), '.0f')} | "
+                     f"{r.get('machines', '')} |")
     return "\n".join(lines)
 
 
@@ -597,7 +635,9 @@ def report(run_dir: Path, results: Optional[Path] = None, kept: Optional[Path] =
     search = run_dir / "search" / "search.json"
     found["search"] = json.loads(search.read_text()) if search.is_file() else old_found.get("search")
     (results / "summary.json").write_text(json.dumps({"variants": table, "runs": rows, **found}, indent=1) + "\n")
-    text = ["# CIFAR-10 study: results (written by `study.py report`)", "", markdown_table(table), ""]
+    text = ["# CIFAR-10 study: results (written by `study.py report`)", "", markdown_table(table), "",
+            "Per run (training time: the sum of the epochs' wall times; machine: the CPU or GPU each epoch ran on, "
+            "as `mait train` logs it):", "", runs_table(rows), ""]
     for variant, values in found["similarity"].items():
         for k, per_head in values["last"].items():
             text.append(f"- {variant}: mean similarity among the last {k} layers per head "
