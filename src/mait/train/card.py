@@ -4,8 +4,8 @@
 ``.safetensors`` file it saves (key ``"mait"``): the timm model name, the masking scheme as
 text, the mask size, image size, channels, classes and their names, the training data and its
 validation split, and the evaluation transform (mean, std, crop, interpolation).  ``mait eval``,
-``mait predict``, ``mait export``, the analysis commands and ``--init-from`` read it, so a checkpoint copied away from its
-``config.yaml`` still means what it meant.  Files written before the card existed carry
+``mait predict``, ``mait export``, the analysis commands and ``--init-from`` read it, so a
+checkpoint copied away from its ``config.yaml`` still means what it meant.  Files written before the card existed carry
 only ``model``/``epoch``/``acc1``; they keep loading.
 """
 

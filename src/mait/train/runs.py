@@ -77,8 +77,8 @@ def open_run(checkpoint: Optional[Path], config_file: Optional[Path] = None, **o
     checkpoint's card (its data with the validation split the run held out, so a kept checkpoint is
     evaluated on the images it was selected on, never its training images).  A file with neither
     (written before checkpoints carried a card) falls back to the model name in its metadata and the
-    model's defaults, with a warning.  Without a checkpoint
-    (fresh weights) ``model`` must be among the overrides.
+    model's defaults, with a warning.  Without a checkpoint (fresh weights) ``model`` must be among the
+    overrides.
     """
     given = {key: value for key, value in overrides.items() if value is not None}
     if checkpoint is None:
