@@ -5,8 +5,8 @@
 text, the mask size, image size, channels, classes and their names, the training data and its
 validation split, and the evaluation transform (mean, std, crop, interpolation).  ``mait eval``,
 ``mait predict``, ``mait export``, the analysis commands and ``--init-from`` read it, so a
-checkpoint copied away from its ``config.yaml`` still means what it meant.  Files written before the card existed carry
-only ``model``/``epoch``/``acc1``; they keep loading.
+checkpoint copied away from its ``config.yaml`` still means what it meant.  Files written
+before the card existed carry only ``model``/``epoch``/``acc1``; they keep loading.
 """
 
 from __future__ import annotations
