@@ -46,7 +46,7 @@ def test_report_keeps_runs_whose_folders_are_gone(study, tmp_path: Path) -> None
     assert sch1["acc1_all"] == [44.0, 44.5] and sch1["delta_vs_none"] == [-1.0, 1.5]
     assert summary["als"] == record["als"] and summary["alphas"] == record["alphas"]
     text = (results / "summary.md").read_text()
-    assert "| sch1 | `sch1` | 3 | 6 | 2 | 44.25 ± 0.35 | 44.00 / 44.50 | -1.00 / +1.50 |" in text
+    assert "| sch1 | `sch1` | 3 | 6 | 2 | 44.25 ± 0.35 | 44.00 / 44.50 | +0.25 ± 1.77 (-1.00 / +1.50) |" in text
     assert "| deep-mixed | `0-2:all` | 3 | 9 | 1 | 41.00 | 41.00 | +1.00 |" in text   # paired with deep-none
     assert "α of soft-s0 per layer (heads): 0.25 0.50 0.75" in text and "-> `none`" in text
     assert (results / "accuracy.png").is_file() and (results / "als_by_layer.png").is_file()
@@ -95,7 +95,7 @@ def test_report_of_the_kept_runs_pairs_sparsifiner_with_its_control(study, tmp_p
 
     text = (results / "summary.md").read_text()
     assert "| none | `none` | 3 | 6 | 2 | 79.50 ± 0.71 | 80.00 / 79.00 |  |" in text
-    assert "| all | `all` | 3 | 6 | 2 | 81.25 ± 1.06 | 82.00 / 80.50 | +2.00 / +1.50 | 0.680 | 50.0 | 3.00 | 300 | 8.0 |" in text
+    assert "| all | `all` | 3 | 6 | 2 | 81.25 ± 1.06 | 82.00 / 80.50 | +1.75 ± 0.35 (+2.00 / +1.50) | 0.680 | 50.0 | 3.00 | 300 | 8.0 |" in text
     assert ("| sparsifiner | `none` | 3 | 6 | 1 | 79.50 | 79.50 | -0.75 (vs sparsifiner-ctrl) | 0.680 | 50.0 | "
             "9.00 (4.00 pruned) | 300 | 18.0 |") in text
     assert "| all-s0 | 82.00 | 82.00 | 4 | 0.13 | 300 | not logged: 2; CPU B: 2 |" in text   # epoch 3 reran on B

@@ -455,13 +455,16 @@ def _number(value: float, spec: str) -> str:
 
 
 def markdown_table(table: list[dict[str, Any]]) -> str:
-    lines = ["| variant | scheme | R | layers | seeds | val top-1 (mean ± std) | per seed | Δ vs baseline (same seed) | "
+    lines = ["| variant | scheme | R | layers | seeds | val top-1 (mean ± std) | per seed | Δ vs baseline, same seed (mean ± std) | "
              "params (M) | MMACs | MHSA MMACs | train img/s | train time (min) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for t in table:
         std = "" if t["acc1_std"] != t["acc1_std"] else f" ± {t['acc1_std']:.2f}"
         seeds = " / ".join(f"{a:.2f}" for a in t["acc1_all"])
-        delta = "" if is_baseline(t["variant"]) else " / ".join(f"{d:+.2f}" for d in t["delta_vs_none"])
+        deltas = [] if is_baseline(t["variant"]) else t["delta_vs_none"]
+        delta = " / ".join(f"{d:+.2f}" for d in deltas)
+        if len(deltas) > 1:                 # the paired mean is what a verdict quotes; the seeds show its spread
+            delta = f"{statistics.mean(deltas):+.2f} ± {statistics.stdev(deltas):.2f} ({delta})"
         if delta and t.get("baseline", "none") != "none":
             delta += f" (vs {t['baseline']})"
         mhsa = _number(t.get("mhsa_mmacs", float("nan")), ".2f")
