@@ -455,8 +455,8 @@ def _number(value: float, spec: str) -> str:
 
 
 def markdown_table(table: list[dict[str, Any]]) -> str:
-    lines = ["| variant | scheme | R | layers | seeds | val top-1 (mean ± std) | per seed | Δ vs baseline, same seed (mean ± std) | "
-             "params (M) | MMACs | MHSA MMACs | train img/s | train time (min) |",
+    lines = ["| variant | scheme | R | layers | seeds | val top-1 (mean ± std) | per seed | "
+             "Δ vs baseline, same seed (mean ± std) | params (M) | MMACs | MHSA MMACs | train img/s | train time (min) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for t in table:
         std = "" if t["acc1_std"] != t["acc1_std"] else f" ± {t['acc1_std']:.2f}"
