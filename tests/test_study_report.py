@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -44,9 +45,11 @@ def test_report_keeps_runs_whose_folders_are_gone(study, tmp_path: Path) -> None
                                                    "deep-none-s0", "deep-mixed-s0"]          # runs.yaml order
     sch1 = next(v for v in summary["variants"] if v["variant"] == "sch1")
     assert sch1["acc1_all"] == [44.0, 44.5] and sch1["delta_vs_none"] == [-1.0, 1.5]
+    half = math.tan(0.475 * math.pi) * (2.5 / math.sqrt(2)) / math.sqrt(2)   # t(0.975, 1) * std / sqrt(n)
+    assert sch1["delta_ci95"] == pytest.approx([0.25 - half, 0.25 + half], rel=1e-9)
     assert summary["als"] == record["als"] and summary["alphas"] == record["alphas"]
     text = (results / "summary.md").read_text()
-    assert "| sch1 | `sch1` | 3 | 6 | 2 | 44.25 ± 0.35 | 44.00 / 44.50 | +0.25 ± 1.77 (-1.00 / +1.50) |" in text
+    assert "| sch1 | `sch1` | 3 | 6 | 2 | 44.25 ± 0.35 | 44.00 / 44.50 | +0.25 ± 1.77 (-1.00 / +1.50; -15.63 to +16.13) |" in text
     assert "| deep-mixed | `0-2:all` | 3 | 9 | 1 | 41.00 | 41.00 | +1.00 |" in text   # paired with deep-none
     assert "α of soft-s0 per layer (heads): 0.25 0.50 0.75" in text and "-> `none`" in text
     assert (results / "accuracy.png").is_file() and (results / "als_by_layer.png").is_file()
@@ -95,7 +98,7 @@ def test_report_of_the_kept_runs_pairs_sparsifiner_with_its_control(study, tmp_p
 
     text = (results / "summary.md").read_text()
     assert "| none | `none` | 3 | 6 | 2 | 79.50 ± 0.71 | 80.00 / 79.00 |  |" in text
-    assert "| all | `all` | 3 | 6 | 2 | 81.25 ± 1.06 | 82.00 / 80.50 | +1.75 ± 0.35 (+2.00 / +1.50) | 0.680 | 50.0 | 3.00 | 300 | 8.0 |" in text
+    assert "| all | `all` | 3 | 6 | 2 | 81.25 ± 1.06 | 82.00 / 80.50 | +1.75 ± 0.35 (+2.00 / +1.50; -1.43 to +4.93) | 0.680 | 50.0 | 3.00 | 300 | 8.0 |" in text
     assert ("| sparsifiner | `none` | 3 | 6 | 1 | 79.50 | 79.50 | -0.75 (vs sparsifiner-ctrl) | 0.680 | 50.0 | "
             "9.00 (4.00 pruned) | 300 | 18.0 |") in text
     assert "| all-s0 | 82.00 | 82.00 | 4 | 0.13 | 300 | not logged: 2; CPU B: 2 |" in text   # epoch 3 reran on B
@@ -116,3 +119,19 @@ def test_an_unfinished_run_has_no_final_weights(study, tmp_path: Path) -> None:
         rows = "".join(f"{epoch},0.5\n" for epoch in range(1, epochs_logged + 1))
         (folder / "metrics.csv").write_text("epoch,val_acc1\n" + rows)
         assert study.final_checkpoint("sch1-s0", tmp_path / "runs", None) == expected
+
+
+@pytest.mark.parametrize("p", [0.6, 0.9, 0.975, 0.995])
+def test_t_quantile_matches_the_closed_forms(study, p: float) -> None:
+    """One and two degrees of freedom have closed forms: tan(π(p - 1/2)) and (2p - 1) / sqrt(2p(1 - p))."""
+    assert study.t_quantile(p, 1) == pytest.approx(math.tan(math.pi * (p - 0.5)), rel=1e-8)
+    assert study.t_quantile(p, 2) == pytest.approx((2 * p - 1) / math.sqrt(2 * p * (1 - p)), rel=1e-8)
+
+
+def test_t_quantile_matches_the_tables_and_the_normal_limit(study) -> None:
+    assert study.t_quantile(0.975, 4) == pytest.approx(2.776445, abs=1e-6)      # standard t tables
+    assert study.t_quantile(0.975, 10) == pytest.approx(2.228139, abs=1e-6)
+    assert study.t_quantile(0.95, 30) == pytest.approx(1.697261, abs=1e-6)
+    assert study.t_quantile(0.975, 100_000) == pytest.approx(1.959964, abs=1e-4)  # the normal quantile
+    with pytest.raises(ValueError, match="p=0.3"):
+        study.t_quantile(0.3, 2)

@@ -29,6 +29,7 @@ import argparse
 import csv
 import fnmatch
 import json
+import math
 import os
 import re
 import shlex
@@ -444,10 +445,38 @@ def variant_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                       "depth": group[0]["depth"], "seeds": len(group), "acc1_mean": statistics.mean(accs),
                       "acc1_std": statistics.stdev(accs) if len(accs) > 1 else float("nan"), "acc1_all": accs,
                       "baseline": PAIRED_WITH.get(variant, "none"), "delta_vs_none": paired,
+                      "delta_ci95": paired_interval(paired) if len(paired) > 1 else None,
                       "params_m": group[0]["params_m"], "gmacs": group[0]["gmacs"],
                       "mhsa_mmacs": mean("mhsa_mmacs"), "mhsa_sparse_mmacs": mean("mhsa_sparse_mmacs"),
                       "img_s": mean("img_s"), "train_min": mean("train_min")})
     return table
+
+
+def t_quantile(p: float, df: int) -> float:
+    """Student's t quantile with ``df`` degrees of freedom (``p > 0.5``): its density integrated by
+    Simpson's rule and inverted by bisection, so the report needs no scipy."""
+    if not 0.5 < p < 1 or df < 1:
+        raise ValueError(f"t_quantile needs 0.5 < p < 1 and df >= 1, got p={p}, df={df}")
+    log_scale = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+
+    def tail_above_half(t: float, steps: int = 2000) -> float:          # P(0 < T < t), Simpson's rule
+        h = t / steps
+        density = [math.exp(log_scale - (df + 1) / 2 * math.log1p((i * h) ** 2 / df)) for i in range(steps + 1)]
+        return h / 3 * (density[0] + density[-1] + 4 * sum(density[1:-1:2]) + 2 * sum(density[2:-1:2]))
+
+    low, high = 0.0, 1.0
+    while 0.5 + tail_above_half(high) < p:
+        high *= 2
+    for _ in range(60):
+        middle = (low + high) / 2
+        low, high = (middle, high) if 0.5 + tail_above_half(middle) < p else (low, middle)
+    return (low + high) / 2
+
+
+def paired_interval(deltas: list[float], level: float = 0.95) -> tuple[float, float]:
+    """The ``level`` t-interval of the mean of paired differences (at least two)."""
+    half = t_quantile((1 + level) / 2, len(deltas) - 1) * statistics.stdev(deltas) / math.sqrt(len(deltas))
+    return statistics.mean(deltas) - half, statistics.mean(deltas) + half
 
 
 def _number(value: float, spec: str) -> str:
@@ -456,7 +485,8 @@ def _number(value: float, spec: str) -> str:
 
 def markdown_table(table: list[dict[str, Any]]) -> str:
     lines = ["| variant | scheme | R | layers | seeds | val top-1 (mean ± std) | per seed | "
-             "Δ vs baseline, same seed (mean ± std) | params (M) | MMACs | MHSA MMACs | train img/s | train time (min) |",
+             "Δ vs baseline, same seed (mean ± std; per seed; 95 % t-interval) | params (M) | MMACs | "
+             "MHSA MMACs | train img/s | train time (min) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for t in table:
         std = "" if t["acc1_std"] != t["acc1_std"] else f" ± {t['acc1_std']:.2f}"
@@ -464,7 +494,9 @@ def markdown_table(table: list[dict[str, Any]]) -> str:
         deltas = [] if is_baseline(t["variant"]) else t["delta_vs_none"]
         delta = " / ".join(f"{d:+.2f}" for d in deltas)
         if len(deltas) > 1:                 # the paired mean is what a verdict quotes; the seeds show its spread
-            delta = f"{statistics.mean(deltas):+.2f} ± {statistics.stdev(deltas):.2f} ({delta})"
+            low, high = paired_interval(deltas)
+            delta = (f"{statistics.mean(deltas):+.2f} ± {statistics.stdev(deltas):.2f} ({delta}; "
+                     f"{low:+.2f} to {high:+.2f})")
         if delta and t.get("baseline", "none") != "none":
             delta += f" (vs {t['baseline']})"
         mhsa = _number(t.get("mhsa_mmacs", float("nan")), ".2f")
@@ -506,26 +538,38 @@ def plot_accuracy(table: list[dict[str, Any]], path: Path) -> None:
 
 def plot_curves(curves: dict[str, list[dict[str, float]]], epochs: dict[str, int], path: Path) -> None:
     """Validation top-1 per epoch of every run, finished or not (one colour per variant, one line style per
-    seed); the fine-tunes that start from a finished run are drawn after its last epoch."""
+    seed), beside a zoom on the last 40 % of the epochs, where the runs converge and the arms separate; the
+    fine-tunes that start from a finished run are drawn after its last epoch."""
     from matplotlib.figure import Figure
-    fig = Figure(figsize=(9.0, 5.0), layout="constrained")
-    ax = fig.add_subplot()
+    fig = Figure(figsize=(12.0, 5.0), layout="constrained")
+    whole, zoom = fig.subplots(1, 2, width_ratios=[3, 2])
     variants = list(dict.fromkeys(variant_of(n) for n in curves))
     colours = {v: f"C{i % 10}" for i, v in enumerate(variants)}
     styles = ["-", "--", ":"]
     runs = load_runs()
+    lines = {}
     for name, rows in curves.items():
         source = runs[name].get("from")
         offset = len(curves.get(source, [])) if source else 0
+        lines[name] = ([offset + r["epoch"] for r in rows], [r["val_acc1"] for r in rows])
+    last = max(x for xs, _ in lines.values() for x in xs)
+    start = max(1.0, 0.6 * last)
+    for name, (xs, ys) in lines.items():
         seed = int(name.rsplit("-s", 1)[1])
-        done = "" if len(rows) >= epochs[name] else f" ({len(rows)}/{epochs[name]} epochs)"
-        ax.plot([offset + r["epoch"] for r in rows], [r["val_acc1"] for r in rows], styles[seed % 3],
-                color=colours[variant_of(name)], label=f"{name}{done}", linewidth=1.2)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("validation top-1 (%)")
-    ax.set_title("CIFAR-10 study: validation top-1 per epoch (line style: seed)", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=3)
+        done = "" if len(xs) >= epochs[name] else f" ({len(xs)}/{epochs[name]} epochs)"
+        for ax in (whole, zoom):
+            ax.plot(xs, ys, styles[seed % 3], color=colours[variant_of(name)], label=f"{name}{done}", linewidth=1.2)
+    late = [y for xs, ys in lines.values() for x, y in zip(xs, ys) if x >= start]
+    zoom.set_xlim(start, last + 0.5)
+    if late:
+        zoom.set_ylim(min(late) - 0.5, max(late) + 0.5)
+    for ax in (whole, zoom):
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    whole.set_ylabel("validation top-1 (%)")
+    whole.set_title("CIFAR-10 study: validation top-1 per epoch (line style: seed)", fontsize=10)
+    zoom.set_title(f"from epoch {start:.0f}", fontsize=10)
+    whole.legend(fontsize=7, ncol=3)
     fig.savefig(path, dpi=120)
 
 
