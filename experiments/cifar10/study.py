@@ -494,7 +494,7 @@ def markdown_table(table: list[dict[str, Any]]) -> str:
         deltas = [] if is_baseline(t["variant"]) else t["delta_vs_none"]
         delta = " / ".join(f"{d:+.2f}" for d in deltas)
         if len(deltas) > 1:                 # the paired mean is what a verdict quotes; the seeds show its spread
-            low, high = paired_interval(deltas)
+            low, high = t["delta_ci95"]
             delta = (f"{statistics.mean(deltas):+.2f} ± {statistics.stdev(deltas):.2f} ({delta}; "
                      f"{low:+.2f} to {high:+.2f})")
         if delta and t.get("baseline", "none") != "none":
